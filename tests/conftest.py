@@ -6,3 +6,11 @@ import torch
 # kernel is decorated, so it must be set before anything imports ops/.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Kernel calls are slow under the Triton interpreter and the first call compiles: no deadlines.
+settings.register_profile(
+    "memcompile", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("memcompile")
