@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ops import _native
+from ops import _native, lookup_triton
 
 _FLOAT_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -99,6 +99,14 @@ def _lookup_cpu(values, indices, weights, deterministic=True):
     return _native.lookup_forward(values, indices, weights)
 
 
+@lookup.register_kernel("cuda")
+def _lookup_cuda(values, indices, weights, deterministic=True):
+    _check_lookup_args(values, indices, weights)
+    if lookup_triton.index_checks_enabled():  # debug mode: MEMCOMPILE_CHECK_INDICES=1
+        check_indices_in_range(indices, values.shape[0])
+    return lookup_triton.lookup_forward(values, indices, weights)
+
+
 # --------------------------------------------------------------------------- backward
 
 
@@ -120,6 +128,11 @@ def _lookup_values_grad_cpu(grad_out, indices, weights, num_rows, deterministic)
     return _native.lookup_values_grad(grad_out, indices, weights, num_rows)
 
 
+@lookup_values_grad.register_kernel("cuda")
+def _lookup_values_grad_cuda(grad_out, indices, weights, num_rows, deterministic):
+    return lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, deterministic)
+
+
 @torch.library.custom_op("memlayer::lookup_weights_grad", mutates_args=())
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     """``grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>``, [T, B] in fp32 (fp64)."""
@@ -134,6 +147,11 @@ def _lookup_weights_grad_fake(grad_out, values, indices):
 @lookup_weights_grad.register_kernel("cpu")
 def _lookup_weights_grad_cpu(grad_out, values, indices):
     return _native.lookup_weights_grad(grad_out, values, indices)
+
+
+@lookup_weights_grad.register_kernel("cuda")
+def _lookup_weights_grad_cuda(grad_out, values, indices):
+    return lookup_triton.lookup_weights_grad(grad_out, values, indices)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -1,0 +1,278 @@
+"""Triton kernels of the lookup ops (the CUDA kernels of ``ops/lookup.py``).
+
+    forward        out[t]         = sum_b w[t, b] * values[idx[t, b]]
+    value grad     grad_values[n] = sum_{(t, b): idx[t, b] == n} w[t, b] * grad_out[t]
+    weight grad    grad_w[t, b]   = <grad_out[t], values[idx[t, b]]>
+
+Every kernel accumulates in fp32 (fp64 when the values are fp64, so ``gradcheck`` works: the
+accumulator dtype is a constexpr), walks D in masked ``BLOCK_D`` tiles so any D works, computes
+row offsets in int64 (N * D can exceed 2**31) and masks every index outside ``[0, N)``: such an
+index is never read and contributes nothing (a zero to the forward and the value gradient, a zero
+weight gradient).
+
+The value gradient has two modes:
+
+- deterministic (the default): a stable sort of the flat indices (which depends only on the
+  indices) and a ``searchsorted`` of every row give each row its contiguous run of hits, in CSR
+  form. One program per (row, D-block) sums its run in that fixed order and stores the row once:
+  bitwise identical run to run, no atomics, no host sync, and no separate zero fill (rows without
+  hits store their zeros in the same pass, so the dense [N, D] gradient is written exactly once).
+- atomic (``deterministic=False``): one program per (token, D-block) atomically adds
+  ``w * grad_out[t]`` into a zeroed buffer (fp32 for bf16/fp16 values, as low-precision atomics
+  would lose the sum). Not bitwise stable; useful as a cross-check and where sorting dominates.
+
+Debug mode: with the environment variable ``MEMCOMPILE_CHECK_INDICES=1`` (read at every call),
+the CUDA ``lookup`` validates the indices first and raises a clear ``IndexError`` for an index
+outside ``[0, N)``. It costs a device-to-host sync, so it is off by default; out-of-range indices
+then silently contribute nothing (never an out-of-bounds read). The CPU kernel always checks.
+
+The launchers take plain tensors of any device Triton can run on: CUDA, or CPU tensors under
+``TRITON_INTERPRET=1`` (how the tests run them without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS and other Triton-less installs have no CUDA either: never launched
+    triton = tl = None
+
+
+def _jit(kernel):
+    return triton.jit(kernel) if triton is not None else kernel
+
+
+def index_checks_enabled() -> bool:
+    """Whether the CUDA lookup should validate its indices (``MEMCOMPILE_CHECK_INDICES=1``)."""
+    return os.environ.get("MEMCOMPILE_CHECK_INDICES") == "1"
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@_jit
+def _lookup_forward_kernel(
+    values_ptr, indices_ptr, weights_ptr, out_ptr,
+    num_rows, bag_size, dim, values_row_stride,
+    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (token, D-block): gathers BLOCK_B rows per step, sums them in registers."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    for b0 in range(0, bag_size, BLOCK_B):
+        slots = b0 + tl.arange(0, BLOCK_B)
+        slot_mask = slots < bag_size
+        rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+        weights = tl.load(weights_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+        valid = slot_mask & (rows >= 0) & (rows < num_rows)
+        row_offsets = rows.to(tl.int64) * values_row_stride
+        tile = tl.load(
+            values_ptr + row_offsets[:, None] + cols[None, :],
+            mask=valid[:, None] & col_mask[None, :],
+            other=0,
+        )
+        acc += tl.sum(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], axis=0)
+    tl.store(out_ptr + token * dim + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@_jit
+def _values_grad_sorted_kernel(
+    grad_out_ptr, weights_ptr, hit_order_ptr, row_starts_ptr, grad_values_ptr,
+    bag_size, dim,
+    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (row, D-block): sums the row's hits in sorted order, stores the row once.
+
+    ``hit_order`` lists the flat positions ``t * bag_size + b`` sorted (stably) by index, and
+    the hits of row n are ``hit_order[row_starts[n]:row_starts[n + 1]]``. Rows without hits
+    store zeros, which is the gradient's zero fill.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    first_hit = tl.load(row_starts_ptr + row)
+    end_hit = tl.load(row_starts_ptr + row + 1)
+    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    for h0 in range(first_hit, end_hit, BLOCK_HITS):
+        hits = h0 + tl.arange(0, BLOCK_HITS)
+        hit_mask = hits < end_hit
+        flat_positions = tl.load(hit_order_ptr + hits, mask=hit_mask, other=0)
+        weights = tl.load(weights_ptr + flat_positions, mask=hit_mask, other=0)
+        tokens = flat_positions // bag_size
+        tile = tl.load(
+            grad_out_ptr + tokens[:, None] * dim + cols[None, :],
+            mask=hit_mask[:, None] & col_mask[None, :],
+            other=0,
+        )
+        acc += tl.sum(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], axis=0)
+    out = acc.to(grad_values_ptr.dtype.element_ty)
+    tl.store(grad_values_ptr + row * dim + cols, out, mask=col_mask)
+
+
+@_jit
+def _values_grad_atomic_kernel(
+    grad_out_ptr, indices_ptr, weights_ptr, grad_values_ptr,
+    num_rows, bag_size, dim,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (token, D-block): atomically adds w * grad_out[t] into each of its rows."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    acc_dtype = grad_values_ptr.dtype.element_ty
+    grad = tl.load(grad_out_ptr + token * dim + cols, mask=col_mask, other=0).to(acc_dtype)
+    for b0 in range(0, bag_size, BLOCK_B):
+        slots = b0 + tl.arange(0, BLOCK_B)
+        slot_mask = slots < bag_size
+        rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+        weights = tl.load(weights_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+        valid = slot_mask & (rows >= 0) & (rows < num_rows)
+        tl.atomic_add(
+            grad_values_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :],
+            weights.to(acc_dtype)[:, None] * grad[None, :],
+            mask=valid[:, None] & col_mask[None, :],
+        )
+
+
+@_jit
+def _weights_grad_kernel(
+    grad_out_ptr, values_ptr, indices_ptr, grad_weights_ptr,
+    num_rows, bag_size, dim, values_row_stride,
+    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (token, B-block): BLOCK_B dot products <grad_out[t], values[row]>."""
+    token = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    slot_mask = slots < bag_size
+    rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+    valid = slot_mask & (rows >= 0) & (rows < num_rows)
+    row_offsets = rows.to(tl.int64) * values_row_stride
+    acc = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        grad = tl.load(grad_out_ptr + token * dim + cols, mask=col_mask, other=0)
+        tile = tl.load(
+            values_ptr + row_offsets[:, None] + cols[None, :],
+            mask=valid[:, None] & col_mask[None, :],
+            other=0,
+        )
+        acc += tl.sum(tile.to(ACC_DTYPE) * grad.to(ACC_DTYPE)[None, :], axis=1)
+    tl.store(grad_weights_ptr + token * bag_size + slots, acc, mask=slot_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+# Elements of one [rows, BLOCK_D] tile in flight per program: enough independent row loads to
+# hide gather latency, few enough registers (32 fp32 per thread at 4 warps).
+_TILE_ELEMENTS = 4096
+_MAX_BLOCK_D = 512
+
+
+def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
+    """(rows per step, BLOCK_D): BLOCK_D covers D up to 512 wide; rows fill the tile budget."""
+    block_d = min(triton.next_power_of_2(max(dim, 1)), _MAX_BLOCK_D)
+    block_rows = min(triton.next_power_of_2(max(num_rows_per_step, 1)), _TILE_ELEMENTS // block_d)
+    return block_rows, block_d
+
+
+def _accumulator(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _unit_stride_rows(values: Tensor) -> Tensor:
+    """The table itself when its rows are contiguous (a column slice is fine), else a copy."""
+    return values if values.stride(1) == 1 else values.contiguous()
+
+
+def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """``out[t] = sum_b weights[t, b] * values[indices[t, b]]``, [T, D] in the values' dtype."""
+    (num_tokens, bag_size), dim = indices.shape, values.shape[1]
+    out = values.new_empty((num_tokens, dim))
+    if out.numel() == 0:
+        return out
+    values = _unit_stride_rows(values)
+    block_b, block_d = _tile_shape(dim, bag_size)
+    grid = (num_tokens, triton.cdiv(dim, block_d))
+    _lookup_forward_kernel[grid](
+        values, indices.contiguous(), weights.contiguous(), out,
+        values.shape[0], bag_size, dim, values.stride(0),
+        ACC_DTYPE=_accumulator(values.dtype), BLOCK_B=block_b, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+def lookup_values_grad(
+    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int, deterministic: bool
+) -> Tensor:
+    """``grad_values[n] = sum_{(t, b): indices[t, b] == n} weights[t, b] * grad_out[t]``, [N, D].
+
+    Deterministic mode is bitwise reproducible; ``deterministic=False`` uses atomics.
+    """
+    dim = grad_out.shape[1]
+    if num_rows == 0 or dim == 0:
+        return grad_out.new_empty((num_rows, dim))
+    grad_out, weights = grad_out.contiguous(), weights.contiguous()
+    if deterministic:
+        return _values_grad_sorted(grad_out, indices, weights, num_rows)
+    return _values_grad_atomic(grad_out, indices, weights, num_rows)
+
+
+def _values_grad_sorted(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+    bag_size, dim = indices.shape[1], grad_out.shape[1]
+    # A stable sort orders the hits of a row by flat position: the summation order depends
+    # only on the indices. Out-of-range indices sort outside every row's [start, end).
+    sorted_rows, hit_order = torch.sort(indices.reshape(-1), stable=True)
+    row_bounds = torch.arange(num_rows + 1, device=indices.device)
+    row_starts = torch.searchsorted(sorted_rows, row_bounds)
+    grad_values = grad_out.new_empty((num_rows, dim))
+    block_hits, block_d = _tile_shape(dim, bag_size)
+    grid = (num_rows, triton.cdiv(dim, block_d))
+    _values_grad_sorted_kernel[grid](
+        grad_out, weights, hit_order, row_starts, grad_values,
+        bag_size, dim,
+        ACC_DTYPE=_accumulator(grad_out.dtype), BLOCK_HITS=block_hits, BLOCK_D=block_d,
+    )  # fmt: skip
+    return grad_values
+
+
+def _values_grad_atomic(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+    (num_tokens, bag_size), dim = indices.shape, grad_out.shape[1]
+    # bf16/fp16 atomics would round every partial sum: accumulate in an fp32 buffer instead.
+    buffer_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    grad_values = torch.zeros((num_rows, dim), dtype=buffer_dtype, device=grad_out.device)
+    if num_tokens > 0:
+        block_b, block_d = _tile_shape(dim, bag_size)
+        grid = (num_tokens, triton.cdiv(dim, block_d))
+        _values_grad_atomic_kernel[grid](
+            grad_out, indices.contiguous(), weights, grad_values,
+            num_rows, bag_size, dim,
+            BLOCK_B=block_b, BLOCK_D=block_d,
+        )  # fmt: skip
+    return grad_values.to(grad_out.dtype)
+
+
+def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """``grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>``, [T, B] fp32 (fp64)."""
+    (num_tokens, bag_size), dim = indices.shape, values.shape[1]
+    acc_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    grad_weights = torch.empty(indices.shape, dtype=acc_dtype, device=values.device)
+    if grad_weights.numel() == 0:
+        return grad_weights
+    values = _unit_stride_rows(values)
+    block_b, block_d = _tile_shape(dim, bag_size)
+    grid = (num_tokens, triton.cdiv(bag_size, block_b))
+    _weights_grad_kernel[grid](
+        grad_out.contiguous(), values, indices.contiguous(), grad_weights,
+        values.shape[0], bag_size, dim, values.stride(0),
+        ACC_DTYPE=_accumulator(values.dtype), BLOCK_B=block_b, BLOCK_D=block_d,
+    )  # fmt: skip
+    return grad_weights
