@@ -6,5 +6,6 @@ autograd and DTensor sharding rules.
 """
 
 from ops.lookup import lookup, reference_lookup
+from ops.product_key import product_key_topk, reference_product_key_topk
 
-__all__ = ["lookup", "reference_lookup"]
+__all__ = ["lookup", "reference_lookup", "product_key_topk", "reference_product_key_topk"]

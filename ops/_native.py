@@ -1,31 +1,62 @@
-"""CPU kernels of the lookup ops (temporary ATen composite; replaced by ops/csrc)."""
+"""The CPU kernels of the lookup ops: ``ops/csrc/lookup_cpu.cpp``, built on first use.
+
+The C++ source is compiled once per machine by ``torch.utils.cpp_extension`` (cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and registers
+``torch.ops.memlayer_cpu.*``. Arguments are validated by ``ops/lookup.py`` before they get here.
+"""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_SOURCE = Path(__file__).with_name("csrc") / "lookup_cpu.cpp"
+
+
+@functools.cache
+def _kernels():
+    from torch.utils.cpp_extension import load
+
+    load(
+        name="memcompile_lookup_cpu",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+    return torch.ops.memlayer_cpu
+
 
 def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    T, B = indices.shape
-    if T == 0 or B == 0:
-        return values.new_zeros((T, values.shape[1]))
-    return F.embedding_bag(
-        indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
-    )
+    if values.dtype in (torch.float32, torch.float64):
+        # ATen's FBGEMM kernel is already bandwidth bound for full-precision tables.
+        if indices.numel() == 0:
+            return values.new_zeros((indices.shape[0], values.shape[1]))
+        return F.embedding_bag(
+            indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
+        )
+    # For bf16/fp16 tables ATen would round the weights to the table's dtype; ours keeps them
+    # in fp32 and accumulates in fp32.
+    return _kernels().lookup_forward(values, indices, weights)
 
 
 def lookup_values_grad(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
-    grad = grad_out.new_zeros((num_rows, grad_out.shape[1]))
-    if indices.numel():
-        B = indices.shape[1]
-        tokens = torch.arange(indices.numel(), device=indices.device) // B
-        contrib = grad_out.float()[tokens] * weights.reshape(-1, 1).float()
-        grad.index_add_(0, indices.reshape(-1).long(), contrib.to(grad.dtype))
-    return grad
+    flat = indices.reshape(-1).long()
+    # A stable sort groups each row's contributions in flat-position order: the fixed summation
+    # order that makes the gradient bitwise deterministic.
+    sorted_rows, order = torch.sort(flat, stable=True)
+    is_start = torch.ones_like(sorted_rows, dtype=torch.bool)
+    is_start[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    segment_starts = is_start.nonzero().flatten()
+    return _kernels().lookup_values_grad(
+        grad_out, sorted_rows, order, weights.reshape(-1), segment_starts,
+        max(indices.shape[1], 1), num_rows,
+    )
 
 
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    return torch.einsum("tbd,td->tb", values.to(acc)[indices.long()], grad_out.to(acc))
+    return _kernels().lookup_weights_grad(grad_out, values, indices)

@@ -192,3 +192,51 @@ def reference_lookup(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor
     """The plain float64 PyTorch definition the kernels are tested against."""
     gathered = values.double()[indices.long()]  # [T, B, D]
     return (weights.double().unsqueeze(-1) * gathered).sum(dim=1)
+
+
+# --------------------------------------------------------------------------- DTensor sharding
+#
+# Rules that let the three ops run on DTensors. Each rule lists, for one mesh dimension, the
+# acceptable (output placements, input placements) pairs, with one input entry per op argument
+# and None for the non-tensor ones; register_sharding expands them to every mesh dimension and
+# DTensor picks the pair that needs the cheapest redistribution of the actual inputs (the first
+# on a tie, so all-Replicate comes first: replicated inputs then stay replicated).
+#
+# - Replicate: every rank computes the whole op.
+# - Column-sharded table (values Shard(1), the memory-parallel layout): every rank holds all N
+#   rows but only a slice of the D columns, so the bag of its columns, and the value gradient of
+#   those columns, are local. ``num_rows`` stays the global N. The weight gradient is a dot
+#   product over D, so each rank holds a partial sum over its column slice: Partial().
+# - Token-sharded batch (indices, weights and grad_out Shard(0) on T) with a replicated table:
+#   each rank bags its own tokens; the value gradient sums over all tokens: Partial().
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import register_sharding
+
+    @register_sharding(torch.ops.memlayer.lookup.default)
+    def _lookup_sharding(values, indices, weights, deterministic=True):
+        # ([out], [values, indices, weights, deterministic])
+        return [
+            ([Replicate()], [Replicate(), Replicate(), Replicate(), None]),
+            ([Shard(1)], [Shard(1), Replicate(), Replicate(), None]),  # column-sharded table
+            ([Shard(0)], [Replicate(), Shard(0), Shard(0), None]),  # token-sharded batch
+        ]
+
+    @register_sharding(torch.ops.memlayer.lookup_values_grad.default)
+    def _lookup_values_grad_sharding(grad_out, indices, weights, num_rows, deterministic):
+        # ([grad_values], [grad_out, indices, weights, num_rows, deterministic])
+        return [
+            ([Replicate()], [Replicate(), Replicate(), Replicate(), None, None]),
+            ([Shard(1)], [Shard(1), Replicate(), Replicate(), None, None]),  # column-sharded
+            ([Partial()], [Shard(0), Shard(0), Shard(0), None, None]),  # token-sharded
+        ]
+
+    @register_sharding(torch.ops.memlayer.lookup_weights_grad.default)
+    def _lookup_weights_grad_sharding(grad_out, values, indices):
+        # ([grad_weights], [grad_out, values, indices])
+        return [
+            ([Replicate()], [Replicate(), Replicate(), Replicate()]),
+            ([Partial()], [Shard(1), Shard(1), Replicate()]),  # column-sharded table
+            ([Shard(0)], [Shard(0), Replicate(), Shard(0)]),  # token-sharded batch
+        ]

@@ -226,7 +226,9 @@ def lookup_values_grad(
     return _values_grad_atomic(grad_out, indices, weights, num_rows)
 
 
-def _values_grad_sorted(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+def _values_grad_sorted(
+    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int
+) -> Tensor:
     bag_size, dim = indices.shape[1], grad_out.shape[1]
     # A stable sort orders the hits of a row by flat position: the summation order depends
     # only on the indices. Out-of-range indices sort outside every row's [start, end).
@@ -244,7 +246,9 @@ def _values_grad_sorted(grad_out: Tensor, indices: Tensor, weights: Tensor, num_
     return grad_values
 
 
-def _values_grad_atomic(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+def _values_grad_atomic(
+    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int
+) -> Tensor:
     (num_tokens, bag_size), dim = indices.shape, grad_out.shape[1]
     # bf16/fp16 atomics would round every partial sum: accumulate in an fp32 buffer instead.
     buffer_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
