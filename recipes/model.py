@@ -1,0 +1,139 @@
+"""The memcompile Transformer as a torchtitan model: model config, model spec and parallelize_fn.
+
+``TitanTransformer`` *is* a ``memcompile.model.Transformer`` (same modules, same parameter names,
+so checkpoints load into plain memcompile models) that also satisfies torchtitan's ``BaseModel``
+protocol: a nested ``Config`` whose ``build()`` constructs it, ``init_states`` for meta-device
+initialisation, and parameter/FLOP counts for the metrics.
+
+Parallelism (``parallelize_memory_transformer``): activation checkpointing of the dense blocks,
+``torch.compile`` of every block, then FSDP2 per block, on ``[norm, output]`` and on the root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from memcompile.config import TransformerConfig
+from memcompile.flavors import FLAVORS
+from memcompile.model import Transformer
+from memcompile.stats import model_stats
+from recipes import shims
+from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
+from torchtitan.distributed.fsdp import disable_fsdp_gradient_division, get_fsdp_reshard_after_forward_policy
+from torchtitan.protocols.model import BaseModel
+from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools.logging import logger
+
+
+class TitanTransformer(Transformer, BaseModel):
+    """A ``memcompile.model.Transformer`` that torchtitan's Trainer can build and initialise."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseModel.Config):
+        transformer: TransformerConfig
+        """The memcompile architecture (a flavor from ``memcompile.flavors``)"""
+
+        def update_from_config(self, *, config: Any, **kwargs) -> None:
+            """Fit the architecture to the run: the tokenizer's vocabulary (the flavors assume
+            the Llama tokenizers; the built-in corpus uses a 2K BPE) and RoPE tables long enough
+            for ``training.seq_len``."""
+            from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+            vocab_size = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path).get_vocab_size()
+            self.transformer = replace(
+                self.transformer,
+                vocab_size=vocab_size,
+                max_seq_len=max(self.transformer.max_seq_len, config.training.seq_len),
+            )
+
+        def get_nparams_and_flops(self, model: torch.nn.Module, seq_len: int) -> tuple[int, int]:
+            stats = model_stats(self.transformer, seq_len)
+            return stats.total_params, stats.train_flops_per_token
+
+    def __init__(self, config: Config) -> None:
+        Transformer.__init__(self, config.transformer)
+
+    def init_states(self, *, buffer_device: torch.device | None = None) -> None:
+        # memcompile initialises every parameter and buffer in one place (paper/reference init).
+        Transformer.init_weights(self)
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        Transformer.init_weights(self)
+
+    def verify_module_protocol(self) -> None:
+        """memcompile layers are plain ``nn.Module``s by design (readable outside torchtitan);
+        torchtitan's per-module protocol (param_init dicts, sharding configs) is not used here:
+        ``init_states`` and ``parallelize_memory_transformer`` cover the whole model."""
+
+
+def parallelize_memory_transformer(
+    model: TitanTransformer,
+    *,
+    parallel_dims: ParallelDims,
+    training: TrainingConfig,
+    parallelism: ParallelismConfig,
+    compile_config: CompileConfig,
+    ac_config: ActivationCheckpointingConfig,
+    dump_folder: str,
+) -> TitanTransformer:
+    """Activation checkpointing, per-block compile and FSDP2, in that order (torchtitan's)."""
+    if ac_config is not None:
+        policy = ac_config.build(dump_folder=dump_folder)
+        for layer_id, block in model.layers.named_children():
+            # On torch 2.13, torch.compile + activation checkpointing of a block that reads a
+            # DTensor parameter (the column-sharded value table) fails in AOTAutograd ("expected
+            # all tensors_saved_with_vc_check to be Tensors ... DeviceMesh"); memory blocks are
+            # also the cheapest to keep (their activations are [tokens, dim], the table is not
+            # an activation). So only dense blocks are checkpointed.
+            if block.is_memory_block:
+                continue
+            model.layers.register_module(layer_id, policy._wrap_block(block, base_fqn=f"layers.{layer_id}"))
+        logger.info(f"Applied {type(policy).__name__} activation checkpointing to the dense blocks")
+
+    if compile_config.enable and "model" in compile_config.components:
+        for block in model.layers.values():
+            block.compile(backend=compile_config.backend, fullgraph=True)
+        logger.info("Compiling each transformer block with torch.compile")
+
+    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    fsdp_config: dict[str, Any] = {
+        "mesh": parallel_dims.get_mesh(names),
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+            cast_forward_inputs=False,
+        ),
+    }
+    reshard_after_forward = get_fsdp_reshard_after_forward_policy(
+        parallelism.fsdp_reshard_after_forward, pp_enabled=False
+    )
+    fully_shard(model.tok_embeddings, **fsdp_config, reshard_after_forward=reshard_after_forward)
+    for block in model.layers.values():
+        fully_shard(block, **fsdp_config, reshard_after_forward=reshard_after_forward)
+    # The last layers are not resharded after forward: backward needs them first.
+    fully_shard([model.norm, model.output], **fsdp_config, reshard_after_forward=False)
+    fully_shard(model, **fsdp_config)
+    disable_fsdp_gradient_division(model)
+    shims.allow_fsdp_on_gloo(model)
+    return model
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The torchtitan model spec of the memcompile flavor ``name``."""
+    if name not in FLAVORS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(FLAVORS)}")
+    return ModelSpec(
+        name="memcompile",
+        flavor=name,
+        model=TitanTransformer.Config(transformer=FLAVORS[name]),
+        parallelize_fn=parallelize_memory_transformer,
+        pipelining_fn=None,
+        post_optimizer_build_fn=None,
+        state_dict_adapter=None,
+    )
