@@ -1,0 +1,174 @@
+"""memlayer::lookup on CPU: against a float64 reference, opcheck, gradcheck, compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ops
+from ops.lookup import lookup_values_grad, lookup_weights_grad
+
+# Error bound per element relative to sum_b |w| * max|v| (the scale of one output element).
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def make_inputs(N, D, T, B, dtype, index_dtype, collisions, seed, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(N, D, generator=gen).to(dtype)
+    if collisions == "all_equal":
+        indices = torch.full((T, B), N // 2, dtype=index_dtype)
+    elif collisions == "few_rows":
+        rows = torch.randint(0, N, (2,), generator=gen)
+        indices = rows[torch.randint(0, 2, (T, B), generator=gen)].to(index_dtype)
+    else:
+        indices = torch.randint(0, N, (T, B), generator=gen, dtype=index_dtype)
+    weights = torch.rand(T, B, generator=gen)
+    return values.requires_grad_(requires_grad), indices, weights.requires_grad_(requires_grad)
+
+
+def assert_close_scaled(actual, expected, scale, dtype):
+    assert actual.shape == expected.shape
+    error = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
+    assert error <= TOLERANCE[dtype] * max(scale, 1.0), f"max error {error} (scale {scale})"
+
+
+lookup_cases = st.fixed_dictionaries(
+    {
+        "N": st.integers(1, 70),
+        "D": st.sampled_from([1, 3, 7, 16, 33, 100]),
+        "T": st.integers(0, 24),
+        "B": st.integers(0, 9),
+        "dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+        "index_dtype": st.sampled_from([torch.int64, torch.int32]),
+        "collisions": st.sampled_from(["uniform", "all_equal", "few_rows"]),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+@given(case=lookup_cases)
+def test_lookup_matches_float64_reference(case):
+    values, indices, weights = make_inputs(**case)
+    T, B, D = case["T"], case["B"], case["D"]
+    out = torch.ops.memlayer.lookup(values, indices, weights)
+    assert out.dtype == values.dtype and out.shape == (T, D)
+
+    values64 = values.detach().double().requires_grad_()
+    weights64 = weights.detach().double().requires_grad_()
+    expected = ops.reference_lookup(values64, indices, weights64)
+    scale = B * values.detach().abs().max().item() if values.numel() else 1.0
+    assert_close_scaled(out, expected, scale, case["dtype"])
+
+    grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    out.backward(grad_out.to(out.dtype))
+    expected.backward(grad_out.to(out.dtype).double())
+    assert values.grad.dtype == values.dtype and weights.grad.dtype == weights.dtype
+    # A hot row sums up to T * B contributions of |w * dY| <= max|dY|.
+    grad_scale = T * B * grad_out.abs().max().item() if grad_out.numel() else 1.0
+    assert_close_scaled(values.grad, values64.grad, grad_scale, case["dtype"])
+    dot_scale = D * grad_out.abs().max().item() * values.detach().abs().max().item() if T else 1.0
+    # The weight gradient is returned in the weights' dtype (fp32 here).
+    weights_grad_dtype = torch.float32 if case["dtype"] == torch.float64 else case["dtype"]
+    assert_close_scaled(weights.grad, weights64.grad, dot_scale, weights_grad_dtype)
+
+
+def test_matches_embedding_bag():
+    values, indices, weights = make_inputs(300, 24, 40, 12, torch.float32, torch.int64, "uniform", 0)
+    expected = F.embedding_bag(indices, values, per_sample_weights=weights, mode="sum")
+    torch.testing.assert_close(torch.ops.memlayer.lookup(values, indices, weights), expected)
+
+
+@pytest.mark.parametrize("values_grad, weights_grad", [(True, True), (True, False), (False, True)])
+def test_opcheck(values_grad, weights_grad):
+    values, indices, weights = make_inputs(40, 9, 6, 5, torch.float32, torch.int64, "uniform", 1)
+    values.requires_grad_(values_grad)
+    weights.requires_grad_(weights_grad)
+    torch.library.opcheck(torch.ops.memlayer.lookup.default, (values, indices, weights))
+    grad_out = torch.randn(6, 9)
+    torch.library.opcheck(lookup_values_grad, (grad_out, indices, weights.detach(), 40, True))
+    torch.library.opcheck(lookup_weights_grad, (grad_out, values.detach(), indices))
+
+
+def test_gradcheck_float64():
+    values, indices, weights = make_inputs(12, 5, 7, 4, torch.float64, torch.int64, "few_rows", 2)
+    weights = weights.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(torch.ops.memlayer.lookup, (values, indices, weights))
+
+
+def test_backward_is_bitwise_deterministic():
+    values, indices, weights = make_inputs(50, 33, 64, 16, torch.float32, torch.int64, "few_rows", 3)
+    grad_out = torch.randn(64, 33)
+    grads = []
+    for _ in range(2):
+        values.grad = weights.grad = None
+        torch.ops.memlayer.lookup(values, indices, weights).backward(grad_out)
+        grads.append((values.grad.clone(), weights.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("values_grad, weights_grad", [(True, False), (False, True)])
+def test_backward_skips_gradients_nobody_needs(values_grad, weights_grad):
+    values, indices, weights = make_inputs(30, 8, 5, 3, torch.float32, torch.int64, "uniform", 4)
+    values.requires_grad_(values_grad)
+    weights.requires_grad_(weights_grad)
+    out = torch.ops.memlayer.lookup(values, indices, weights)
+    with CountOps() as counter:
+        out.sum().backward()
+    assert ("memlayer::lookup_values_grad" in counter.calls) == values_grad
+    assert ("memlayer::lookup_weights_grad" in counter.calls) == weights_grad
+
+
+def test_compiled_matches_eager_with_dynamic_tokens():
+    def loss_fn(values, indices, weights):
+        return torch.ops.memlayer.lookup(values, indices, weights).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
+    for T in (5, 11):
+        values, indices, weights = make_inputs(40, 6, T, 4, torch.float32, torch.int64, "uniform", T)
+        eager_inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (values, indices, weights)]
+        loss = compiled(values, indices, weights)
+        loss.backward()
+        eager_loss = loss_fn(*eager_inputs)
+        eager_loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(values.grad, eager_inputs[0].grad)
+        torch.testing.assert_close(weights.grad, eager_inputs[2].grad)
+
+
+def test_meta_device():
+    values = torch.empty(1 << 20, 2048, device="meta", dtype=torch.bfloat16)
+    indices = torch.empty(4096, 128, device="meta", dtype=torch.int64)
+    weights = torch.empty(4096, 128, device="meta")
+    out = torch.ops.memlayer.lookup(values, indices, weights)
+    assert out.shape == (4096, 2048) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "values, indices, weights, error, match",
+    [
+        (torch.randn(4), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), ValueError, r"values must be 2-D \[N, D\], got shape \(4,\)"),
+        (torch.randn(4, 3), torch.zeros(2, dtype=torch.long), torch.ones(2), ValueError, r"indices must be 2-D \[T, B\]"),
+        (torch.randn(4, 3), torch.zeros(2, 2), torch.ones(2, 2), TypeError, r"indices must be int64 or int32, got torch.float32"),
+        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), ValueError, r"weights must have the shape of indices \(2, 2\), got \(2, 3\)"),
+        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long), TypeError, r"weights must be floating point"),
+        (torch.ones(4, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), TypeError, r"values must be float32, bfloat16, float16 or float64"),
+        (torch.randn(4, 3), torch.tensor([[0, 4]]), torch.ones(1, 2), IndexError, r"indices must lie in \[0, 4\) .*found 4"),
+        (torch.randn(4, 3), torch.tensor([[-1, 0]]), torch.ones(1, 2), IndexError, r"indices must lie in \[0, 4\) .*found -1"),
+        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, device="meta"), ValueError, r"must be on one device"),
+    ],
+)
+def test_bad_input_raises_clear_error(values, indices, weights, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.memlayer.lookup(values, indices, weights)
