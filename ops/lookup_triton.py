@@ -146,16 +146,17 @@ def _values_grad_atomic_kernel(
 def _weights_grad_kernel(
     grad_out_ptr, values_ptr, indices_ptr, grad_weights_ptr,
     num_rows, bag_size, dim, values_row_stride,
-    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, B-block): BLOCK_B dot products <grad_out[t], values[row]>."""
+    acc_dtype = grad_weights_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     slot_mask = slots < bag_size
     rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
     valid = slot_mask & (rows >= 0) & (rows < num_rows)
     row_offsets = rows.to(tl.int64) * values_row_stride
-    acc = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_B], dtype=acc_dtype)
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < dim
@@ -165,7 +166,7 @@ def _weights_grad_kernel(
             mask=valid[:, None] & col_mask[None, :],
             other=0,
         )
-        acc += tl.sum(tile.to(ACC_DTYPE) * grad.to(ACC_DTYPE)[None, :], axis=1)
+        acc += tl.sum(tile.to(acc_dtype) * grad.to(acc_dtype)[None, :], axis=1)
     tl.store(grad_weights_ptr + token * bag_size + slots, acc, mask=slot_mask)
 
 
@@ -184,8 +185,13 @@ def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
     return block_rows, block_d
 
 
-def _accumulator(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums run in fp32, or in fp64 for fp64 inputs (so gradcheck through the kernels works)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_dtype(dtype: torch.dtype):
+    return getattr(tl, str(dtype).removeprefix("torch."))
 
 
 def _unit_stride_rows(values: Tensor) -> Tensor:
@@ -205,7 +211,8 @@ def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     _lookup_forward_kernel[grid](
         values, indices.contiguous(), weights.contiguous(), out,
         values.shape[0], bag_size, dim, values.stride(0),
-        ACC_DTYPE=_accumulator(values.dtype), BLOCK_B=block_b, BLOCK_D=block_d,
+        ACC_DTYPE=_triton_dtype(_accumulator_dtype(values.dtype)),
+        BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
@@ -241,7 +248,8 @@ def _values_grad_sorted(
     _values_grad_sorted_kernel[grid](
         grad_out, weights, hit_order, row_starts, grad_values,
         bag_size, dim,
-        ACC_DTYPE=_accumulator(grad_out.dtype), BLOCK_HITS=block_hits, BLOCK_D=block_d,
+        ACC_DTYPE=_triton_dtype(_accumulator_dtype(grad_out.dtype)),
+        BLOCK_HITS=block_hits, BLOCK_D=block_d,
     )  # fmt: skip
     return grad_values
 
@@ -251,7 +259,7 @@ def _values_grad_atomic(
 ) -> Tensor:
     (num_tokens, bag_size), dim = indices.shape, grad_out.shape[1]
     # bf16/fp16 atomics would round every partial sum: accumulate in an fp32 buffer instead.
-    buffer_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    buffer_dtype = _accumulator_dtype(grad_out.dtype)
     grad_values = torch.zeros((num_rows, dim), dtype=buffer_dtype, device=grad_out.device)
     if num_tokens > 0:
         block_b, block_d = _tile_shape(dim, bag_size)
@@ -267,7 +275,7 @@ def _values_grad_atomic(
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     """``grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>``, [T, B] fp32 (fp64)."""
     (num_tokens, bag_size), dim = indices.shape, values.shape[1]
-    acc_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc_dtype = _accumulator_dtype(values.dtype)
     grad_weights = torch.empty(indices.shape, dtype=acc_dtype, device=values.device)
     if grad_weights.numel() == 0:
         return grad_weights
@@ -277,6 +285,6 @@ def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Te
     _weights_grad_kernel[grid](
         grad_out.contiguous(), values, indices.contiguous(), grad_weights,
         values.shape[0], bag_size, dim, values.stride(0),
-        ACC_DTYPE=_accumulator(values.dtype), BLOCK_B=block_b, BLOCK_D=block_d,
+        BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
     return grad_weights

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (Linux)")
@@ -34,7 +34,9 @@ _RELATIVE_TOLERANCE = {
 }
 
 
-def assert_within_bound(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, dtype):
+def assert_within_bound(
+    actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype
+) -> None:
     error = (actual.double() - expected).abs()
     bound = _RELATIVE_TOLERANCE[dtype] * magnitude
     worst = (error - bound).argmax() if error.numel() else None
@@ -154,6 +156,7 @@ def test_out_of_range_indices_contribute_nothing_and_are_never_read(case):
     assert_within_bound(grad_weights.cpu(), expected_grad_weights, magnitudes[2], dtype)
 
 
+@settings(max_examples=10)  # cheap on a GPU, where it matters; slow in the interpreter
 @given(lookup_cases())
 def test_sorted_values_grad_is_bitwise_reproducible(case):
     values, indices, weights, grad_out = case
@@ -275,9 +278,8 @@ def test_cuda_opcheck(deterministic):
     values, indices, weights = small_cuda_problem()
     torch.library.opcheck(torch.ops.memlayer.lookup, (values, indices, weights, deterministic))
     grad_out = torch.randn(6, 33, device="cuda")
-    torch.library.opcheck(
-        torch.ops.memlayer.lookup_values_grad, (grad_out, indices, weights.detach(), 50, deterministic)
-    )
+    values_grad_args = (grad_out, indices, weights.detach(), 50, deterministic)
+    torch.library.opcheck(torch.ops.memlayer.lookup_values_grad, values_grad_args)
     torch.library.opcheck(
         torch.ops.memlayer.lookup_weights_grad, (grad_out, values.detach(), indices)
     )
