@@ -59,4 +59,5 @@ def lookup_values_grad(grad_out: Tensor, indices: Tensor, weights: Tensor, num_r
 
 
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    return _kernels().lookup_weights_grad(grad_out, values, indices)
+    # The kernel reads both as the table's element type.
+    return _kernels().lookup_weights_grad(grad_out.to(values.dtype), values, indices)
