@@ -209,6 +209,11 @@ def reference_lookup(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor
 #   product over D, so each rank holds a partial sum over its column slice: Partial().
 # - Token-sharded batch (indices, weights and grad_out Shard(0) on T) with a replicated table:
 #   each rank bags its own tokens; the value gradient sums over all tokens: Partial().
+#
+# A column-sharded table with a token-sharded batch on the same mesh dimension matches neither
+# pair; DTensor's cost model then all-gathers whichever side is cheaper to move: indices and
+# weights for any real table (output Shard(1)), but the table itself when it is under about a
+# megabyte (one collective instead of two). Redistribute explicitly to pin the choice.
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import Partial, Replicate, Shard
