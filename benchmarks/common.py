@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,30 @@ def median_time_ms(
         if iteration >= warmup:
             times_ms.append(elapsed_ms)
     return statistics.median(times_ms)
+
+
+def measure(
+    prepare: Callable[[], Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """``time_ms`` and ``peak_memory_mb`` of a variant, or the ``error`` that stopped it.
+
+    Out of memory, a missing kernel or a compile failure is recorded (and printed) so that one
+    variant cannot end a long sweep; any other exception is a bug and propagates.
+    """
+    reset_peak_memory(device)
+    try:
+        time_ms = median_time_ms(prepare, device, warmup=warmup, repeats=repeats)
+    except RuntimeError as error:  # torch.OutOfMemoryError, NotImplementedError, Dynamo errors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        print(f"  error: {message}", file=sys.stderr)
+        return {"error": message}
+    return {"time_ms": time_ms, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def copy_bandwidth_gbps(
@@ -154,7 +179,63 @@ def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict[
     return env
 
 
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issues, judged on the result rows it ``applies_to``."""
+
+    name: str
+    device_type: str
+    metric: str
+    threshold: float
+    applies_to: Callable[[dict[str, Any]], bool]
+    at_most: bool = False
+    """The metric must stay at or below the threshold (a cost ratio) instead of reaching it."""
+
+    def verdict(self, row: dict[str, Any], context: Sequence[str]) -> dict[str, Any]:
+        value = row[self.metric]
+        return {
+            "target": self.name,
+            "metric": self.metric,
+            "threshold": self.threshold,
+            "value": value,
+            "met": value <= self.threshold if self.at_most else value >= self.threshold,
+            "at": {key: row[key] for key in context},
+        }
+
+
+def evaluate_targets(
+    targets: Sequence[Target],
+    rows: Sequence[dict[str, Any]],
+    device: torch.device,
+    context: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One verdict per (target, measured row it applies to); ``context`` names the row keys
+    that say where it was measured."""
+    return [
+        target.verdict(row, context)
+        for target in targets
+        if target.device_type == device.type
+        for row in rows
+        if target.metric in row and target.applies_to(row)
+    ]
+
+
+def print_verdicts(verdicts: Sequence[dict[str, Any]]) -> None:
+    for verdict in verdicts:
+        status = "met" if verdict["met"] else "MISSED"
+        where = ", ".join(f"{key}={value}" for key, value in verdict["at"].items())
+        print(f"{verdict['target']}: {verdict['value']:.2f} ({status}) at {where}")
+
+
 # --------------------------------------------------------------------------- output
+
+
+def config_as_json(config: Any) -> dict[str, Any]:
+    """A benchmark's dataclass config with paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
 
 Column = tuple[str, str, str]

@@ -53,13 +53,15 @@ from torch import Tensor
 import ops  # noqa: F401  (registers torch.ops.memlayer)
 from benchmarks.common import (
     DTYPES,
+    Target,
+    config_as_json,
     copy_bandwidth_gbps,
     environment,
+    evaluate_targets,
     format_table,
     matplotlib_pyplot,
-    median_time_ms,
-    peak_memory_mb,
-    reset_peak_memory,
+    measure,
+    print_verdicts,
     resolve_device,
     synchronize,
     write_json,
@@ -240,22 +242,6 @@ def _fits_on_device(shape: Shape, device: torch.device) -> bool:
     return needed < 0.9 * torch.cuda.mem_get_info(device)[0]
 
 
-def _measure(
-    prepare: Callable[[], Callable[[], object]], device: torch.device, config: LookupBenchmark
-) -> dict[str, Any]:
-    """time_ms and peak memory, or the error that stopped this variant (the sweep goes on)."""
-    reset_peak_memory(device)
-    try:
-        time_ms = median_time_ms(prepare, device, warmup=config.warmup, repeats=config.repeats)
-    except RuntimeError as error:  # OOM, a missing kernel, a compile failure: record, go on
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-        print(f"  error: {message}", file=sys.stderr)
-        return {"error": message}
-    return {"time_ms": time_ms, "peak_memory_mb": peak_memory_mb(device)}
-
-
 def _add_speedups(rows: list[dict[str, Any]], baseline: str, keys: Sequence[str]) -> None:
     """speedup = baseline time / time, for rows of the same shape and pass."""
     baseline_ms = {
@@ -290,7 +276,7 @@ def benchmark_lookup(
                 lambda: fn(values, indices, weights), (values, weights), grad_output, which
             )
             row = {"op": "lookup", "impl": name, "pass": which, **asdict(shape)}
-            row.update(_measure(prepare, device, config))
+            row.update(measure(prepare, device, warmup=config.warmup, repeats=config.repeats))
             if "time_ms" in row:
                 row["bytes"] = lookup_bytes(shape, which, indices.element_size())
                 row["gbps"] = row["bytes"] / (row["time_ms"] * 1e-3) / 1e9
@@ -330,7 +316,7 @@ def benchmark_product_key(
                 "op": "product_key_topk", "impl": name, "pass": which, **asdict(shape),
                 "subkeys_per_half": n, "heads": config.heads, "k": k, "key_dim": key_dim,
             }
-            row.update(_measure(prepare, device, config))
+            row.update(measure(prepare, device, warmup=config.warmup, repeats=config.repeats))
             rows.append(row)
     return rows
 
@@ -338,59 +324,31 @@ def benchmark_product_key(
 # --------------------------------------------------------------------------- targets
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    device_type: str
-    impl: str
-    which: Pass
-    metric: Literal["speedup", "copy_fraction"]
-    threshold: float
-    shape: Shape | None = None
-    """Only this shape counts (None: every shape of the sweep)."""
-
-    def judges(self, row: dict[str, Any]) -> bool:
-        """Whether this target applies to a measured lookup row."""
-        return (
-            row["op"] == "lookup" and row["impl"] == self.impl and row["pass"] == self.which
-            and self.metric in row
-            and (self.shape is None or all(row[k] == getattr(self.shape, k) for k in SHAPE_KEYS))
-        )
+def _lookup_row(impl: str, which: Pass, shape: Shape | None = None) -> Callable[[dict], bool]:
+    """Selects lookup rows of one impl and pass (and shape: None means any)."""
+    return lambda row: (
+        row["op"] == "lookup" and row["impl"] == impl and row["pass"] == which
+        and (shape is None or all(row[k] == getattr(shape, k) for k in SHAPE_KEYS))
+    )
 
 
 # The issues' CPU targets name one shape; the GPU targets hold for every shape of the sweep.
 _CPU_SHAPE = Shape(num_rows=1 << 20, dim=256, tokens=4096, rows_per_token=128, dtype="fp32")
 TARGETS = (
-    Target("issue 2: CPU fwd+bwd >= 1.5x ATen", "cpu", "ours", "forward+backward", "speedup", 1.5,
-           _CPU_SHAPE),
-    Target("issue 5: CPU fwd+bwd >= 2x ATen", "cpu", "ours", "forward+backward", "speedup", 2.0,
-           _CPU_SHAPE),
-    Target("issues 2, 5: GPU forward >= 80% of copy", "cuda", "ours", "forward", "copy_fraction",
-           0.8),
     *(
-        Target(f"issue {issue}: GPU {impl} backward >= {threshold:g}x ATen", "cuda", impl,
-               "backward", "speedup", threshold)
+        Target(f"issue {issue}: CPU fwd+bwd >= {threshold:g}x ATen", "cpu", "speedup", threshold,
+               _lookup_row("ours", "forward+backward", _CPU_SHAPE))
+        for issue, threshold in ((2, 1.5), (5, 2.0))
+    ),
+    Target("issues 2, 5: GPU forward >= 80% of copy", "cuda", "copy_fraction", 0.8,
+           _lookup_row("ours", "forward")),
+    *(
+        Target(f"issue {issue}: GPU {impl} backward >= {threshold:g}x ATen", "cuda", "speedup",
+               threshold, _lookup_row(impl, "backward"))
         for impl in ("ours", "ours_atomic")
         for issue, threshold in ((2, 3.0), (5, 5.0))
     ),
 )
-
-
-def evaluate_targets(rows: Sequence[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """One verdict per (target, measured shape) that the run covers."""
-    return [
-        {
-            "target": target.name,
-            "threshold": target.threshold,
-            "value": row[target.metric],
-            "met": row[target.metric] >= target.threshold,
-            "shape": {k: row[k] for k in SHAPE_KEYS},
-        }
-        for target in TARGETS
-        if target.device_type == device.type
-        for row in rows
-        if target.judges(row)
-    ]
 
 
 # --------------------------------------------------------------------------- driver
@@ -513,22 +471,19 @@ def run(config: LookupBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     product_key_rows = [row for row in rows if row["op"] == "product_key_topk"]
     _add_speedups(lookup_rows, LOOKUP_BASELINE, shape_keys)
     _add_speedups(product_key_rows, PRODUCT_KEY_BASELINE, shape_keys)
-    targets = evaluate_targets(rows, device)
+    targets = evaluate_targets(TARGETS, rows, device, context=SHAPE_KEYS)
 
     print(format_table(lookup_rows, _LOOKUP_COLUMNS))
     if product_key_rows:
         print()
         print(format_table(product_key_rows, _PRODUCT_KEY_COLUMNS))
     print()
-    for verdict in targets:
-        status = "met" if verdict["met"] else "MISSED"
-        print(f"{verdict['target']}: {verdict['value']:.2f} ({status}) at {verdict['shape']}")
+    print_verdicts(targets)
 
-    config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     payload = {
         "benchmark": "lookup",
         "environment": env,
-        "config": config_json,
+        "config": config_as_json(config),
         "copy_bandwidth_gbps": copy_gbps,
         "baselines": {"lookup": LOOKUP_BASELINE, "product_key_topk": PRODUCT_KEY_BASELINE},
         "results": rows,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import lookup
+from benchmarks.common import evaluate_targets
 
 TINY_LOOKUP = [
     "--device", "cpu", "--num-rows", "100", "--dim", "33", "--tokens", "0", "5",
@@ -93,8 +94,9 @@ def test_cpu_target_verdict_uses_the_issue_shape():
         {"op": "lookup", "impl": "ours", "pass": "forward+backward", "speedup": 9.0,
          **{**shape, "dim": 128}},
     ]
-    verdicts = lookup.evaluate_targets(rows, torch.device("cpu"))
+    verdicts = evaluate_targets(lookup.TARGETS, rows, torch.device("cpu"), lookup.SHAPE_KEYS)
     assert [(v["threshold"], v["met"]) for v in verdicts] == [(1.5, True), (2.0, False)]
+    assert all(v["at"] == shape for v in verdicts)
 
 
 def test_lookup_rejects_tables_too_small_for_the_product_key_search():
