@@ -207,13 +207,13 @@ def reference_lookup(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor
 #   rows but only a slice of the D columns, so the bag of its columns, and the value gradient of
 #   those columns, are local. ``num_rows`` stays the global N. The weight gradient is a dot
 #   product over D, so each rank holds a partial sum over its column slice: Partial().
-# - Token-sharded batch (indices, weights and grad_out Shard(0) on T) with a replicated table:
-#   each rank bags its own tokens; the value gradient sums over all tokens: Partial().
 #
-# A column-sharded table with a token-sharded batch on the same mesh dimension matches neither
-# pair; DTensor's cost model then all-gathers whichever side is cheaper to move: indices and
-# weights for any real table (output Shard(1)), but the table itself when it is under about a
-# megabyte (one collective instead of two). Redistribute explicitly to pin the choice.
+# Token-sharded indices and weights are all-gathered to fit the column rule. There is
+# deliberately no token-sharded rule (replicated table, indices Shard(0)): the value-gradient op
+# would pick it from the token-sharded indices autograd saved, and give every rank a Partial
+# gradient the size of the whole table. The value gradient takes grad_out's layout: Shard(1) when
+# grad_out arrives Shard(1) (as it does through ``out.redistribute(...)``), Replicate when it
+# arrives Replicate (e.g. ``out.sum().backward()``).
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import Partial, Replicate, Shard
@@ -224,8 +224,7 @@ if torch.distributed.is_available():
         # ([out], [values, indices, weights, deterministic])
         return [
             ([Replicate()], [Replicate(), Replicate(), Replicate(), None]),
-            ([Shard(1)], [Shard(1), Replicate(), Replicate(), None]),  # column-sharded table
-            ([Shard(0)], [Replicate(), Shard(0), Shard(0), None]),  # token-sharded batch
+            ([Shard(1)], [Shard(1), Replicate(), Replicate(), None]),
         ]
 
     @register_sharding(torch.ops.memlayer.lookup_values_grad.default)
@@ -233,8 +232,7 @@ if torch.distributed.is_available():
         # ([grad_values], [grad_out, indices, weights, num_rows, deterministic])
         return [
             ([Replicate()], [Replicate(), Replicate(), Replicate(), None, None]),
-            ([Shard(1)], [Shard(1), Replicate(), Replicate(), None, None]),  # column-sharded
-            ([Partial()], [Shard(0), Shard(0), Shard(0), None, None]),  # token-sharded
+            ([Shard(1)], [Shard(1), Replicate(), Replicate(), None, None]),
         ]
 
     @register_sharding(torch.ops.memlayer.lookup_weights_grad.default)
@@ -242,6 +240,5 @@ if torch.distributed.is_available():
         # ([grad_weights], [grad_out, values, indices])
         return [
             ([Replicate()], [Replicate(), Replicate(), Replicate()]),
-            ([Partial()], [Shard(1), Shard(1), Replicate()]),  # column-sharded table
-            ([Shard(0)], [Shard(0), Replicate(), Shard(0)]),  # token-sharded batch
+            ([Partial()], [Shard(1), Shard(1), Replicate()]),
         ]
