@@ -7,12 +7,14 @@ each half scores the n sub-keys of its half and keeps its top k:
 
 and the k x k candidate sums ``s1[i1] + s2[i2]`` are reduced to the best k, giving
 ``scores = s1[i1] + s2[i2]`` and the flat memory row ``indices = i1 * n + i2`` (both [T, H, k]).
-The n * n full keys are never materialised.
+The n * n full keys are never materialised, and of the k x k candidates only the ~k ln k pairs
+that can make the top k are summed (see ``_candidate_ranks``).
 
 Ordering (both stages): scores descending; among equal scores the smaller index first (the
-position for the per-half stage, the flat index ``i1 * n + i2`` for the final one). The result is
-the first k of all n * n sums under that order whenever the sums are exact (e.g. integer-valued
-inputs); otherwise it can differ from that only where two sums tie after rounding.
+sub-key position for the per-half stage, the flat index ``i1 * n + i2`` for the final one). The
+result is the first k of all n * n sums under that order whenever the sums are exact (e.g.
+integer-valued inputs); otherwise it can differ from that only where two sums tie after rounding.
+Resolving ties reads how many rows have one, which is a host sync on CUDA.
 
 Two ops, so that autograd never differentiates through ``expand + add + topk``:
 
@@ -95,24 +97,38 @@ def _check_backward_args(grad_scores: Tensor, query: Tensor, indices: Tensor) ->
 # --------------------------------------------------------------------------- top-k with ties
 
 
-def _top_k_positions(scores: Tensor, k: int) -> Tensor:
-    """Positions of the k best entries along the last dim, in ascending position order.
+def _sort_best_first(scores: Tensor, index: Tensor) -> Tensor:
+    """Positions along the last dim ordered by score descending, then by index ascending."""
+    by_index = index.argsort(dim=-1)
+    by_score = scores.gather(-1, by_index).argsort(dim=-1, descending=True, stable=True)
+    return by_index.gather(-1, by_score)
 
-    Best: the largest scores, the smaller position first among equal ones. ``torch.topk`` does
-    the selection, but which of several entries tied with the k-th score it keeps is unspecified.
-    That only matters when the tie straddles the boundary (the (k+1)-th score equals the k-th);
-    just those rows, rare in real data, are redone with a full stable sort.
+
+def _best_k(scores: Tensor, index: Tensor, k: int) -> Tensor:
+    """Positions (along the last dim) of the k best entries, best first: the larger score, and
+    among equal scores the smaller index.
+
+    ``torch.topk`` does the work, but how it selects and orders entries with equal scores is
+    unspecified. So rows where any two of the k + 1 best scores are equal, rare in real data, are
+    redone with a full stable sort; k + 1 catches a tie across the boundary of the top k.
     """
-    size = scores.shape[-1]
-    if k == size:
-        return torch.arange(size, device=scores.device).expand_as(scores)
-    top_scores, positions = scores.topk(k + 1, dim=-1)
+    top_scores, positions = scores.topk(min(k + 1, scores.shape[-1]), dim=-1)
     positions = positions[..., :k]
-    straddling = (top_scores[..., k] == top_scores[..., k - 1]).nonzero(as_tuple=True)
-    if straddling[0].numel() > 0:
-        full_order = scores[straddling].argsort(dim=-1, descending=True, stable=True)
-        positions[straddling] = full_order[..., :k]
-    return positions.sort(dim=-1).values
+    tied = (top_scores[..., 1:] == top_scores[..., :-1]).any(dim=-1).nonzero(as_tuple=True)
+    if tied[0].numel() > 0:
+        positions[tied] = _sort_best_first(scores[tied], index[tied])[..., :k]
+    return positions
+
+
+def _candidate_ranks(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The rank pairs (a, b) with (a + 1) * (b + 1) <= k, about k * (ln k + 0.6) of the k * k.
+
+    With both halves sorted best first, pair (a, b) is preceded by every other pair (a', b') with
+    a' <= a and b' <= b (a sum at least as large and, if equal, a smaller index), so a pair with
+    (a + 1) * (b + 1) > k always has k pairs before it and never makes the top k.
+    """
+    ranks = torch.arange(1, k + 1, device=device)
+    return ((ranks[:, None] * ranks[None, :]) <= k).nonzero(as_tuple=True)
 
 
 # --------------------------------------------------------------------------- forward
@@ -148,19 +164,18 @@ def _product_key_topk_kernel(query, subkeys, k):
 
     half_queries = query.reshape(num_tokens, num_heads, 2, key_dim // 2).to(score_dtype)
     half_scores = torch.einsum("thcd,hcnd->thcn", half_queries, subkeys.to(score_dtype))
-    best_half = _top_k_positions(half_scores, k)  # [T, H, 2, k], ascending sub-key positions
+    subkey_index = torch.arange(num_subkeys, device=query.device).expand_as(half_scores)
+    best_half = _best_k(half_scores, subkey_index, k)  # [T, H, 2, k]
     s1, s2 = half_scores.gather(-1, best_half).unbind(dim=2)
     i1, i2 = best_half.unbind(dim=2)
 
-    # Candidate a * k + b pairs i1[a] with i2[b]. Both lists ascend, so candidate positions ascend
-    # with the flat index i1 * n + i2 and ties between candidates resolve by position.
-    candidate_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # [T, H, k * k]
-    best = _top_k_positions(candidate_scores, k)
-    scores = candidate_scores.gather(-1, best)
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    scores, best = scores.gather(-1, order), best.gather(-1, order)
-    indices = i1.gather(-1, best // k) * num_subkeys + i2.gather(-1, best % k)
-    return scores, indices
+    rank1, rank2 = (
+        ranks.expand(num_tokens, num_heads, -1) for ranks in _candidate_ranks(k, query.device)
+    )
+    candidate_scores = s1.gather(-1, rank1) + s2.gather(-1, rank2)
+    candidate_indices = i1.gather(-1, rank1) * num_subkeys + i2.gather(-1, rank2)
+    best = _best_k(candidate_scores, candidate_indices, k)
+    return candidate_scores.gather(-1, best), candidate_indices.gather(-1, best)
 
 
 # --------------------------------------------------------------------------- backward
