@@ -14,7 +14,7 @@ reported before any model, data or process group is built.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import socket
 import sys
@@ -92,7 +92,9 @@ class MemoryOptimizers(OptimizersContainer):
 
 
 class ProgressMetrics(MetricsProcessor):
-    """torchtitan's metrics (console, TensorBoard, wandb) plus progress: step k/N and an ETA."""
+    """torchtitan's metrics (console, TensorBoard, wandb) plus progress (step k/N, ETA) and,
+    on rank 0, one exact JSON line per logged step in ``<dump_folder>/metrics.jsonl``
+    (appended across restarts; the reliability tests compare these losses bitwise)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(MetricsProcessor.Config):
@@ -101,9 +103,18 @@ class ProgressMetrics(MetricsProcessor):
     total_steps: int = 0
     _first_log: tuple[int, float] | None = None
 
+    def __init__(self, config: Config, *, dump_folder: str = "./outputs", **kwargs) -> None:
+        super().__init__(config, dump_folder=dump_folder, **kwargs)
+        self.jsonl_path = os.path.join(dump_folder, "metrics.jsonl")
+
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict[str, Any] | None = None) -> None:
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": global_avg_loss, "grad_norm": grad_norm,
+                                    **(extra_metrics or {})}) + "\n")
         now = time.perf_counter()
         if self._first_log is None:  # the first step includes compilation: time from here on
             self._first_log = (step, now)
@@ -245,15 +256,8 @@ def parse_args(argv: list[str]) -> PretrainTrainer.Config:
     if model not in FLAVORS:
         raise SystemExit(f"error: unknown model {model!r}; choose one of: {', '.join(FLAVORS)}")
     ConfigManager.register_tyro_rules(custom_registry)
-    config = tyro.cli(PretrainTrainer.Config, args=argv, default=pretrain_config(model),
-                      registry=custom_registry, description=__doc__)
-    config.model_spec.model.transformer = replace(
-        config.model_spec.model.transformer,
-        memory=(None if config.model_spec.model.transformer.memory is None else
-                replace(config.model_spec.model.transformer.memory,
-                        parallel_degree=config.parallelism.memory_parallel_degree)),
-    )
-    return config
+    return tyro.cli(PretrainTrainer.Config, args=argv, default=pretrain_config(model),
+                    registry=custom_registry, description=__doc__)
 
 
 def _set_single_process_env() -> None:
