@@ -121,7 +121,8 @@ def _best_k(scores: Tensor, index: Tensor, k: int) -> Tensor:
 
 
 def _candidate_ranks(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The rank pairs (a, b) with (a + 1) * (b + 1) <= k, about k * (ln k + 0.6) of the k * k.
+    """The rank pairs (a, b) with (a + 1) * (b + 1) <= k: about k ln k of the k * k (119 of 1024
+    for k = 32).
 
     With both halves sorted best first, pair (a, b) is preceded by every other pair (a', b') with
     a' <= a and b' <= b (a sum at least as large and, if equal, a smaller index), so a pair with

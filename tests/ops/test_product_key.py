@@ -194,6 +194,18 @@ def test_bad_input(device, query, subkeys, k, error, message):
         product_key_topk(query.to(device), subkeys.to(device), k)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_backward_bad_input(device):
+    query, subkeys = torch.zeros(3, 2, 6, device=device), torch.zeros(2, 2, 5, 3, device=device)
+    indices = torch.zeros(3, 2, 4, dtype=torch.int64, device=device)
+    shapes = r"\[T, H\] = \[3, 2\], got \(3, 2, 3\) and \(3, 2, 4\)"
+    with pytest.raises(ValueError, match=shapes):
+        product_key_topk_backward(torch.zeros(3, 2, 3, device=device), query, subkeys, indices)
+    grad_scores = torch.zeros(3, 2, 4, device=device)
+    with pytest.raises(TypeError, match="indices must be int64, got torch.int32"):
+        product_key_topk_backward(grad_scores, query, subkeys, indices.int())
+
+
 def test_mismatched_devices():
     with FakeTensorMode(), pytest.raises(ValueError, match="one device, got cuda:0 and cpu"):
         product_key_topk(torch.empty(3, 2, 6, device="cuda"), torch.empty(2, 2, 5, 3), 2)
