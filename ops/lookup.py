@@ -168,10 +168,16 @@ def _setup_context(ctx, inputs, output):
     ctx.num_rows = values.shape[0]
     ctx.weights_dtype = weights.dtype
     ctx.deterministic = deterministic
+    # DTensor inputs: the backward runs in the forward's layout, whatever layout grad_out comes
+    # in (a Replicate grad_out would pick the Replicate rule: the whole [N, D] value grad on
+    # every rank of a column-sharded table).
+    ctx.out_placements = getattr(output, "placements", None)
 
 
 def _backward(ctx, grad_out):
     indices, weights, values = ctx.saved_tensors
+    if ctx.out_placements is not None:
+        grad_out = grad_out.redistribute(placements=ctx.out_placements)
     grad_values = grad_weights = None
     if ctx.needs_input_grad[0]:
         grad_values = lookup_values_grad(
@@ -211,9 +217,8 @@ def reference_lookup(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor
 # Token-sharded indices and weights are all-gathered to fit the column rule. There is
 # deliberately no token-sharded rule (replicated table, indices Shard(0)): the value-gradient op
 # would pick it from the token-sharded indices autograd saved, and give every rank a Partial
-# gradient the size of the whole table. The value gradient takes grad_out's layout: Shard(1) when
-# grad_out arrives Shard(1) (as it does through ``out.redistribute(...)``), Replicate when it
-# arrives Replicate (e.g. ``out.sum().backward()``).
+# gradient the size of the whole table. For the same reason the autograd backward first moves
+# grad_out to the output's layout: a Replicate grad_out would select the Replicate rule.
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import Partial, Replicate, Shard

@@ -59,6 +59,7 @@ class Case:
     bag: int
     all_indices_equal: bool = False
     deterministic: bool | None = None  # None: left to the op's default
+    grad_out_placement: Placement | None = None  # None: the output's placement
     compiled: bool = False
 
 
@@ -67,7 +68,11 @@ CASES = [
     Case("column_uneven_colliding", COLUMN_SHARDED, 5, 5, 9, 4, all_indices_equal=True),
     Case("column_empty_batch", COLUMN_SHARDED, 13, 6, tokens=0, bag=3),
     Case("column_atomic", COLUMN_SHARDED, 13, 6, 7, 3, deterministic=False),
-    Case("column_compiled", COLUMN_SHARDED, 13, 6, 7, 3, compiled=True),
+    Case("column_grad_out_replicated", COLUMN_SHARDED, 13, 6, 7, 3, grad_out_placement=Replicate()),
+    Case(
+        "column_grad_out_partial_compiled",
+        COLUMN_SHARDED, 13, 6, 7, 3, grad_out_placement=Partial(), compiled=True,
+    ),
     Case("replicated", REPLICATED, 13, 6, 7, 3, deterministic=True),
     Case("token_sharded_batch_uneven", TOKEN_SHARDED_BATCH, 13, 6, 7, 3),
 ]
@@ -104,8 +109,8 @@ def _run_case(case: Case, mesh: DeviceMesh) -> dict:
     if case.compiled:
         lookup = torch.compile(lookup, fullgraph=True, backend=compile_counter)
     out = lookup(*_lookup_args(case, values, indices, weights))
-    # The incoming gradient arrives in the output's layout, as it would from the next layer.
-    out.backward(distribute_tensor(grad_out, mesh, out.placements))
+    grad_out_placement = case.grad_out_placement or out.placements[0]
+    out.backward(distribute_tensor(grad_out, mesh, [grad_out_placement]))
 
     return {
         "out_placements": out.placements,
@@ -198,4 +203,4 @@ def test_matches_single_process(case: Case, rank_results: list[dict], name: str)
 
 def test_compiles_to_one_graph_on_dtensors(rank_results: list[dict]):
     for results in rank_results:
-        assert results["column_compiled"]["compiled_graphs"] == 1
+        assert results["column_grad_out_partial_compiled"]["compiled_graphs"] == 1
