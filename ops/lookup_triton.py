@@ -4,11 +4,11 @@
     value grad     grad_values[n] = sum_{(t, b): idx[t, b] == n} w[t, b] * grad_out[t]
     weight grad    grad_w[t, b]   = <grad_out[t], values[idx[t, b]]>
 
-Every kernel accumulates in fp32 (fp64 when the values are fp64, so ``gradcheck`` works: the
-accumulator dtype is a constexpr), walks D in masked ``BLOCK_D`` tiles so any D works, computes
-row offsets in int64 (N * D can exceed 2**31) and masks every index outside ``[0, N)``: such an
-index is never read and contributes nothing (a zero to the forward and the value gradient, a zero
-weight gradient).
+Every kernel accumulates in fp32 (fp64 when the values are fp64, so ``gradcheck`` works),
+gathers a [rows, BLOCK_D] tile per step (many independent row loads in flight), walks D in
+masked ``BLOCK_D`` tiles so any D works, computes row offsets in int64 (N * D can exceed 2**31)
+and masks every index outside ``[0, N)``: such an index is never read and contributes nothing
+(a zero to the forward and the value gradient, a zero weight gradient).
 
 The value gradient has two modes:
 
@@ -17,6 +17,8 @@ The value gradient has two modes:
   form. One program per (row, D-block) sums its run in that fixed order and stores the row once:
   bitwise identical run to run, no atomics, no host sync, and no separate zero fill (rows without
   hits store their zeros in the same pass, so the dense [N, D] gradient is written exactly once).
+  A hot row would serialize its program, so runs longer than ``hits_per_piece`` are first summed
+  in pieces by parallel programs (an upper-bound grid, again no sync), then in piece order.
 - atomic (``deterministic=False``): one program per (token, D-block) atomically adds
   ``w * grad_out[t]`` into a zeroed buffer (fp32 for bf16/fp16 values, as low-precision atomics
   would lose the sum). Not bitwise stable; useful as a cross-check and where sorting dominates.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -84,23 +87,12 @@ def _lookup_forward_kernel(
 
 
 @_jit
-def _values_grad_sorted_kernel(
-    grad_out_ptr, weights_ptr, hit_order_ptr, row_starts_ptr, grad_values_ptr,
-    bag_size, dim,
-    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr, BLOCK_D: tl.constexpr,
+def _sum_hits(
+    grad_out_ptr, weights_ptr, hit_order_ptr, first_hit, end_hit, bag_size, dim, cols, col_mask,
+    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr,
 ):  # fmt: skip
-    """One program per (row, D-block): sums the row's hits in sorted order, stores the row once.
-
-    ``hit_order`` lists the flat positions ``t * bag_size + b`` sorted (stably) by index, and
-    the hits of row n are ``hit_order[row_starts[n]:row_starts[n + 1]]``. Rows without hits
-    store zeros, which is the gradient's zero fill.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_mask = cols < dim
-    first_hit = tl.load(row_starts_ptr + row)
-    end_hit = tl.load(row_starts_ptr + row + 1)
-    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    """The sum of w * grad_out[token] over the hits hit_order[first_hit:end_hit], in order."""
+    acc = tl.zeros(cols.shape, dtype=ACC_DTYPE)
     for h0 in range(first_hit, end_hit, BLOCK_HITS):
         hits = h0 + tl.arange(0, BLOCK_HITS)
         hit_mask = hits < end_hit
@@ -113,6 +105,64 @@ def _values_grad_sorted_kernel(
             other=0,
         )
         acc += tl.sum(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], axis=0)
+    return acc
+
+
+@_jit
+def _hot_row_pieces_kernel(
+    grad_out_ptr, weights_ptr, hit_order_ptr, row_starts_ptr, piece_starts_ptr, piece_rows_ptr,
+    partials_ptr, num_rows, bag_size, dim, hits_per_piece,
+    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (piece, D-block): the partial sum of one piece of a hot row's run.
+
+    Row n owns the pieces ``piece_starts[n]:piece_starts[n + 1]``, each of ``hits_per_piece``
+    consecutive hits of its run (the last one shorter). The grid is an upper bound on the
+    number of pieces (no host sync): spare programs, whose row is ``num_rows``, exit.
+    """
+    piece = tl.program_id(0).to(tl.int64)
+    row = tl.load(piece_rows_ptr + piece)
+    if row < num_rows:
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        piece_in_row = piece - tl.load(piece_starts_ptr + row)
+        first_hit = tl.load(row_starts_ptr + row) + piece_in_row * hits_per_piece
+        end_hit = tl.minimum(first_hit + hits_per_piece, tl.load(row_starts_ptr + row + 1))
+        acc = _sum_hits(
+            grad_out_ptr, weights_ptr, hit_order_ptr, first_hit, end_hit,
+            bag_size, dim, cols, col_mask, ACC_DTYPE, BLOCK_HITS,
+        )  # fmt: skip
+        tl.store(partials_ptr + piece * dim + cols, acc, mask=col_mask)
+
+
+@_jit
+def _values_grad_sorted_kernel(
+    grad_out_ptr, weights_ptr, hit_order_ptr, row_starts_ptr, piece_starts_ptr, partials_ptr,
+    grad_values_ptr, bag_size, dim,
+    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (row, D-block): sums the row's hits in sorted order, stores the row once.
+
+    ``hit_order`` lists the flat positions ``t * bag_size + b`` sorted (stably) by index, and
+    the hits of row n are ``hit_order[row_starts[n]:row_starts[n + 1]]``. A hot row, one with
+    pieces, adds up its pieces' partial sums instead, in piece order. Rows without hits store
+    zeros, which is the gradient's zero fill.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    first_piece = tl.load(piece_starts_ptr + row)
+    end_piece = tl.load(piece_starts_ptr + row + 1)
+    if first_piece == end_piece:
+        acc = _sum_hits(
+            grad_out_ptr, weights_ptr, hit_order_ptr,
+            tl.load(row_starts_ptr + row), tl.load(row_starts_ptr + row + 1),
+            bag_size, dim, cols, col_mask, ACC_DTYPE, BLOCK_HITS,
+        )  # fmt: skip
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+        for piece in range(first_piece, end_piece):
+            acc += tl.load(partials_ptr + piece * dim + cols, mask=col_mask, other=0)
     out = acc.to(grad_values_ptr.dtype.element_ty)
     tl.store(grad_values_ptr + row * dim + cols, out, mask=col_mask)
 
@@ -176,6 +226,8 @@ def _weights_grad_kernel(
 # hide gather latency, few enough registers (32 fp32 per thread at 4 warps).
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_D = 512
+# Deterministic value gradient: hits one program sums serially before a hot row is split.
+_HITS_PER_PIECE = 1024
 
 
 def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
@@ -218,38 +270,66 @@ def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
 
 
 def lookup_values_grad(
-    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int, deterministic: bool
+    grad_out: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    num_rows: int,
+    deterministic: bool,
+    *,
+    hits_per_piece: int = _HITS_PER_PIECE,
 ) -> Tensor:
     """``grad_values[n] = sum_{(t, b): indices[t, b] == n} weights[t, b] * grad_out[t]``, [N, D].
 
-    Deterministic mode is bitwise reproducible; ``deterministic=False`` uses atomics.
+    Deterministic mode is bitwise reproducible; ``deterministic=False`` uses atomics. In
+    deterministic mode a row with more than ``hits_per_piece`` hits is summed in pieces of that
+    many hits in parallel (then in piece order), so one hot row does not serialize the kernel.
     """
     dim = grad_out.shape[1]
     if num_rows == 0 or dim == 0:
         return grad_out.new_empty((num_rows, dim))
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     if deterministic:
-        return _values_grad_sorted(grad_out, indices, weights, num_rows)
+        return _values_grad_sorted(grad_out, indices, weights, num_rows, hits_per_piece)
     return _values_grad_atomic(grad_out, indices, weights, num_rows)
 
 
 def _values_grad_sorted(
-    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int
+    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int, hits_per_piece: int
 ) -> Tensor:
-    bag_size, dim = indices.shape[1], grad_out.shape[1]
+    bag_size, dim, device = indices.shape[1], grad_out.shape[1], grad_out.device
     # A stable sort orders the hits of a row by flat position: the summation order depends
     # only on the indices. Out-of-range indices sort outside every row's [start, end).
     sorted_rows, hit_order = torch.sort(indices.reshape(-1), stable=True)
-    row_bounds = torch.arange(num_rows + 1, device=indices.device)
-    row_starts = torch.searchsorted(sorted_rows, row_bounds)
-    grad_values = grad_out.new_empty((num_rows, dim))
+    row_starts = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=device))
+
+    # Hot rows: their runs are cut into pieces of hits_per_piece hits, summed in parallel, then
+    # added up in piece order by the row's program. Each hot row has more than hits_per_piece
+    # hits, so there are fewer than 2 * num_hits / hits_per_piece pieces: an upper-bound grid.
+    run_lengths = row_starts.diff()
+    pieces_per_row = torch.where(
+        run_lengths > hits_per_piece, (run_lengths + hits_per_piece - 1) // hits_per_piece, 0
+    )
+    piece_starts = F.pad(pieces_per_row.cumsum(0), (1, 0))  # CSR over pieces, like row_starts
+    max_pieces = 2 * indices.numel() // hits_per_piece
+    piece_rows = torch.searchsorted(
+        piece_starts[1:], torch.arange(max_pieces, device=device), right=True
+    )
+    partials = grad_out.new_empty((max_pieces, dim), dtype=_accumulator_dtype(grad_out.dtype))
+
     block_hits, block_d = _tile_shape(dim, bag_size)
-    grid = (num_rows, triton.cdiv(dim, block_d))
-    _values_grad_sorted_kernel[grid](
-        grad_out, weights, hit_order, row_starts, grad_values,
+    d_blocks = triton.cdiv(dim, block_d)
+    acc_dtype = _triton_dtype(_accumulator_dtype(grad_out.dtype))
+    if max_pieces > 0:
+        _hot_row_pieces_kernel[(max_pieces, d_blocks)](
+            grad_out, weights, hit_order, row_starts, piece_starts, piece_rows, partials,
+            num_rows, bag_size, dim, hits_per_piece,
+            ACC_DTYPE=acc_dtype, BLOCK_HITS=block_hits, BLOCK_D=block_d,
+        )  # fmt: skip
+    grad_values = grad_out.new_empty((num_rows, dim))
+    _values_grad_sorted_kernel[(num_rows, d_blocks)](
+        grad_out, weights, hit_order, row_starts, piece_starts, partials, grad_values,
         bag_size, dim,
-        ACC_DTYPE=_triton_dtype(_accumulator_dtype(grad_out.dtype)),
-        BLOCK_HITS=block_hits, BLOCK_D=block_d,
+        ACC_DTYPE=acc_dtype, BLOCK_HITS=block_hits, BLOCK_D=block_d,
     )  # fmt: skip
     return grad_values
 

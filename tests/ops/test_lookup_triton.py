@@ -97,6 +97,13 @@ def to_device(*tensors):
     return [t.to(DEVICE) for t in tensors]
 
 
+VALUES_GRAD_MODES = {
+    "sorted": dict(deterministic=True),
+    "sorted-hot-rows": dict(deterministic=True, hits_per_piece=4),  # splits runs over 4 hits
+    "atomic": dict(deterministic=False),
+}
+
+
 @given(lookup_cases())
 def test_forward_matches_reference(case):
     values, indices, weights, grad_out = case
@@ -106,13 +113,13 @@ def test_forward_matches_reference(case):
     assert_within_bound(out.cpu(), expected, magnitude, values.dtype)
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+@pytest.mark.parametrize("mode", VALUES_GRAD_MODES)
 @given(case=lookup_cases())
-def test_values_grad_matches_reference(case, deterministic):
+def test_values_grad_matches_reference(case, mode):
     values, indices, weights, grad_out = case
     (_, expected, _), (_, magnitude, _) = reference_and_bound(*case)
     grad = lookup_triton.lookup_values_grad(
-        *to_device(grad_out, indices, weights), values.shape[0], deterministic
+        *to_device(grad_out, indices, weights), values.shape[0], **VALUES_GRAD_MODES[mode]
     )
     assert grad.dtype == values.dtype and grad.shape == values.shape
     assert_within_bound(grad.cpu(), expected, magnitude, values.dtype)
@@ -143,9 +150,9 @@ def test_out_of_range_indices_contribute_nothing_and_are_never_read(case):
     )
 
     out = lookup_triton.lookup_forward(values_in_nan, indices, weights)
-    grads_values = [
-        lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, deterministic)
-        for deterministic in (True, False)
+    grads_values = [  # sorted-hot-rows runs both the plain and the hot-row sorted path
+        lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, **mode)
+        for mode in (VALUES_GRAD_MODES["sorted-hot-rows"], VALUES_GRAD_MODES["atomic"])
     ]
     grad_weights = lookup_triton.lookup_weights_grad(grad_out, values_in_nan, indices)
 
@@ -160,10 +167,10 @@ def test_out_of_range_indices_contribute_nothing_and_are_never_read(case):
 @given(lookup_cases())
 def test_sorted_values_grad_is_bitwise_reproducible(case):
     values, indices, weights, grad_out = case
-    args = (*to_device(grad_out, indices, weights), values.shape[0], True)
-    assert torch.equal(
-        lookup_triton.lookup_values_grad(*args), lookup_triton.lookup_values_grad(*args)
-    )
+    args = (*to_device(grad_out, indices, weights), values.shape[0])
+    mode = VALUES_GRAD_MODES["sorted-hot-rows"]  # both the plain and the hot-row path
+    first, second = (lookup_triton.lookup_values_grad(*args, **mode) for _ in range(2))
+    assert torch.equal(first, second)
 
 
 def test_empty_batch_gives_empty_output_and_zero_gradient():
@@ -197,6 +204,7 @@ def realistic_problem(dim: int, dtype: torch.dtype, seed: int = 0):
     values = torch.randn(num_rows, dim, device="cuda", generator=gen).to(dtype)
     indices = torch.randint(0, num_rows, (num_tokens, bag_size), device="cuda", generator=gen)
     indices[:8] = 7  # a hot row: 1024 hits
+    indices[:, 0] = 3  # a hotter one, 4096 hits: summed in pieces by the deterministic kernel
     weights = torch.rand(num_tokens, bag_size, device="cuda", generator=gen).softmax(-1)
     grad_out = torch.randn(num_tokens, dim, device="cuda", generator=gen).to(dtype)
     return values, indices, weights, grad_out
