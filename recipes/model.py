@@ -22,12 +22,14 @@ from memcompile.flavors import FLAVORS
 from memcompile.model import Transformer
 from memcompile.stats import model_stats
 from recipes import shims
+from recipes.memory_parallel import build_memory_mesh, shard_memory_values
 from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
 from torchtitan.distributed.fsdp import disable_fsdp_gradient_division, get_fsdp_reshard_after_forward_policy
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import logger
 
 
@@ -82,7 +84,15 @@ def parallelize_memory_transformer(
     ac_config: ActivationCheckpointingConfig,
     dump_folder: str,
 ) -> TitanTransformer:
-    """Activation checkpointing, per-block compile and FSDP2, in that order (torchtitan's)."""
+    """Memory parallelism, activation checkpointing, per-block compile and FSDP2, in that order."""
+    param_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
+    memory_degree = getattr(parallelism, "memory_parallel_degree", 1)
+    if memory_degree > 1:
+        # First, so that checkpoint wrappers and compiled blocks see the routed lookups.
+        mesh = build_memory_mesh(titan_utils.device_type, memory_degree)
+        shard_memory_values(model, mesh, compute_dtype=param_dtype)
+        logger.info(f"Column-sharded the memory values over {memory_degree} ranks (mesh {mesh})")
+
     if ac_config is not None:
         policy = ac_config.build(dump_folder=dump_folder)
         for layer_id, block in model.layers.named_children():
@@ -105,7 +115,7 @@ def parallelize_memory_transformer(
     fsdp_config: dict[str, Any] = {
         "mesh": parallel_dims.get_mesh(names),
         "mp_policy": MixedPrecisionPolicy(
-            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            param_dtype=param_dtype,
             reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
             cast_forward_inputs=False,
         ),
@@ -115,10 +125,18 @@ def parallelize_memory_transformer(
     )
     fully_shard(model.tok_embeddings, **fsdp_config, reshard_after_forward=reshard_after_forward)
     for block in model.layers.values():
-        fully_shard(block, **fsdp_config, reshard_after_forward=reshard_after_forward)
+        # Every block is called with the table, and FSDP hooks a unit's tensor inputs with an
+        # autograd function; a block that does not read the table then gets a materialised
+        # plain zero gradient for the DTensor table, which cannot be added to the DTensor
+        # gradients. So with a sharded table the FSDP unit is the block's children (one
+        # all-gather, same as the block), whose inputs only include the table where it is read.
+        unit = list(block.children()) if memory_degree > 1 else block
+        fully_shard(unit, **fsdp_config, reshard_after_forward=reshard_after_forward)
     # The last layers are not resharded after forward: backward needs them first.
     fully_shard([model.norm, model.output], **fsdp_config, reshard_after_forward=False)
-    fully_shard(model, **fsdp_config)
+    # A column-sharded table stays out of FSDP: all-gathering it would defeat the sharding.
+    ignored = {model.memory_values} if memory_degree > 1 else None
+    fully_shard(model, **fsdp_config, ignored_params=ignored)
     disable_fsdp_gradient_division(model)
     shims.allow_fsdp_on_gloo(model)
     return model

@@ -37,12 +37,14 @@ from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersCon
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.config.manager import ConfigManager, custom_registry
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.trainer import Trainer
 
 DEFAULT_MODEL = "mem_debug"
 ModelName = Literal[tuple(FLAVORS)]  # type: ignore[valid-type]
 MEMORY_VALUES = "memory_values"
+_CLIP_GRAD_NORM = dist_utils.clip_grad_norm_
 
 
 class MemoryOptimizers(OptimizersContainer):
@@ -69,6 +71,10 @@ class MemoryOptimizers(OptimizersContainer):
 
         memory_weight_decay: float = 0.0
         """AdamW weight decay of the memory value table"""
+
+        memory_max_norm: float = 1.0
+        """Gradient-norm clipping of the memory value table, applied separately from the
+        other parameters (clipped to training.max_norm)"""
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
         if not config.param_groups:
@@ -154,6 +160,27 @@ class PretrainTrainer(Trainer):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.metrics_processor.total_steps = config.training.steps
+
+    def train_step(self, data_iterator) -> None:
+        # torchtitan clips all gradients as one vector, which fails across meshes (the
+        # column-sharded table is not on FSDP's mesh) and would let the sparse, large-LR table
+        # gradients steal the dense budget. Within this step, clipping is per group.
+        dist_utils.clip_grad_norm_ = self._clip_grad_norm_per_group
+        try:
+            super().train_step(data_iterator)
+        finally:
+            dist_utils.clip_grad_norm_ = _CLIP_GRAD_NORM
+
+    def _clip_grad_norm_per_group(self, parameters, max_norm: float, **kwargs) -> torch.Tensor:
+        """Clip the memory table to ``optimizer.memory_max_norm`` and everything else to
+        ``max_norm``; return the norm of all gradients together (for logging)."""
+        parameters = list(parameters)
+        memory = [p for p in parameters if p is getattr(self.model_parts[0], MEMORY_VALUES, None)]
+        dense = [p for p in parameters if not any(p is m for m in memory)]
+        norms = [_CLIP_GRAD_NORM(dense, max_norm, **kwargs)]
+        if memory:
+            norms.append(_CLIP_GRAD_NORM(memory, self.config.optimizer.memory_max_norm, **kwargs))
+        return torch.stack([n.to(norms[0].device) for n in norms]).norm()
 
     def close(self) -> None:
         super().close()
