@@ -132,7 +132,8 @@ def test_weights_grad_matches_reference(case):
     grad = lookup_triton.lookup_weights_grad(*to_device(grad_out, values, indices))
     expected_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     assert grad.dtype == expected_dtype and grad.shape == indices.shape
-    assert_within_bound(grad.cpu(), expected, magnitude, values.dtype)
+    # Exact products of exactly represented inputs, summed in fp32: fp32 accuracy for any dtype.
+    assert_within_bound(grad.cpu(), expected, magnitude, expected_dtype)
 
 
 @given(lookup_cases(out_of_range=True))
@@ -160,7 +161,8 @@ def test_out_of_range_indices_contribute_nothing_and_are_never_read(case):
     assert_within_bound(out.cpu(), expected_out, magnitudes[0], dtype)
     for grad in grads_values:
         assert_within_bound(grad.cpu(), expected_grad_values, magnitudes[1], dtype)
-    assert_within_bound(grad_weights.cpu(), expected_grad_weights, magnitudes[2], dtype)
+    grad_weights = grad_weights.cpu()
+    assert_within_bound(grad_weights, expected_grad_weights, magnitudes[2], grad_weights.dtype)
 
 
 @settings(max_examples=10)  # cheap on a GPU, where it matters; slow in the interpreter
@@ -234,7 +236,7 @@ def test_cuda_lookup_realistic_sizes(dim, dtype):
     assert_within_bound(out[tokens], expected_out, magnitude_out, dtype)
     expected_gw = torch.einsum("tbd,td->tb", rows, grad_out[tokens].double())
     magnitude_gw = torch.einsum("tbd,td->tb", rows.abs(), grad_out[tokens].double().abs())
-    assert_within_bound(grad_weights[tokens], expected_gw, magnitude_gw, dtype)
+    assert_within_bound(grad_weights[tokens], expected_gw, magnitude_gw, torch.float32)
 
     # Value gradient: a float32 index_add over all rows (its own error is far below the bound).
     flat_rows = indices.reshape(-1)
