@@ -73,11 +73,11 @@ LookupImpl = Literal[
     "ours", "ours_atomic", "aten", "naive", "ours_compiled", "ours_atomic_compiled",
     "aten_compiled", "naive_compiled",
 ]
-ProductKeyImpl = Literal["ours", "reference", "ours_compiled", "reference_compiled"]
+ProductKeyImpl = Literal["ours", "plain", "ours_compiled", "plain_compiled"]
 
 PASSES: tuple[Pass, ...] = ("forward", "backward", "forward+backward")
 LOOKUP_BASELINE = "aten"
-PRODUCT_KEY_BASELINE = "reference"
+PRODUCT_KEY_BASELINE = "plain"
 
 
 @dataclass
@@ -102,7 +102,7 @@ class LookupBenchmark:
     product_key: bool = True
     """Also benchmark product_key_topk against the plain PyTorch search."""
     product_key_impls: tuple[ProductKeyImpl, ...] = (
-        "ours", "reference", "ours_compiled", "reference_compiled",
+        "ours", "plain", "ours_compiled", "plain_compiled",
     )
     heads: int = 4
     """Product-key heads (k = rows_per_token / heads)."""
@@ -110,6 +110,8 @@ class LookupBenchmark:
     """Product-key query dim per head (default: D / 2)."""
     dynamic: bool = True
     """Compile with dynamic shapes: each graph compiles once for the whole sweep."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of the *_compiled impls."""
     warmup: int = 2
     repeats: int = 7
     copy_megabytes: int | None = None
@@ -159,7 +161,7 @@ _EAGER_LOOKUPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 
 
-def reference_product_key_topk(query: Tensor, subkeys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def plain_product_key_topk(query: Tensor, subkeys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The plain product-key search: autograd back-propagates through a dense k x k per token."""
     tokens, heads, key_dim = query.shape
     n = subkeys.shape[2]
@@ -176,16 +178,18 @@ def _ours_product_key_topk(query: Tensor, subkeys: Tensor, k: int) -> tuple[Tens
     return torch.ops.memlayer.product_key_topk(query, subkeys, k)
 
 
-_EAGER_PRODUCT_KEYS = {"ours": _ours_product_key_topk, "reference": reference_product_key_topk}
+_EAGER_PRODUCT_KEYS = {"ours": _ours_product_key_topk, "plain": plain_product_key_topk}
 
 
-def _resolve_impls(names: Sequence[str], eager: dict[str, Callable], dynamic: bool) -> dict:
+def _resolve_impls(
+    names: Sequence[str], eager: dict[str, Callable], config: LookupBenchmark
+) -> dict[str, Callable]:
     """Name -> callable; ``<name>_compiled`` wraps the eager ``<name>`` in ``torch.compile``."""
     resolved = {}
     for name in names:
         base = name.removesuffix("_compiled")
-        resolved[name] = (
-            torch.compile(eager[base], dynamic=dynamic) if name != base else eager[base]
+        resolved[name] = eager[base] if name == base else torch.compile(
+            eager[base], dynamic=config.dynamic, backend=config.compile_backend
         )
     return resolved
 
@@ -438,13 +442,10 @@ def run(config: LookupBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     )
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
 
-    lookup_impls = _resolve_impls(config.impls, _EAGER_LOOKUPS, config.dynamic)
-    has_product_key = hasattr(torch.ops.memlayer, "product_key_topk")
-    if config.product_key and not has_product_key:
-        print("torch.ops.memlayer.product_key_topk is not registered: skipping it", file=sys.stderr)
+    lookup_impls = _resolve_impls(config.impls, _EAGER_LOOKUPS, config)
     product_key_impls = (
-        _resolve_impls(config.product_key_impls, _EAGER_PRODUCT_KEYS, config.dynamic)
-        if config.product_key and has_product_key else {}
+        _resolve_impls(config.product_key_impls, _EAGER_PRODUCT_KEYS, config)
+        if config.product_key else {}
     )
 
     rows: list[dict[str, Any]] = []
