@@ -9,6 +9,7 @@ CUDA events after a ``torch.cuda.synchronize()``, on CPU by ``time.perf_counter`
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -92,12 +93,17 @@ def measure(
     try:
         time_ms = median_time_ms(prepare, device, warmup=warmup, repeats=repeats)
     except RuntimeError as error:  # torch.OutOfMemoryError, NotImplementedError, Dynamo errors
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-        print(f"  error: {message}", file=sys.stderr)
-        return {"error": message}
+        release_memory(device)
+        return {"error": report_error(error)}
     return {"time_ms": time_ms, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def report_error(error: Exception) -> str:
+    """The error's type and first line, printed and returned for the results."""
+    lines = str(error).strip().splitlines() or [""]
+    message = f"{type(error).__name__}: {lines[0][:200]}"
+    print(f"  error: {message}", file=sys.stderr)
+    return message
 
 
 def copy_bandwidth_gbps(
@@ -116,6 +122,13 @@ def copy_bandwidth_gbps(
 
 
 # --------------------------------------------------------------------------- memory
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last variant left (cycles, cached CUDA blocks) before the next one starts."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def reset_peak_memory(device: torch.device) -> None:

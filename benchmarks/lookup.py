@@ -62,8 +62,8 @@ from benchmarks.common import (
     matplotlib_pyplot,
     measure,
     print_verdicts,
+    release_memory,
     resolve_device,
-    synchronize,
     write_json,
 )
 
@@ -465,7 +465,7 @@ def run(config: LookupBenchmark, argv: Sequence[str]) -> dict[str, Any]:
                     rows += benchmark_lookup(shape, lookup_impls, config, device, copy_gbps)
                     if product_key_impls:
                         rows += benchmark_product_key(shape, product_key_impls, config, device)
-                    synchronize(device)
+                    release_memory(device)
 
     shape_keys = ["op", "pass", *SHAPE_KEYS]
     lookup_rows = [row for row in rows if row["op"] == "lookup"]
