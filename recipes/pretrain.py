@@ -311,7 +311,15 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = config.build()
     try:
-        trainer.train()
+        if config.checkpoint.create_seed_checkpoint:
+            # As torchtitan's train.py: step-0 weights, for identical starts at any parallelism.
+            if int(os.environ["WORLD_SIZE"]) != 1 or not config.checkpoint.enable:
+                raise SystemExit("error: --checkpoint.create_seed_checkpoint needs a single process "
+                                 "and checkpointing enabled")
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info(f"Created a seed checkpoint in {config.dump_folder}")
+        else:
+            trainer.train()
     finally:
         trainer.close()
         if torch.distributed.is_initialized():

@@ -121,3 +121,74 @@ def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"Loading the checkpoint from {crashed / 'checkpoint' / f'step-{completed[-1]}'}" in result.stdout
     assert losses(crashed) == expected
+
+
+def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", "-m", "recipes.pretrain", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: Path):
+    """From the same seed checkpoint, 2 ranks with the table column-sharded over both (each
+    rank half of the global batch) log the 1-rank losses; the 2-rank checkpoint then loads
+    into a 1-rank model whose first loss is what the checkpointed weights give in float64."""
+    steps = 3
+    seed = tmp_path / "seed"
+    _checked(run_pretrain([*tiny_run_args(seed, steps), "--checkpoint.create_seed_checkpoint"]))
+    from_seed = ["--checkpoint.initial_load_path", str(seed / "checkpoint" / "step-0")]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _checked(run_pretrain([*tiny_run_args(one, steps), *from_seed, "--training.local_batch_size", "4"]))
+    result = _checked(_torchrun(2, [*tiny_run_args(two, steps), *from_seed,
+                                    "--parallelism.memory_parallel_degree", "2"]))
+    assert "Column-sharded the memory values over 2 ranks" in result.stdout
+    expected, actual = losses(one), losses(two)
+    assert sorted(actual) == list(range(1, steps + 1))
+    for step in expected:
+        assert actual[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+    resharded = tmp_path / "resharded"
+    checkpoint = two / "checkpoint" / f"step-{steps}"
+    result = _checked(run_pretrain([*tiny_run_args(resharded, 1), "--training.local_batch_size", "4",
+                                    "--checkpoint.initial_load_path", str(checkpoint)]))
+    assert f"Loading the checkpoint from {checkpoint}" in result.stdout
+    assert losses(resharded)[1] == pytest.approx(_first_batch_loss(checkpoint, tmp_path, 4), rel=1e-5)
+
+
+def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> float:
+    """The loss of a DCP checkpoint's weights on the first batch of a fresh 1-rank run."""
+    from dataclasses import replace
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import ops  # noqa: F401
+    from memcompile.flavors import FLAVORS
+    from memcompile.model import Transformer
+    from recipes.data.knowledge import KnowledgeCorpus
+    from recipes.data.loader import PackedWindows, load_token_stream
+    from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(BUILTIN_TOKENIZER_DIR))
+    model = Transformer(replace(FLAVORS["mem_debug"], vocab_size=tokenizer.get_vocab_size()))
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    model.load_state_dict(state)
+    model.double()
+
+    corpus = KnowledgeCorpus(num_people=40)
+    source = {"dataset": "knowledge", "num_people": 40, "seed": 0, "biographies_per_person": 4,
+              "qa_train_fraction": 0.5}
+    tokens = load_token_stream(source, corpus.train_documents, tokenizer, str(tmp_path / "token-cache"))
+    windows = iter(PackedWindows(tokens, seq_len=32, seed=0, dp_rank=0, dp_world_size=1))
+    inputs, labels = zip(*(next(windows) for _ in range(batch_size)))
+    logits = model(torch.stack([x["input"] for x in inputs]))
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.stack(labels).flatten()).item()
