@@ -1,0 +1,165 @@
+"""Named configurations: the paper's dense bases and their memory twins, plus small CPU models.
+
+Names read ``<architecture>_<base>[_<memory size>]``:
+
+- ``dense_<base>``: the Llama-style base model.
+- ``mem_<base>``: Memory+ (3 memory layers sharing 1M = 1024² values), the paper's default.
+- ``mem_<base>_<4m|16m|64m>``: Memory+ with a larger table (memory scaling study).
+- ``memplain_<base>``: one plain memory layer (no W1/W2) in the middle block, 1M values.
+
+Bases: ``134m``, ``373m``, ``720m``, ``1b`` (the paper's 1.3B) with the Llama2 tokenizer
+(32000) and ``8b`` (Llama3 8B, 128256). ``tiny`` (Llama2 vocabulary, trains on a CPU in
+minutes) and ``debug`` (byte vocabulary, a few seconds; for tests and smoke runs) are ours.
+
+The paper gives the sizes, not the shapes; these are inferred (see ``FLAVORS.md``): the 1.3B
+shape reproduces the paper's 4M/16M/64M totals to the last reported digit. Attention head
+counts are not reported (head_dim 64 up to dim 1024, 128 above; they change no counts).
+
+``python -m memcompile`` prints every flavor's parameters and FLOPs per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memcompile.config import (
+    MemoryConfig,
+    MemoryKind,
+    TransformerConfig,
+    centred_layers,
+    llama_ffn_hidden_dim,
+)
+from memcompile.stats import model_stats
+
+LLAMA2_VOCAB = 32_000
+LLAMA3_VOCAB = 128_256
+BYTE_VOCAB = 256
+
+
+def _llama(dim: int, n_layers: int, n_heads: int, **overrides) -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=overrides.pop("vocab_size", LLAMA2_VOCAB),
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        ffn_hidden_dim=overrides.pop("ffn_hidden_dim", llama_ffn_hidden_dim(dim)),
+        **overrides,
+    )
+
+
+def _base(config: TransformerConfig, stride: int, count: int = 3):
+    """A dense base and the blocks of its Memory+ layers: ``count`` centred, ``stride`` apart."""
+    return config, centred_layers(config.n_layers, count, stride)
+
+
+#: The dense bases and their Memory+ blocks (paper: 3 layers, stride 4 for 134M, 8 above).
+_BASES: dict[str, tuple[TransformerConfig, tuple[int, ...]]] = {
+    "134m": _base(_llama(768, 12, 12), stride=4),
+    "373m": _base(_llama(1024, 24, 16), stride=8),
+    "720m": _base(_llama(1536, 22, 12), stride=8),
+    "1b": _base(_llama(2048, 22, 16), stride=8),
+    "8b": _base(
+        _llama(
+            4096,
+            32,
+            32,
+            n_kv_heads=8,
+            vocab_size=LLAMA3_VOCAB,
+            ffn_hidden_dim=llama_ffn_hidden_dim(4096, multiple_of=1024, multiplier=1.3),
+            rope_theta=500_000.0,
+            max_seq_len=8192,
+        ),
+        stride=8,
+    ),
+    "tiny": _base(_llama(256, 6, 4, max_seq_len=1024), stride=2),
+    "debug": _base(
+        _llama(
+            64,
+            4,
+            4,
+            n_kv_heads=2,
+            vocab_size=BYTE_VOCAB,
+            ffn_hidden_dim=llama_ffn_hidden_dim(64, multiple_of=32),
+            max_seq_len=256,
+        ),
+        stride=2,
+        count=2,
+    ),
+}
+
+#: Memory sizes by name suffix, as sub-keys per half (values = n_keys²).
+_MEMORY_SIZES = {"1m": 1024, "4m": 2048, "16m": 4096, "64m": 8192}
+
+#: The memory scaling study (1.3B), and the 4096² table of the paper's 8B memory model.
+_LARGER_MEMORIES = {"1b": ("4m", "16m", "64m"), "8b": ("16m",)}
+
+#: Smaller tables (and reads) for the CPU flavors: n_keys and MemoryConfig overrides.
+_SMALL_MEMORY = {"tiny": (128, {}), "debug": (32, {"heads": 2, "topk": 8})}
+
+
+def _memory_plus(
+    base: TransformerConfig, layers: tuple[int, ...], n_keys: int, **memory
+) -> TransformerConfig:
+    return replace(base, memory=MemoryConfig(num_values=n_keys**2, layers=layers, **memory))
+
+
+def _memory_plain(base: TransformerConfig, n_keys: int, **memory) -> TransformerConfig:
+    config = MemoryConfig(
+        num_values=n_keys**2, layers=(base.n_layers // 2,), kind=MemoryKind.MEMORY, **memory
+    )
+    return replace(base, memory=config)
+
+
+def _build_flavors() -> dict[str, TransformerConfig]:
+    flavors: dict[str, TransformerConfig] = {}
+    for base_name, (base, memory_layers) in _BASES.items():
+        n_keys, overrides = _SMALL_MEMORY.get(base_name, (_MEMORY_SIZES["1m"], {}))
+        flavors[f"dense_{base_name}"] = base
+        flavors[f"mem_{base_name}"] = _memory_plus(base, memory_layers, n_keys, **overrides)
+        for size in _LARGER_MEMORIES.get(base_name, ()):
+            flavors[f"mem_{base_name}_{size}"] = _memory_plus(
+                base, memory_layers, _MEMORY_SIZES[size]
+            )
+        flavors[f"memplain_{base_name}"] = _memory_plain(base, n_keys, **overrides)
+    return flavors
+
+
+FLAVORS: dict[str, TransformerConfig] = _build_flavors()
+
+
+def get_flavor(name: str) -> TransformerConfig:
+    """The configuration named ``name`` (see :data:`FLAVORS`)."""
+    try:
+        return FLAVORS[name]
+    except KeyError:
+        raise KeyError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}") from None
+
+
+def flavor_table() -> str:
+    """A markdown table of every flavor: parameters and training FLOPs per token."""
+    rows = [
+        "| flavor | dim × layers | memory layers | values | total | dense | memory | active "
+        "| train FLOPs/token (seq len) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, config in FLAVORS.items():
+        stats = model_stats(config)
+        memory = config.memory
+        layers = "-" if memory is None else f"{memory.kind.value} {list(memory.layers)}"
+        values = "-" if memory is None else f"{memory.n_keys}²"
+        rows.append(
+            f"| {name} | {config.dim} × {config.n_layers} | {layers} | {values} "
+            f"| {_human(stats.total_params)} | {_human(stats.dense_params)} "
+            f"| {_human(stats.memory_params)} | {_human(stats.active_params)} "
+            f"| {stats.train_flops_per_token / 1e9:.4g}G ({stats.seq_len}) |"
+        )
+    return "\n".join(rows)
+
+
+def _human(count: int) -> str:
+    if count == 0:
+        return "0"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3f}{unit}"
+    return str(count)

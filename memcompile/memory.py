@@ -1,0 +1,145 @@
+"""Product-key memory layers ("Memory Layers at Scale", Berges et al. 2024).
+
+A memory layer reads a huge trainable value table ``V [N, value_dim]`` sparsely: for each token,
+each of ``heads`` queries picks its ``topk`` best keys out of ``N = n_keys²`` product keys
+(Lample et al. 2019), and the output is the softmax-weighted sum of those rows::
+
+    scores, idx = top-k over (i1, i2) of  q1·K1[i1] + q2·K2[i2]     (per head, never all N keys)
+    y           = Σ_heads Σ_k softmax(scores)_k · V[idx_k]          (one bag of heads·topk rows)
+
+:class:`ProductKeyMemory` is that read; :class:`MemoryPlus` wraps it in the paper's SwiGLU-like
+block ``W2(y ⊙ silu(W1 x))``. The search and the bag are the custom ops
+``torch.ops.memlayer.product_key_topk`` and ``torch.ops.memlayer.lookup``.
+
+The value table is *not* a parameter of these modules: the model owns one table shared by all
+its memory layers and passes it to ``forward``. So it is one parameter (one optimizer state, one
+checkpoint entry) whatever the number of layers, per-block FSDP wrapping never captures it, and
+replacing it (``to_empty``, ``load_state_dict(assign=True)``, a DTensor for column sharding)
+cannot leave a layer holding a stale reference. For torch.compile it is an ordinary graph input.
+
+Initialisation (the paper gives none; these follow its reference code): sub-keys
+U(±1/√key_dim), query weight Xavier-uniform, W1 and W2 N(0, 1/√dim); every bias starts at 0 and
+qk-norm gains at 1. The table itself is N(0, 1/√value_dim) (see ``Transformer.init_weights``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ops  # noqa: F401  (registers torch.ops.memlayer.*)
+from memcompile.config import MemoryConfig, MemoryKind
+from memcompile.telemetry import UsageCounter
+
+
+class ProductKeyMemory(nn.Module):
+    """Multi-head product-key read of a shared value table: ``[..., dim] -> [..., value_dim]``.
+
+    Each head projects the input to a ``key_dim`` query, whose two halves score the head's two
+    sets of ``n_keys`` sub-keys; the op keeps the ``topk`` best of the ``n_keys²`` sums. Scores
+    get an fp32 softmax per head, and all heads' rows are summed in one weighted lookup (total
+    weight per token = ``heads``).
+
+    With ``qk_norm`` the query halves and the sub-keys are RMS-normalised (learnable gains) and
+    the query is scaled by ``1/√(key_dim/2)``, as attention scales its logits, so that each
+    half-score starts with unit variance instead of growing with the key dim.
+    """
+
+    def __init__(self, dim: int, memory: MemoryConfig, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        memory = memory.for_model_dim(dim)
+        self.dim = dim
+        self.heads = memory.heads
+        self.topk = memory.topk
+        self.key_dim = memory.key_dim
+        self.value_dim = memory.value_dim
+        self.num_values = memory.num_values
+        half_key_dim = self.key_dim // 2
+
+        self.query = nn.Linear(dim, self.heads * self.key_dim, bias=True)
+        # [heads, 2 halves, n_keys, key_dim / 2]: the layout product_key_topk expects.
+        self.keys = nn.Parameter(torch.empty(self.heads, 2, memory.n_keys, half_key_dim))
+        if memory.qk_norm:
+            self.query_norm = nn.RMSNorm(half_key_dim, eps=norm_eps)
+            self.key_norm = nn.RMSNorm(half_key_dim, eps=norm_eps)
+            self.query_scale = half_key_dim**-0.5
+        else:
+            self.query_norm = self.key_norm = None
+        self.usage = UsageCounter(memory.num_values) if memory.telemetry else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.xavier_uniform_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        bound = 1 / math.sqrt(self.key_dim)
+        nn.init.uniform_(self.keys, -bound, bound)
+        for norm in (self.query_norm, self.key_norm):
+            if norm is not None:
+                norm.reset_parameters()
+        if self.usage is not None:
+            self.usage.init_weights()
+
+    def forward(self, x: Tensor, values: Tensor) -> Tensor:
+        """Read ``values [num_values, value_dim]`` for every token of ``x [..., dim]``."""
+        if values.shape != (self.num_values, self.value_dim):
+            raise ValueError(
+                f"ProductKeyMemory: values must have shape ({self.num_values}, {self.value_dim}), "
+                f"got {tuple(values.shape)}"
+            )
+        leading = x.shape[:-1]
+        tokens = x.reshape(-1, self.dim)
+        num_tokens = tokens.shape[0]  # explicit, not -1: an empty batch must keep its shape
+        query = self.query(tokens).view(num_tokens, self.heads, self.key_dim)
+        subkeys = self.keys.to(query.dtype)  # under autocast the query may be in bf16
+        if self.query_norm is not None:
+            halves = query.unflatten(-1, (2, self.key_dim // 2))
+            query = (self.query_norm(halves) * self.query_scale).flatten(-2)
+            subkeys = self.key_norm(subkeys)
+
+        scores, indices = torch.ops.memlayer.product_key_topk(query, subkeys, self.topk)
+        # The op scores in fp32 (fp64 for fp64 inputs) whatever the query dtype: fp32 softmax.
+        weights = torch.softmax(scores, dim=-1)  # [T, heads, topk]
+        if self.usage is not None:
+            self.usage.record(indices)
+
+        # Heads are summed: one bag of heads·topk rows per token.
+        bag = self.heads * self.topk
+        out = torch.ops.memlayer.lookup(
+            values, indices.view(num_tokens, bag), weights.view(num_tokens, bag)
+        )
+        return out.view(*leading, self.value_dim)
+
+
+class MemoryPlus(nn.Module):
+    """Memory+ (paper Eq. 2): ``W2(memory(x) ⊙ silu(W1 x))``, ``[..., dim] -> [..., dim]``.
+
+    A SwiGLU feed-forward whose up-projection is the memory read.
+    """
+
+    def __init__(self, dim: int, memory: MemoryConfig, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        memory = memory.for_model_dim(dim)
+        self.dim = dim
+        self.memory = ProductKeyMemory(dim, memory, norm_eps)
+        self.w1 = nn.Linear(dim, memory.value_dim, bias=True)
+        self.w2 = nn.Linear(memory.value_dim, dim, bias=True)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.memory.init_weights()
+        for linear in (self.w1, self.w2):
+            nn.init.normal_(linear.weight, std=self.dim**-0.5)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor, values: Tensor) -> Tensor:
+        return self.w2(self.memory(x, values) * F.silu(self.w1(x)))
+
+
+def build_memory_layer(dim: int, memory: MemoryConfig, norm_eps: float = 1e-5) -> nn.Module:
+    """The module that replaces a block's feed-forward: called as ``layer(x, values)``."""
+    if memory.kind is MemoryKind.MEMORY_PLUS:
+        return MemoryPlus(dim, memory, norm_eps)
+    return ProductKeyMemory(dim, memory, norm_eps)

@@ -1,0 +1,213 @@
+"""A Llama-style transformer whose chosen blocks replace their feed-forward with a memory layer.
+
+    tokens -> embedding -> [block] × n_layers -> RMSNorm -> output projection -> logits
+    block:  h = x + attention(norm(x));  out = h + ffn(norm(h))
+    ffn:    SwiGLU, or in memory blocks MemoryPlus / ProductKeyMemory reading the shared table
+
+The model owns the one value table (``memory_values``) and hands it to every memory block in
+``forward`` (see :mod:`memcompile.memory` for why it is an argument, not a submodule parameter).
+
+Build large flavors on the meta device, then materialise::
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cuda")
+    model.init_weights()
+
+``init_weights`` sets every parameter and buffer (RoPE tables, usage counters), so nothing is left
+uninitialised after ``to_empty``. Dense initialisation follows torchtitan's llama3: embeddings
+N(0, 1); wq/wk/wv and w1 N(0, 0.02) truncated at ±2σ; wo, w2, w3 the same with std
+``0.02 / √(2·(layer_id + 1))`` (depth-scaled); output projection N(0, 1/√dim) truncated at
+±3σ; norm gains 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memcompile.config import TransformerConfig
+from memcompile.memory import build_memory_layer
+
+_INIT_STD = 0.02
+
+
+def _trunc_normal_(weight: Tensor, std: float, cutoff: float = 2.0) -> None:
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-cutoff * std, b=cutoff * std)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, ``[max_seq_len, head_dim / 2]`` each, in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of ``x [B, S, heads, head_dim]`` (Llama's layout), in fp32.
+
+    ``cos``/``sin`` are ``[S, head_dim / 2]`` or ``[B, S, head_dim / 2]``.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def init_weights(self, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            _trunc_normal_(linear.weight, _INIT_STD)
+        _trunc_normal_(self.wo.weight, out_std)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) ⊙ w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def init_weights(self, out_std: float) -> None:
+        _trunc_normal_(self.w1.weight, _INIT_STD)
+        _trunc_normal_(self.w2.weight, out_std)
+        _trunc_normal_(self.w3.weight, out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block; in memory blocks the feed-forward is a memory layer."""
+
+    def __init__(self, layer_id: int, config: TransformerConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.is_memory_block = config.memory is not None and layer_id in config.memory.layers
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        if self.is_memory_block:
+            self.feed_forward = build_memory_layer(config.dim, config.memory, config.norm_eps)
+        else:
+            self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+
+    def init_weights(self) -> None:
+        out_std = _INIT_STD / (2 * (self.layer_id + 1)) ** 0.5
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(out_std)
+        if self.is_memory_block:
+            self.feed_forward.init_weights()
+        else:
+            self.feed_forward.init_weights(out_std)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, memory_values: Tensor | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        normed = self.ffn_norm(h)
+        if self.is_memory_block:
+            return h + self.feed_forward(normed, memory_values)
+        return h + self.feed_forward(normed)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """``forward(tokens [B, S], positions=None) -> logits [B, S, vocab_size]``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        if config.memory is not None:
+            # The one value table every memory block reads (see memcompile.memory).
+            self.memory_values = nn.Parameter(
+                torch.empty(config.memory.num_values, config.memory.value_dim)
+            )
+        else:
+            self.register_parameter("memory_values", None)
+        # A dict keyed by layer id keeps parameter names stable if blocks are split off (PP).
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, config) for i in range(config.n_layers)}
+        )
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Derived from the config, so not checkpointed; filled by init_weights.
+        table_shape = (config.max_seq_len, config.head_dim // 2)
+        self.register_buffer("rope_cos", torch.empty(table_shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(table_shape), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer in place (a no-op on the meta device)."""
+        config = self.config
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        nn.init.normal_(self.tok_embeddings.weight)
+        if self.memory_values is not None:
+            nn.init.normal_(self.memory_values, std=config.memory.value_dim**-0.5)
+        for block in self.layers.values():
+            block.init_weights()
+        self.norm.reset_parameters()
+        _trunc_normal_(self.output.weight, config.dim**-0.5, cutoff=3.0)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits for ``tokens [B, S]``.
+
+        ``positions`` (``[S]`` or ``[B, S]`` ints below ``max_seq_len``, default ``0..S-1``)
+        selects the RoPE angles, e.g. for packed documents or an offset continuation.
+        """
+        seq_len = tokens.shape[1]
+        if positions is None:
+            if seq_len > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}"
+                )
+            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, cos, sin, self.memory_values)
+        return self.output(self.norm(h))
