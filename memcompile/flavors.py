@@ -15,7 +15,7 @@ The paper gives the sizes, not the shapes; these are inferred (see ``FLAVORS.md`
 shape reproduces the paper's 4M/16M/64M totals to the last reported digit. Attention head
 counts are not reported (head_dim 64 up to dim 1024, 128 above; they change no counts).
 
-``python -m memcompile`` prints every flavor's parameters and FLOPs per token.
+``python -m memcompile.flavors`` prints every flavor's parameters and FLOPs per token.
 """
 
 from __future__ import annotations
@@ -163,3 +163,7 @@ def _human(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.3f}{unit}"
     return str(count)
+
+
+if __name__ == "__main__":
+    print(flavor_table())
