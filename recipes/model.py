@@ -11,10 +11,11 @@ Parallelism (``parallelize_memory_transformer``): activation checkpointing of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from memcompile.config import TransformerConfig
@@ -30,7 +31,60 @@ from torchtitan.distributed.fsdp import disable_fsdp_gradient_division, get_fsdp
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.tools import utils as titan_utils
+from torchtitan.tools.utils import has_cuda_capability, has_rocm_capability
 from torchtitan.tools.logging import logger
+
+
+@dataclass(kw_only=True, slots=True)
+class Float8Config:
+    """float8 training of the dense linears through torchao (the same recipes as torchtitan's
+    ``Float8LinearConverter``, applied to memcompile's ``nn.Linear`` modules)."""
+
+    enable: bool = False
+    """Train the dense linears in float8 (NVIDIA SM89+ / AMD MI300+, or emulate)"""
+
+    recipe_name: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "rowwise"
+    """torchao float8 recipe"""
+
+    filter_fqns: list[str] = field(default_factory=list)
+    """Modules whose name contains any of these stay in high precision"""
+
+    include_memory_layers: bool = False
+    """Also convert the memory layers' linears (query, W1, W2). Off by default: their
+    outputs feed the top-k key search and the value gate, which are precision-sensitive"""
+
+    emulate: bool = False
+    """Emulate float8 with fp32 matmuls (any device, eager only; for tests)"""
+
+    def check_supported(self, compile_enabled: bool) -> None:
+        if not self.enable:
+            return
+        if self.emulate:
+            if compile_enabled:
+                raise ValueError("--float8.emulate is eager only: add --compile.no-enable")
+        elif not (has_cuda_capability(8, 9) or has_rocm_capability(9, 4)):
+            raise ValueError("--float8.enable needs an NVIDIA SM89+ or AMD MI300+ GPU "
+                             "(or --float8.emulate for testing)")
+
+    def convert(self, model: nn.Module, memory_modules: set[str]) -> None:
+        """Swap eligible ``nn.Linear`` modules for torchao ``Float8Linear`` in place."""
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        config = (Float8LinearConfig(emulate=True) if self.emulate
+                  else Float8LinearConfig.from_recipe_name(self.recipe_name))
+
+        def eligible(module: nn.Module, fqn: str) -> bool:
+            if not isinstance(module, nn.Linear):
+                return False
+            # float8 GEMMs need every dim divisible by 16.
+            if module.in_features % 16 or module.out_features % 16:
+                return False
+            if not self.include_memory_layers and any(fqn.startswith(m + ".") for m in memory_modules):
+                return False
+            return not any(f in fqn for f in self.filter_fqns)
+
+        convert_to_float8_training(model, module_filter_fn=eligible, config=config)
+        logger.info(f"float8 ({'emulated' if self.emulate else self.recipe_name}) for the dense linears")
 
 
 class TitanTransformer(Transformer, BaseModel):
@@ -41,12 +95,15 @@ class TitanTransformer(Transformer, BaseModel):
         transformer: TransformerConfig
         """The memcompile architecture (a flavor from ``memcompile.flavors``)"""
 
+        float8: Float8Config = field(default_factory=Float8Config)
+
         def update_from_config(self, *, config: Any, **kwargs) -> None:
             """Fit the architecture to the run: the tokenizer's vocabulary (the flavors assume
             the Llama tokenizers; the built-in corpus uses a 2K BPE) and RoPE tables long enough
             for ``training.seq_len``."""
             from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
+            self.float8 = config.float8
             vocab_size = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path).get_vocab_size()
             self.transformer = replace(
                 self.transformer,
@@ -60,6 +117,9 @@ class TitanTransformer(Transformer, BaseModel):
 
     def __init__(self, config: Config) -> None:
         Transformer.__init__(self, config.transformer)
+        if config.float8.enable:
+            memory_modules = {f"layers.{i}.feed_forward" for i, block in self.layers.items() if block.is_memory_block}
+            config.float8.convert(self, memory_modules)
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
         # memcompile initialises every parameter and buffer in one place (paper/reference init).

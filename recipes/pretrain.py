@@ -29,7 +29,7 @@ from memcompile.flavors import FLAVORS
 from recipes import shims
 from recipes.data.loader import CorpusDataLoader
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
-from recipes.model import model_spec
+from recipes.model import Float8Config, model_spec
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
@@ -156,6 +156,7 @@ class PretrainTrainer(Trainer):
         """memcompile flavor to train (see python -m memcompile.flavors)"""
 
         parallelism: MemoryParallelismConfig = field(default_factory=MemoryParallelismConfig)
+        float8: Float8Config = field(default_factory=Float8Config)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -269,6 +270,7 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
         if transformer.memory.value_dim % degree:
             raise ValueError(f"--parallelism.memory_parallel_degree {degree} must divide the value "
                              f"dim {transformer.memory.value_dim} of {config.model!r}")
+    config.float8.check_supported(compile_enabled=config.compile.enable and "model" in config.compile.components)
     if not os.path.isdir(config.hf_assets_path):
         raise FileNotFoundError(f"--hf_assets_path {config.hf_assets_path!r} is not a directory "
                                 f"(expected tokenizer.json and tokenizer_config.json)")

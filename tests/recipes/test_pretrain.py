@@ -75,6 +75,7 @@ def test_help_lists_every_section():
         (["--dataloader.dataset", "./no/such/file.jsonl"], "dataset path './no/such/file.jsonl' does not exist"),
         (["--parallelism.tensor_parallel_degree", "2"], "memcompile models support data parallelism"),
         (["--hf_assets_path", "/no/such/dir"], "--hf_assets_path '/no/such/dir' is not a directory"),
+        (["--float8.enable"], "--float8.enable needs an NVIDIA SM89+ or AMD MI300+ GPU"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(args, message, monkeypatch):
