@@ -4,8 +4,8 @@
     python -m benchmarks.lookup --num-rows 65536 1048576 --dim 1024 --dtype bf16 \\
         --out lookup.json --plot lookup.png
 
-Times the weighted bag ``out[t] = sum_b w[t, b] * values[idx[t, b]]`` forward, backward and
-forward+backward for, all on the same inputs in one process:
+Times the weighted bag ``out[t] = sum_b w[t, b] * values[idx[t, b]]`` (forward, backward, and
+both) for each of these implementations, on the same inputs in one process:
 
 - ``ours``: ``torch.ops.memlayer.lookup`` (deterministic value gradient), ``ours_atomic`` the
   same with ``deterministic=False`` (differs only on CUDA, so it runs there by default);
@@ -13,7 +13,7 @@ forward+backward for, all on the same inputs in one process:
   ``nn.EmbeddingBag`` with a dense gradient;
 - ``naive``: ``(values[idx] * w[..., None]).sum(1)``;
 - ``*_compiled``: each of them under ``torch.compile`` (``--dynamic``, the default, compiles each
-  graph once for the whole sweep; ``--no-dynamic`` compiles every shape statically).
+  graph once per dtype for the whole sweep; ``--no-dynamic`` compiles every shape statically).
 
 Every backward produces both a dense [N, D] value gradient and the [T, B] weight gradient, via
 ``torch.autograd.grad`` (so no gradient accumulates across runs). Indices are uniform in [0, N);

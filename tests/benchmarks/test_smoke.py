@@ -12,8 +12,18 @@ import math
 import pytest
 import torch
 
-from benchmarks import lookup
+import ops
+from benchmarks import lookup, models
 from benchmarks.common import evaluate_targets
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops spend their time waking threads, dreadfully so on a loaded shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TINY_LOOKUP = [
     "--device", "cpu", "--num-rows", "100", "--dim", "33", "--tokens", "0", "5",
@@ -29,7 +39,9 @@ def _assert_timed(row: dict) -> None:
 
 def test_lookup_writes_json(tmp_path):
     out = tmp_path / "lookup.json"
-    lookup.main([*TINY_LOOKUP, "--impls", "ours", "aten", "naive", "--out", str(out)])
+    lookup.main([
+        *TINY_LOOKUP, "--impls", "ours", "aten", "naive", "--no-product-key", "--out", str(out)
+    ])
     payload = json.loads(out.read_text())
 
     assert payload["benchmark"] == "lookup"
@@ -59,18 +71,27 @@ def test_lookup_compiled_and_product_key(tmp_path):
     out = tmp_path / "lookup.json"
     lookup.main([
         *TINY_LOOKUP, "--tokens", "7", "--impls", "aten", "naive_compiled",
-        "--passes", "forward+backward", "--out", str(out),
+        "--product-key-impls", "ours", "plain", "--passes", "forward+backward",
+        "--out", str(out),
     ])
     rows = json.loads(out.read_text())["results"]
     for row in rows:
         _assert_timed(row)
     assert {row["impl"] for row in rows if row["op"] == "lookup"} == {"aten", "naive_compiled"}
-    if hasattr(torch.ops.memlayer, "product_key_topk"):
-        product_key_rows = [row for row in rows if row["op"] == "product_key_topk"]
-        assert {row["impl"] for row in product_key_rows} == set(
-            lookup.LookupBenchmark.product_key_impls
-        )
-        assert all(row["subkeys_per_half"] == 10 and row["k"] == 3 for row in product_key_rows)
+    product_key_rows = [row for row in rows if row["op"] == "product_key_topk"]
+    assert {row["impl"] for row in product_key_rows} == {"ours", "plain"}
+    assert all(row["subkeys_per_half"] == 10 and row["k"] == 3 for row in product_key_rows)
+    assert all(isinstance(row["speedup"], float) for row in product_key_rows)
+
+
+def test_plain_product_key_topk_is_the_search_it_is_timed_against():
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(5, 3, 8, generator=generator)
+    subkeys = torch.randn(3, 2, 7, 4, generator=generator)
+    scores, indices = lookup.plain_product_key_topk(query, subkeys, k=4)
+    expected_scores, expected_indices = ops.reference_product_key_topk(query, subkeys, 4)
+    torch.testing.assert_close(scores.double(), expected_scores)
+    assert torch.equal(indices, expected_indices)
 
 
 def test_lookup_bytes_formula():
@@ -102,3 +123,44 @@ def test_cpu_target_verdict_uses_the_issue_shape():
 def test_lookup_rejects_tables_too_small_for_the_product_key_search():
     with pytest.raises(ValueError, match=r"--num-rows \[4\].*sqrt\(N\) >= k = .* = 3"):
         lookup.main([*TINY_LOOKUP, "--num-rows", "4", "--impls", "aten"])
+
+
+TINY_MODELS = [
+    "--device", "cpu", "--bases", "debug", "--batch-size", "2", "--seq-len", "9",
+    "--warmup", "1", "--repeats", "2",
+]
+
+
+def test_models_writes_json(tmp_path):
+    out = tmp_path / "models.json"
+    # aot_eager traces forward and backward like inductor but generates no code: seconds, not
+    # minutes, on a CPU.
+    models.main([*TINY_MODELS, "--compile-backend", "aot_eager", "--out", str(out)])
+    payload = json.loads(out.read_text())
+
+    assert payload["benchmark"] == "models"
+    assert payload["environment"]["command"].startswith("python -m benchmarks.models")
+    rows = payload["results"]
+    assert [(row["architecture"], row["mode"]) for row in rows] == [
+        (architecture, mode) for architecture in models.ARCHITECTURES for mode in models.MODES
+    ]
+    for row in rows:
+        _assert_timed(row)
+        assert row["flavor"] == f"{row['architecture']}_debug"
+        assert row["tokens_per_step"] == 18
+        assert row["tokens_per_s"] == pytest.approx(18 / (row["time_ms"] * 1e-3))
+        assert row["tflops"] > 0 and row["total_params"] > 0 and row["peak_memory_mb"] > 0
+        assert (row["memory_values"] is None) == (row["architecture"] == "dense")
+        assert ("compile_speedup" in row) == (row["mode"] == "compiled")
+        assert ("time_vs_dense" in row) == (row["architecture"] != "dense")
+    compiled_mem = next(r for r in rows if r["architecture"] == "mem" and r["mode"] == "compiled")
+    [verdict] = payload["targets"]
+    assert verdict["value"] == compiled_mem["compile_speedup"] and verdict["threshold"] == 1.0
+
+
+def test_models_memory_values_override():
+    config = models.flavor_config("debug", "mem", memory_values=48**2)
+    assert config.memory.num_values == 48**2
+    assert config.memory.layers == models.flavor_config("debug", "mem", None).memory.layers
+    with pytest.raises(ValueError, match="perfect square"):
+        models.flavor_config("debug", "mem", memory_values=1000)
