@@ -104,3 +104,23 @@ def test_missing_dataset_path_is_a_clear_error(tmp_path: Path):
         check_dataset_location(str(bad), None)
     check_dataset_location("knowledge", None)
     check_dataset_location("allenai/c4", None)  # a hub id: checked when loaded
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_local_hf_dataset_file_is_tokenised(tmp_path: Path, tokenizer, suffix):
+    from recipes.data.loader import CorpusDataLoader
+
+    texts = ["first document", "second one, longer than the first", "third"]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    else:
+        path.write_text("\n".join(texts) + "\n")
+    config = CorpusDataLoader.Config(dataset=str(path), text_column="body" if suffix == ".jsonl" else "text",
+                                     max_documents=2, cache_dir=str(tmp_path / "cache"))
+    tokens = load_token_stream(config.source(), config.documents, tokenizer, config.cache_dir)
+    expected = [t for text in texts[:2] for t in tokenizer.encode(text, add_bos=True, add_eos=True)]
+    assert tokens.tolist() == expected
+
+    with pytest.raises(ValueError, match="no column 'missing'"):
+        list(CorpusDataLoader.Config(dataset=str(path), text_column="missing").documents())
