@@ -15,7 +15,12 @@ Build large flavors on the meta device, then materialise::
     model.init_weights()
 
 ``init_weights`` sets every parameter and buffer (RoPE tables, usage counters), so nothing is left
-uninitialised after ``to_empty``. Dense initialisation follows torchtitan's llama3: embeddings
+uninitialised after ``to_empty``.
+
+``torch.compile(model, fullgraph=True)`` traces forward and backward without graph breaks. For a
+variable sequence length, mark it dynamic (``torch._dynamo.mark_dynamic(tokens, 1)``) or let
+automatic dynamic shapes recompile once; ``dynamic=True`` works too but compiles twice, as
+Dynamo restarts to specialise float module attributes such as RMSNorm's ``eps``. Dense initialisation follows torchtitan's llama3: embeddings
 N(0, 1); wq/wk/wv and w1 N(0, 0.02) truncated at ±2σ; wo, w2, w3 the same with std
 ``0.02 / √(2·(layer_id + 1))`` (depth-scaled); output projection N(0, 1/√dim) truncated at
 ±3σ; norm gains 1.
