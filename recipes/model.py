@@ -168,7 +168,12 @@ def parallelize_memory_transformer(
 
     if compile_config.enable and "model" in compile_config.components:
         for block in model.layers.values():
-            block.compile(backend=compile_config.backend, fullgraph=True)
+            # FSDP's hooks cannot run inside a fullgraph region: compile exactly what FSDP wraps,
+            # except torch.nn built-ins (norms): dynamo skips their frames when they are the
+            # top-level compiled module ("found no compiled frames"); they run eagerly.
+            for module in _fsdp_units(block, memory_degree):
+                if not type(module).__module__.startswith("torch.nn."):
+                    module.compile(backend=compile_config.backend, fullgraph=True)
         logger.info("Compiling each transformer block with torch.compile")
 
     names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
@@ -185,13 +190,7 @@ def parallelize_memory_transformer(
     )
     fully_shard(model.tok_embeddings, **fsdp_config, reshard_after_forward=reshard_after_forward)
     for block in model.layers.values():
-        # Every block is called with the table, and FSDP hooks a unit's tensor inputs with an
-        # autograd function; a block that does not read the table then gets a materialised
-        # plain zero gradient for the DTensor table, which cannot be added to the DTensor
-        # gradients. So with a sharded table the FSDP unit is the block's children (one
-        # all-gather, same as the block), whose inputs only include the table where it is read.
-        unit = list(block.children()) if memory_degree > 1 else block
-        fully_shard(unit, **fsdp_config, reshard_after_forward=reshard_after_forward)
+        fully_shard(_fsdp_units(block, memory_degree), **fsdp_config, reshard_after_forward=reshard_after_forward)
     # The last layers are not resharded after forward: backward needs them first.
     fully_shard([model.norm, model.output], **fsdp_config, reshard_after_forward=False)
     # A column-sharded table stays out of FSDP: all-gathering it would defeat the sharding.
@@ -200,6 +199,21 @@ def parallelize_memory_transformer(
     disable_fsdp_gradient_division(model)
     shims.allow_fsdp_on_gloo(model)
     return model
+
+
+def _fsdp_units(block: nn.Module, memory_degree: int) -> list[nn.Module]:
+    """The modules of a block that form its FSDP unit (one all-gather per block either way).
+
+    Every block is called with the value table, and FSDP passes a unit's tensor inputs through
+    an autograd function; a block that does not read a column-sharded (DTensor) table then gets
+    a materialised *plain* zero gradient for it, which cannot be added to the DTensor gradients.
+    So with a sharded table the unit is the block's children, whose inputs include the table
+    only where it is read. Activation-checkpoint wrappers are looked through.
+    """
+    if memory_degree == 1:
+        return [block]
+    inner = getattr(block, "_checkpoint_wrapped_module", block)
+    return list(inner.children())
 
 
 def model_spec(name: str) -> ModelSpec:
