@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def test_help_lists_every_section():
 )
 def test_bad_configuration_fails_before_any_work(args, message, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         main(args)
 
 
