@@ -4,6 +4,11 @@ torchtitan 0.3.0 is developed against CUDA and torch nightlies (~2.15). Every sh
 small, targeted patch with the reason it exists and the condition that enables it; none of them
 changes behaviour on a CUDA machine with a recent torch. ``apply()`` is called once, from the
 recipe entry point, before the Trainer is built.
+
+Two more incompatibilities need no patch, only a setting (in ``recipes/pretrain.py``):
+FlexAttention has no CPU backward (memcompile attends through SDPA), and the default
+``spmd_backend="spmd_types"`` fails with FSDP > 1 on torch 2.13 (the recipe uses
+``partial_dtensor``).
 """
 
 from __future__ import annotations
