@@ -13,13 +13,12 @@ FlexAttention has no CPU backward (memcompile attends through SDPA), and the def
 
 from __future__ import annotations
 
+import os
 import resource
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from torchtitan.tools.logging import logger
 
 _applied = False
 
@@ -78,8 +77,6 @@ class _CPUMemoryMonitor:
     device_name = "cpu"
 
     def __init__(self) -> None:
-        import os
-
         page_size, num_pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
         self.capacity_gib = page_size * num_pages / 2**30
 
@@ -126,7 +123,6 @@ def _polyfill_set_timeout() -> None:
         (group or dist.distributed_c10d._get_default_group()).set_timeout(timeout)
 
     dist.set_timeout = set_timeout
-    logger.debug("shim: polyfilled torch.distributed.set_timeout")
 
 
 def allow_fsdp_on_gloo(model: torch.nn.Module) -> None:
