@@ -28,6 +28,21 @@ inline void prefetch_row(const void* row, int64_t row_bytes) {
   }
 }
 
+// acc += w * row, in the accumulation type.
+template <typename acc_t, typename scalar_t>
+inline void add_scaled_row(acc_t* acc, acc_t w, const scalar_t* row, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    acc[d] += w * acc_t(row[d]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* out, const acc_t* acc, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] = scalar_t(acc[d]);
+  }
+}
+
 // Backs a large fresh tensor with transparent huge pages before its first touch. A freshly
 // allocated [N, D] gradient otherwise pays one page fault per 4 KiB page (most of ATen's dense
 // embedding_bag backward time); with 2 MiB pages the first touch is several times cheaper.
@@ -74,16 +89,9 @@ void forward_kernel(const scalar_t* values, const index_t* indices,
         }
       }
       for (; b < B; ++b) {
-        const scalar_t* row = values + int64_t(row_ids[b]) * D;
-        const acc_t wb = w[b];
-        for (int64_t d = 0; d < D; ++d) {
-          acc[d] += wb * acc_t(row[d]);
-        }
+        add_scaled_row(acc.data(), w[b], values + int64_t(row_ids[b]) * D, D);
       }
-      scalar_t* o = out + t * D;
-      for (int64_t d = 0; d < D; ++d) {
-        o[d] = scalar_t(acc[d]);
-      }
+      store_row(out + t * D, acc.data(), D);
     }
   });
 }
@@ -134,16 +142,10 @@ void values_grad_kernel(const scalar_t* grad_out, const int64_t* sorted_rows, co
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t p = first; p < last; ++p) {
         const int64_t position = order[p];
-        const scalar_t* dy = grad_out + (position / B) * D;
-        const acc_t w = weights[position];
-        for (int64_t d = 0; d < D; ++d) {
-          acc[d] += w * acc_t(dy[d]);
-        }
+        add_scaled_row(acc.data(), weights[position], grad_out + (position / B) * D, D);
       }
       scalar_t* g = grad + row * D;
-      for (int64_t d = 0; d < D; ++d) {
-        g[d] = scalar_t(acc[d]);
-      }
+      store_row(g, acc.data(), D);
       const int64_t next_row = s + 1 < num_segments ? sorted_rows[last] : N;
       if (next_row > row + 1) {
         std::memset(g + D, 0, sizeof(scalar_t) * (next_row - row - 1) * D);
