@@ -28,12 +28,17 @@ N(0, 1); wq/wk/wv and w1 N(0, 0.02) truncated at ±2σ; wo, w2, w3 the same with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memcompile.config import TransformerConfig
 from memcompile.memory import build_memory_layer
+
+if TYPE_CHECKING:
+    from memcompile.generate import KVCache, LayerKVCache
 
 _INIT_STD = 0.02
 
@@ -85,17 +90,28 @@ class Attention(nn.Module):
             _trunc_normal_(linear.weight, _INIT_STD)
         _trunc_normal_(self.wo.weight, out_std)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: LayerKVCache | None = None
+    ) -> Tensor:
+        """With ``kv_cache``, ``x`` continues the cached sequence: its keys and values are
+        appended to the cache and its queries attend to everything cached so far."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            # Query i sits at position (cached length + i): it sees keys 0 .. cached length + i.
+            cached = k.shape[1] - seq_len
+            mask = torch.ones(seq_len, k.shape[1], dtype=torch.bool, device=x.device).tril(cached)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
@@ -144,8 +160,15 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward.init_weights(out_std)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, memory_values: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        memory_values: Tensor | None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
         normed = self.ffn_norm(h)
         if self.is_memory_block:
             return h + self.feed_forward(normed, memory_values)
@@ -156,7 +179,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens [B, S], positions=None) -> logits [B, S, vocab_size]``."""
+    """``forward(tokens [B, S], positions=None, kv_cache=None) -> logits [B, S, vocab_size]``."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -196,13 +219,23 @@ class Transformer(nn.Module):
         self.norm.reset_parameters()
         _trunc_normal_(self.output.weight, config.dim**-0.5, cutoff=3.0)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, positions: Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> Tensor:
         """Logits for ``tokens [B, S]``.
 
         ``positions`` (``[S]`` or ``[B, S]`` ints below ``max_seq_len``, default ``0..S-1``)
         selects the RoPE angles, e.g. for packed documents or an offset continuation.
+
+        ``kv_cache`` (:class:`memcompile.generate.KVCache`) makes ``tokens`` the continuation
+        of the cached sequence, at the positions after it; the cache then holds them too.
+        Training never passes one (see :func:`memcompile.generate.generate`).
         """
         seq_len = tokens.shape[1]
+        if kv_cache is not None:
+            if positions is not None:
+                raise ValueError("pass positions or kv_cache, not both: the cache sets positions")
+            positions = kv_cache.next_positions(seq_len, tokens.device)
         if positions is None:
             if seq_len > self.config.max_seq_len:
                 raise ValueError(
@@ -213,6 +246,9 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
 
         h = self.tok_embeddings(tokens)
-        for block in self.layers.values():
-            h = block(h, cos, sin, self.memory_values)
+        for layer_id, block in self.layers.items():
+            layer_cache = None if kv_cache is None else kv_cache.layer(int(layer_id))
+            h = block(h, cos, sin, self.memory_values, layer_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq_len)
         return self.output(self.norm(h))

@@ -1,0 +1,156 @@
+"""Autoregressive generation with a key/value cache (gpt-fast style, eager).
+
+    cache = KVCache.for_model(model, batch_size=len(prompts))
+    tokens = generate(model, prompts, max_new_tokens=16, stop_token=eos_id)
+
+The prompt is processed in one forward pass ("prefill"); each new token then costs one forward
+pass over a single position, its queries attending to the cached keys and values of all the
+positions before it. Memory layers need no cache: their read depends on the token alone.
+
+Prompts in a batch share one length (the evaluators group prompts by length instead of padding,
+which keeps positions and masks trivial).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from memcompile.config import TransformerConfig
+
+
+class LayerKVCache:
+    """One attention layer's keys and values, ``[batch, max_seq_len, n_kv_heads, head_dim]``."""
+
+    def __init__(self, owner: KVCache, keys: Tensor, values: Tensor) -> None:
+        self._owner = owner
+        self.keys = keys
+        self.values = values
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k``/``v [batch, S, n_kv_heads, head_dim]`` after the cached positions and
+        return the keys and values of every position so far (views, no copy)."""
+        start = self._owner.length
+        end = start + k.shape[1]
+        self.keys[:, start:end] = k
+        self.values[:, start:end] = v
+        return self.keys[:, :end], self.values[:, :end]
+
+
+class KVCache:
+    """The keys and values of every attention layer for one batch of sequences.
+
+    ``length`` positions are cached; :meth:`memcompile.model.Transformer.forward` with
+    ``kv_cache=`` appends its tokens at positions ``length, length + 1, ...`` and advances it.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        max_seq_len = config.max_seq_len if max_seq_len is None else max_seq_len
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 1 <= max_seq_len <= config.max_seq_len:
+            raise ValueError(
+                f"max_seq_len must be in [1, config.max_seq_len = {config.max_seq_len}] (the RoPE "
+                f"tables end there), got {max_seq_len}"
+            )
+        shape = (batch_size, max_seq_len, config.n_kv_heads, config.head_dim)
+        self.max_seq_len = max_seq_len
+        self.length = 0
+        self._layers = [
+            LayerKVCache(
+                self,
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+            )
+            for _ in range(config.n_layers)
+        ]
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, batch_size: int, max_seq_len: int | None = None
+    ) -> KVCache:
+        """A cache on the device and in the dtype of ``model``'s output projection."""
+        weight = model.output.weight
+        return cls(model.config, batch_size, max_seq_len, device=weight.device, dtype=weight.dtype)
+
+    def layer(self, layer_id: int) -> LayerKVCache:
+        return self._layers[layer_id]
+
+    def next_positions(self, seq_len: int, device: torch.device) -> Tensor:
+        """The positions of ``seq_len`` tokens appended to the cache, checked to fit."""
+        if self.length + seq_len > self.max_seq_len:
+            raise ValueError(
+                f"KVCache overflow: {self.length} cached + {seq_len} new positions > "
+                f"max_seq_len {self.max_seq_len}"
+            )
+        return torch.arange(self.length, self.length + seq_len, device=device)
+
+    def advance(self, seq_len: int) -> None:
+        self.length += seq_len
+
+    def reset(self) -> None:
+        """Forget every cached position (the buffers are reused)."""
+        self.length = 0
+
+
+def sample_next(logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """The next token of each row of ``logits [B, vocab]``: argmax at temperature 0, else a
+    sample from ``softmax(logits / temperature)``."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    stop_token: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Continue every row of ``prompt [B, S]`` (int64 token ids) by up to ``max_new_tokens``.
+
+    Returns the new tokens ``[B, n]``, ``n <= max_new_tokens``: generation stops early once every
+    row has produced ``stop_token`` (rows that stopped earlier keep generating; cut them at
+    their first ``stop_token``). Greedy at ``temperature`` 0 (the default).
+    """
+    if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"prompt must be a non-empty [batch, seq_len] integer tensor, got shape "
+            f"{tuple(prompt.shape)} and dtype {prompt.dtype}"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    batch_size, prompt_len = prompt.shape
+    new_tokens = prompt.new_empty(batch_size, 0, dtype=torch.int64)
+    if max_new_tokens == 0:
+        return new_tokens
+
+    # The last sampled token is never fed back, so the cache needs one position less.
+    cache = KVCache.for_model(model, batch_size, prompt_len + max_new_tokens - 1)
+    logits = model(prompt.long(), kv_cache=cache)[:, -1]
+    stopped = torch.zeros(batch_size, dtype=torch.bool, device=prompt.device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, generator)
+        new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
+        if stop_token is not None:
+            stopped |= token == stop_token
+            if bool(stopped.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = model(token[:, None], kv_cache=cache)[:, -1]
+    return new_tokens
