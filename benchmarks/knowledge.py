@@ -1,0 +1,272 @@
+"""The knowledge benchmark: do memory layers store more facts per FLOP than a dense model?
+
+    python -m benchmarks.knowledge                      # default size, CPU, ~10-15 minutes
+    python -m benchmarks.knowledge --num-people 100 --steps 20   # a smoke run
+
+Trains three twins on the same synthetic knowledge corpus (``recipes.data.knowledge``), with the
+same data order, steps and optimiser:
+
+* ``dense``: a small Llama-style model;
+* ``memory``: its middle block's feed-forward replaced by a plain product-key memory;
+* ``memory+``: the feed-forwards of ``memory_plus_layers`` blocks replaced by Memory+ layers,
+  all reading one shared value table (the paper's configuration, scaled down).
+
+The memory twins do at most the dense model's FLOPs per token (their feed-forward replacements
+are cheaper than the SwiGLU they replace; the exact ratios are in the results). At fixed points
+of training and at the end, each model is evaluated with :mod:`recipes.evaluate`: fact recall
+(greedy, exact match) on the questions whose Q/A pairs training never showed (knowledge
+extracted from biographies) and on the trained ones, answer NLL on the held-out questions, and
+held-out biography perplexity. Writes ``knowledge.json``, ``knowledge.md`` and ``knowledge.png``
+(accuracy vs training tokens; needs matplotlib) under ``--output-dir``.
+
+A plain PyTorch loop (not ``recipes.pretrain``) keeps a CPU run free of process groups and
+checkpoints; it reuses the recipe's corpus, tokenizer and memory-mapped token cache, and the
+recipe's optimiser split (the value table in its own AdamW group, larger learning rate, no
+weight decay, clipped separately).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig, llama_ffn_hidden_dim
+from memcompile.model import Transformer
+from memcompile.stats import model_stats
+from recipes.data.knowledge import KnowledgeCorpus
+from recipes.data.loader import PackedWindows, default_cache_dir, load_token_stream
+from recipes.evaluate import evaluate_knowledge, load_tokenizer
+
+MODEL_NAMES = ("dense", "memory", "memory+")
+
+
+@dataclass
+class KnowledgeBenchmarkConfig:
+    """Train dense, Memory and Memory+ twins on the knowledge corpus and compare fact recall."""
+
+    num_people: int = 300
+    """People in the corpus (6 facts each); large enough that the dense model cannot learn all"""
+
+    dim: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+
+    n_keys: int = 128
+    """Sub-keys per half: the shared value table has n_keys² rows of dim values"""
+
+    memory_heads: int = 2
+    memory_topk: int = 16
+
+    memory_plus_layers: tuple[int, ...] = (1, 3)
+    """Blocks whose feed-forward Memory+ replaces (the plain Memory twin uses the middle one)"""
+
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+
+    memory_lr_multiplier: float = 10.0
+    """Learning rate of the value table as a multiple of lr (as recipes.pretrain)"""
+
+    warmup_steps: int = 50
+    evals: int = 4
+    """Evaluations during training (plus one at the end), on eval_people people per split"""
+
+    eval_people: int = 50
+    """People per split in the intermediate evaluations (the final one uses everyone)"""
+
+    seed: int = 0
+    threads: int | None = 1
+    """torch CPU threads (None: torch's default). One by default: these models are too small
+    to gain from more, and on a shared machine oversubscribed OpenMP threads spin-wait"""
+
+    cache_dir: str = field(default_factory=default_cache_dir)
+    output_dir: Path = Path("benchmarks/out/knowledge")
+
+
+def twin_configs(config: KnowledgeBenchmarkConfig, vocab_size: int) -> dict[str, TransformerConfig]:
+    """The dense model and its two memory twins (one value table shape for both)."""
+    dense = TransformerConfig(
+        vocab_size=vocab_size,
+        dim=config.dim,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        ffn_hidden_dim=llama_ffn_hidden_dim(config.dim, multiple_of=32),
+        max_seq_len=config.seq_len,
+    )
+    memory = MemoryConfig(
+        num_values=config.n_keys**2,
+        layers=config.memory_plus_layers,
+        heads=config.memory_heads,
+        topk=config.memory_topk,
+    )
+    return {
+        "dense": dense,
+        "memory": replace(dense, memory=replace(memory, layers=(config.n_layers // 2,), kind=MemoryKind.MEMORY)),
+        "memory+": replace(dense, memory=memory),
+    }
+
+
+def _optimizer(model: Transformer, config: KnowledgeBenchmarkConfig) -> torch.optim.AdamW:
+    dense = [p for name, p in model.named_parameters() if name != "memory_values"]
+    groups = [{"params": dense, "lr": config.lr, "weight_decay": config.weight_decay}]
+    if model.memory_values is not None:
+        groups.append({"params": [model.memory_values], "lr": config.lr * config.memory_lr_multiplier,
+                       "weight_decay": 0.0})
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _lr_factor(step: int, config: KnowledgeBenchmarkConfig) -> float:
+    """Linear warmup, then cosine decay to 10%."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _summary(results: dict[str, Any]) -> dict[str, float]:
+    return {
+        "recall_heldout": results["recall_heldout_questions"]["accuracy"],
+        "recall_trained": results["recall_trained_questions"]["accuracy"],
+        "answer_nll": results["heldout_answers"]["nll"],
+        "biography_nll": results["heldout_biographies"]["nll"],
+    }
+
+
+def train_and_evaluate(name: str, model_config: TransformerConfig, tokens: torch.Tensor,
+                       config: KnowledgeBenchmarkConfig, corpus: KnowledgeCorpus, tokenizer) -> dict[str, Any]:
+    torch.manual_seed(config.seed)
+    model = Transformer(model_config)
+    optimizer = _optimizer(model, config)
+    # As recipes.pretrain: the sparse, high-LR table gradients are clipped on their own.
+    clip_groups = [group["params"] for group in optimizer.param_groups]
+    windows = iter(PackedWindows(tokens, seq_len=config.seq_len, seed=config.seed, dp_rank=0, dp_world_size=1))
+    eval_steps = {round(config.steps * (i + 1) / (config.evals + 1)) for i in range(config.evals)}
+    tokens_per_step = config.batch_size * config.seq_len
+    curve, losses = [], []
+    start = time.perf_counter()
+    for step in range(config.steps):
+        model.train()
+        inputs, labels = zip(*(next(windows) for _ in range(config.batch_size)))
+        logits = model(torch.stack([x["input"] for x in inputs]))
+        loss = F.cross_entropy(logits.flatten(0, 1), torch.stack(labels).flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for params in clip_groups:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * _lr_factor(step, config)
+        optimizer.step()
+        losses.append(loss.item())
+        if step + 1 in eval_steps:
+            model.eval()
+            results = evaluate_knowledge(model, tokenizer, corpus, max_people=config.eval_people, batch_size=64)
+            curve.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, **_summary(results)})
+            print(f"  {name:8s} step {step + 1:5d}  loss {sum(losses[-20:]) / len(losses[-20:]):.3f}  "
+                  f"recall held-out {100 * curve[-1]['recall_heldout']:.1f}%  "
+                  f"trained {100 * curve[-1]['recall_trained']:.1f}%  "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    final = evaluate_knowledge(model, tokenizer, corpus, batch_size=64)
+    curve.append({"step": config.steps, "tokens": config.steps * tokens_per_step, **_summary(final),
+                  "all_people": True})
+    stats = model_stats(model_config, config.seq_len)
+    return {
+        "params": {"total": stats.total_params, "dense": stats.dense_params, "memory": stats.memory_params},
+        "train_flops_per_token": stats.train_flops_per_token,
+        "train_seconds": train_seconds,
+        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "final": {**_summary(final), "per_attribute_heldout": final["recall_heldout_questions"]["per_attribute"],
+                  "per_attribute_trained": final["recall_trained_questions"]["per_attribute"],
+                  "examples": final["recall_heldout_questions"]["examples"]},
+        "curve": curve,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    dense_flops = report["models"]["dense"]["train_flops_per_token"]
+    lines = [
+        "| model | params (dense + memory) | train FLOPs/token (vs dense) | recall, held-out questions "
+        "| recall, trained questions | answer NLL | held-out bio NLL | train loss | train time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in report["models"].items():
+        final, params = result["final"], result["params"]
+        lines.append(
+            f"| {name} | {params['dense'] / 1e3:.0f}K + {params['memory'] / 1e3:.0f}K "
+            f"| {result['train_flops_per_token'] / 1e6:.2f}M ({result['train_flops_per_token'] / dense_flops:.2f}x) "
+            f"| {100 * final['recall_heldout']:.1f}% | {100 * final['recall_trained']:.1f}% "
+            f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} | {result['final_train_loss']:.3f} "
+            f"| {result['train_seconds']:.0f}s |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, result in report["models"].items():
+        tokens = [point["tokens"] / 1e6 for point in result["curve"]]
+        for axis, key in zip(axes, ("recall_heldout", "recall_trained")):
+            axis.plot(tokens, [100 * point[key] for point in result["curve"]], marker="o", label=name)
+    for axis, title in zip(axes, ("held-out questions (from biographies)", "trained questions")):
+        axis.set(title=f"Fact recall: {title}", xlabel="training tokens (M)", ylabel="exact match (%)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    corpus = KnowledgeCorpus(num_people=config.num_people, seed=config.seed)
+    tokenizer = load_tokenizer()
+    source = {"dataset": "knowledge", **asdict(corpus)}
+    tokens = load_token_stream(source, corpus.train_documents, tokenizer, config.cache_dir)
+    epochs = config.steps * config.batch_size * config.seq_len / tokens.numel()
+    print(f"corpus: {config.num_people} people, {tokens.numel():,} training tokens; "
+          f"{config.steps} steps = {epochs:.1f} epochs", flush=True)
+    report: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "cache_dir"},
+        "corpus_tokens": tokens.numel(),
+        "epochs": epochs,
+        "models": {},
+    }
+    for name, model_config in twin_configs(config, tokenizer.get_vocab_size()).items():
+        print(f"training {name}", flush=True)
+        report["models"][name] = train_and_evaluate(name, model_config, tokens, config, corpus, tokenizer)
+
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    (config.output_dir / "knowledge.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    (config.output_dir / "knowledge.md").write_text(table + "\n")
+    plot(report, config.output_dir / "knowledge.png")
+    print(table)
+    print(f"wrote {config.output_dir}/knowledge.{{json,md,png}}")
+    return report
+
+
+if __name__ == "__main__":
+    run(tyro.cli(KnowledgeBenchmarkConfig, description=__doc__))
