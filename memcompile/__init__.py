@@ -5,6 +5,7 @@
   ``python -m memcompile.flavors`` prints their parameters and FLOPs per token.
 - :mod:`memcompile.model`: the ``Transformer``.
 - :mod:`memcompile.memory`: ``ProductKeyMemory`` and ``MemoryPlus``.
+- :mod:`memcompile.generate`: ``KVCache`` and ``generate`` (greedy or sampled decoding).
 - :mod:`memcompile.stats`: parameter and FLOP counts from a config.
 - :mod:`memcompile.telemetry`: which table rows the memory layers read.
 """
