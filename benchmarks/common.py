@@ -166,6 +166,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_TIMING_VARIABLES = (
+    "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "CUDA_VISIBLE_DEVICES", "MEMCOMPILE_CHECK_INDICES",
+)
+
+
 def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict[str, Any]:
     """What a reader needs to reproduce or discount a number: machine, versions, date, command."""
     try:
@@ -182,6 +187,10 @@ def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict[
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        # Settings that change the numbers but not the command line.
+        "environment_variables": {
+            name: os.environ[name] for name in _TIMING_VARIABLES if name in os.environ
+        },
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
