@@ -68,8 +68,8 @@ class ModelBenchmark:
     """torch.compile backend of the compiled mode ("aot_eager" traces without code generation)."""
     memory_values: int | None = None
     """Rows of the memory table (a perfect square); default: the flavor's."""
-    batch_size: int | None = None
-    """Sequences per step (default: 4 on CPU, 4 on CUDA)."""
+    batch_size: int = 4
+    """Sequences per step."""
     seq_len: int | None = None
     """Tokens per sequence (default: 256 on CPU, 2048 on CUDA)."""
     precision: Literal["fp32", "bf16"] | None = None
@@ -232,7 +232,6 @@ def plot_step_times(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def _defaults(config: ModelBenchmark, device: torch.device) -> ModelBenchmark:
     on_cuda = device.type == "cuda"
     config.bases = config.bases or (("134m", "373m", "1b") if on_cuda else ("tiny",))
-    config.batch_size = config.batch_size or 4
     config.seq_len = config.seq_len or (2048 if on_cuda else 256)
     config.precision = config.precision or ("bf16" if on_cuda else "fp32")
     return config
