@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,19 @@ def _lr_factor(step: int, config: KnowledgeBenchmarkConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def majority_baseline(corpus: KnowledgeCorpus) -> dict[str, float]:
+    """Recall of always answering each attribute's most frequent value among the Q/A-trained
+    people: what a model gets from the answer distribution alone, without knowing anyone."""
+    answers: dict[str, Counter[str]] = defaultdict(Counter)
+    for qa in corpus.train_qa_pairs():
+        answers[qa.attribute][qa.answer] += 1
+    baseline = {}
+    for split, qa_pairs in (("recall_heldout", corpus.eval_qa_pairs()), ("recall_trained", corpus.train_qa_pairs())):
+        hits = [answers[qa.attribute].most_common(1)[0][0] == qa.answer for qa in qa_pairs]
+        baseline[split] = sum(hits) / max(len(hits), 1)
+    return baseline
+
+
 def _summary(results: dict[str, Any]) -> dict[str, float]:
     return {
         "recall_heldout": results["recall_heldout_questions"]["accuracy"],
@@ -212,6 +225,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} | {result['final_train_loss']:.3f} "
             f"| {result['train_seconds']:.0f}s |"
         )
+    baseline = report["majority_baseline"]
+    lines.append(f"| majority answer (no model) | - | - | {100 * baseline['recall_heldout']:.1f}% "
+                 f"| {100 * baseline['recall_trained']:.1f}% | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -252,6 +268,7 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "cache_dir"},
         "corpus_tokens": tokens.numel(),
         "epochs": epochs,
+        "majority_baseline": majority_baseline(corpus),
         "models": {},
     }
     for name, model_config in twin_configs(config, tokenizer.get_vocab_size()).items():

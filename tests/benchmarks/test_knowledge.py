@@ -36,8 +36,9 @@ def test_tiny_knowledge_benchmark_writes_its_report(tmp_path: Path):
         # The memory twins are FLOP-matched from below: they never cost more than dense.
         assert result["train_flops_per_token"] <= dense_flops
         assert (result["params"]["memory"] > 0) == (name != "dense")
+    assert all(0 <= report["majority_baseline"][split] <= 1 for split in ("recall_heldout", "recall_trained"))
     table = (tmp_path / "out" / "knowledge.md").read_text()
-    assert all(f"| {name} |" in table for name in MODEL_NAMES)
+    assert all(f"| {name} |" in table for name in (*MODEL_NAMES, "majority answer (no model)"))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
