@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -81,7 +82,9 @@ def load_checkpoint(
     with torch.device(device):
         transformer = Transformer(replace(FLAVORS[model], vocab_size=vocab_size))
     state = transformer.state_dict()
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # a single-process load is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     transformer.load_state_dict(state)
     return transformer.eval()
 
