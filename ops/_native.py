@@ -44,28 +44,10 @@ def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     return _kernels().lookup_forward(values, indices, weights)
 
 
-def _sort_by_row(indices: Tensor) -> tuple[Tensor, Tensor]:
-    """The flat indices sorted, and the flat position of each.
-
-    The sort is stable: a row's positions stay in increasing order, the fixed summation order
-    that makes the value gradient bitwise deterministic.
-    """
-    return torch.sort(indices.reshape(-1).long(), stable=True)
-
-
 def lookup_values_grad(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
-    sorted_rows, order = _sort_by_row(indices)
-    is_start = torch.ones_like(sorted_rows, dtype=torch.bool)
-    is_start[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    segment_starts = is_start.nonzero().flatten()
-    return _kernels().lookup_values_grad(
-        grad_out, sorted_rows, order, weights.reshape(-1), segment_starts,
-        max(indices.shape[1], 1), num_rows,
-    )
+    return _kernels().lookup_values_grad(grad_out, indices, weights, num_rows)
 
 
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    sorted_rows, order = _sort_by_row(indices)
-    T, B = indices.shape
     # The kernel reads both as the table's element type.
-    return _kernels().lookup_weights_grad(grad_out.to(values.dtype), values, sorted_rows, order, T, B)
+    return _kernels().lookup_weights_grad(grad_out.to(values.dtype), values, indices)

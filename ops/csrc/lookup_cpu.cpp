@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -117,107 +118,131 @@ at::Tensor lookup_forward(const at::Tensor& values, const at::Tensor& indices,
 
 // grad_values[n] = sum over the flat positions p with indices[p] == n of weights[p] * grad_out[p / B].
 //
-// `sorted_rows` holds the flat indices sorted (stably), `order` the flat position of each. Each
-// touched row is one segment, summed in the fixed stable-sort order (bitwise deterministic) and
-// stored once; the untouched rows between segments are zero-filled by the same thread, so every
-// row of the fresh [N, D] gradient is written exactly once.
+// The flat positions p of `indices` grouped by row, as CSR: row r's positions are
+// positions[row_starts[r] : row_starts[r + 1]], in increasing p. A counting sort, O(N + T * B):
+// the fixed order in which both backward kernels visit a row's hits (bitwise deterministic).
+// int32 offsets: half the cache footprint of int64, which the random counting passes feel.
+struct RowsCSR {
+  at::Tensor row_starts;  // [N + 1] int32
+  at::Tensor positions;   // [T * B] int32
+};
+
+template <typename index_t>
+RowsCSR group_positions_by_row(const at::Tensor& indices, int64_t N) {
+  const int64_t M = indices.numel();
+  const index_t* rows = indices.const_data_ptr<index_t>();
+  auto row_starts = at::zeros({N + 1}, indices.options().dtype(at::kInt));
+  auto positions = at::empty({M}, indices.options().dtype(at::kInt));
+  int32_t* starts = row_starts.mutable_data_ptr<int32_t>();
+  int32_t* out = positions.mutable_data_ptr<int32_t>();
+  for (int64_t p = 0; p < M; ++p) {
+    ++starts[int64_t(rows[p]) + 1];
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    starts[r + 1] += starts[r];
+  }
+  std::vector<int32_t> cursor(starts, starts + N);
+  for (int64_t p = 0; p < M; ++p) {
+    out[cursor[rows[p]]++] = p;
+  }
+  return {row_starts, positions};
+}
+
+RowsCSR group_positions_by_row(const at::Tensor& indices, int64_t N) {
+  TORCH_CHECK(indices.numel() < std::numeric_limits<int32_t>::max(),
+              "lookup: the CPU backward takes fewer than 2^31 indices per call, got ",
+              indices.numel());
+  auto indices_c = indices.contiguous();
+  return AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "group_positions_by_row", [&] {
+    return group_positions_by_row<index_t>(indices_c, N);
+  });
+}
+
+// grad_values[r] = sum over row r's positions p of weights[p] * grad_out[p / B]. One pass over all
+// N rows: a row with hits is summed and stored once, a row without is zero-filled, so every row
+// of the fresh [N, D] gradient is written exactly once (no separate zero fill).
 template <typename scalar_t>
-void values_grad_kernel(const scalar_t* grad_out, const int64_t* sorted_rows, const int64_t* order,
-                        const at::opmath_type<scalar_t>* weights, const int64_t* segment_starts,
-                        int64_t num_segments, int64_t num_positions, int64_t B, int64_t N,
-                        int64_t D, scalar_t* grad) {
+void values_grad_kernel(const scalar_t* grad_out, const int32_t* row_starts,
+                        const int32_t* positions, const at::opmath_type<scalar_t>* weights,
+                        int64_t B, int64_t N, int64_t D, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  // Segment s covers positions [segment_starts[s], segment_starts[s + 1]); the zero rows that
-  // follow segment s (up to the next touched row) belong to it, and those before the first
-  // touched row to segment 0.
-  at::parallel_for(0, num_segments, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(D);
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t first = segment_starts[s];
-      const int64_t last = s + 1 < num_segments ? segment_starts[s + 1] : num_positions;
-      const int64_t row = sorted_rows[first];
-      if (s == 0 && row > 0) {
-        std::memset(grad, 0, sizeof(scalar_t) * row * D);
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* g = grad + r * D;
+      if (row_starts[r] == row_starts[r + 1]) {
+        std::memset(g, 0, sizeof(scalar_t) * D);
+        continue;
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t p = first; p < last; ++p) {
-        const int64_t position = order[p];
-        add_scaled_row(acc.data(), weights[position], grad_out + (position / B) * D, D);
+      for (int64_t i = row_starts[r]; i < row_starts[r + 1]; ++i) {
+        const int64_t p = positions[i];
+        add_scaled_row(acc.data(), weights[p], grad_out + (p / B) * D, D);
       }
-      scalar_t* g = grad + row * D;
       store_row(g, acc.data(), D);
-      const int64_t next_row = s + 1 < num_segments ? sorted_rows[last] : N;
-      if (next_row > row + 1) {
-        std::memset(g + D, 0, sizeof(scalar_t) * (next_row - row - 1) * D);
-      }
     }
   });
 }
 
-at::Tensor lookup_values_grad(const at::Tensor& grad_out, const at::Tensor& sorted_rows,
-                              const at::Tensor& order, const at::Tensor& weights,
-                              const at::Tensor& segment_starts, int64_t B, int64_t N) {
-  const int64_t D = grad_out.size(1);
+at::Tensor lookup_values_grad(const at::Tensor& grad_out, const at::Tensor& indices,
+                              const at::Tensor& weights, int64_t N) {
+  const int64_t B = indices.size(1), D = grad_out.size(1);
+  const RowsCSR csr = group_positions_by_row(indices, N);
   auto grad = at::empty({N, D}, grad_out.options());
   advise_huge_pages(grad);
-  const int64_t num_segments = segment_starts.numel();
-  if (num_segments == 0) {
-    return grad.zero_();
-  }
   auto grad_out_c = grad_out.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "lookup_values_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto weights_acc = weights.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     values_grad_kernel<scalar_t>(grad_out_c.const_data_ptr<scalar_t>(),
-                                 sorted_rows.const_data_ptr<int64_t>(),
-                                 order.const_data_ptr<int64_t>(), weights_acc.const_data_ptr<acc_t>(),
-                                 segment_starts.const_data_ptr<int64_t>(), num_segments,
-                                 sorted_rows.numel(), B, N, D, grad.mutable_data_ptr<scalar_t>());
+                                 csr.row_starts.const_data_ptr<int32_t>(),
+                                 csr.positions.const_data_ptr<int32_t>(),
+                                 weights_acc.const_data_ptr<acc_t>(), B, N, D,
+                                 grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
 }
 
-// grad_weights[p] = <grad_out[p / B], values[sorted_rows[p']]> for each flat position p = order[p'].
-//
-// Walking the positions in row order streams through the table in increasing address order and
-// reads a row hit several times once, instead of gathering T * B rows at random.
-template <typename scalar_t>
-void weights_grad_kernel(const scalar_t* grad_out, const scalar_t* values,
-                         const int64_t* sorted_rows, const int64_t* order,
-                         at::opmath_type<scalar_t>* grad_weights, int64_t num_positions,
-                         int64_t B, int64_t D) {
+// grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>, in the accumulation dtype.
+template <typename scalar_t, typename index_t>
+void weights_grad_kernel(const scalar_t* grad_out, const scalar_t* values, const index_t* indices,
+                         at::opmath_type<scalar_t>* grad_weights, int64_t T, int64_t B, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, num_positions, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      if (p + kPrefetchDistance < end) {
-        prefetch_row(values + sorted_rows[p + kPrefetchDistance] * D, D * sizeof(scalar_t));
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* dy = grad_out + t * D;
+      const index_t* row_ids = indices + t * B;
+      for (int64_t b = 0; b < B; ++b) {
+        if (b + kPrefetchDistance < B) {
+          prefetch_row(values + int64_t(row_ids[b + kPrefetchDistance]) * D, D * sizeof(scalar_t));
+        }
+        const scalar_t* row = values + int64_t(row_ids[b]) * D;
+        acc_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dot += acc_t(dy[d]) * acc_t(row[d]);
+        }
+        grad_weights[t * B + b] = dot;
       }
-      const scalar_t* row = values + sorted_rows[p] * D;
-      const scalar_t* dy = grad_out + (order[p] / B) * D;
-      acc_t dot = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        dot += acc_t(dy[d]) * acc_t(row[d]);
-      }
-      grad_weights[order[p]] = dot;
     }
   });
 }
 
 at::Tensor lookup_weights_grad(const at::Tensor& grad_out, const at::Tensor& values,
-                               const at::Tensor& sorted_rows, const at::Tensor& order, int64_t T,
-                               int64_t B) {
-  const int64_t D = values.size(1);
+                               const at::Tensor& indices) {
+  const int64_t T = indices.size(0), B = indices.size(1), D = values.size(1);
   auto grad_out_c = grad_out.contiguous();
   auto values_c = values.contiguous();
+  auto indices_c = indices.contiguous();
   at::Tensor grad_weights;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "lookup_weights_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     grad_weights = at::empty({T, B}, values.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    weights_grad_kernel<scalar_t>(grad_out_c.const_data_ptr<scalar_t>(),
-                                  values_c.const_data_ptr<scalar_t>(),
-                                  sorted_rows.const_data_ptr<int64_t>(),
-                                  order.const_data_ptr<int64_t>(),
-                                  grad_weights.mutable_data_ptr<acc_t>(), sorted_rows.numel(), B, D);
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "lookup_weights_grad", [&] {
+      weights_grad_kernel<scalar_t, index_t>(grad_out_c.const_data_ptr<scalar_t>(),
+                                             values_c.const_data_ptr<scalar_t>(),
+                                             indices_c.const_data_ptr<index_t>(),
+                                             grad_weights.mutable_data_ptr<acc_t>(), T, B, D);
+    });
   });
   return grad_weights;
 }
@@ -226,12 +251,8 @@ at::Tensor lookup_weights_grad(const at::Tensor& grad_out, const at::Tensor& val
 
 TORCH_LIBRARY(memlayer_cpu, m) {
   m.def("lookup_forward(Tensor values, Tensor indices, Tensor weights) -> Tensor", &lookup_forward);
-  m.def(
-      "lookup_values_grad(Tensor grad_out, Tensor sorted_rows, Tensor order, Tensor weights, "
-      "Tensor segment_starts, int B, int N) -> Tensor",
-      &lookup_values_grad);
-  m.def(
-      "lookup_weights_grad(Tensor grad_out, Tensor values, Tensor sorted_rows, Tensor order, "
-      "int T, int B) -> Tensor",
-      &lookup_weights_grad);
+  m.def("lookup_values_grad(Tensor grad_out, Tensor indices, Tensor weights, int N) -> Tensor",
+        &lookup_values_grad);
+  m.def("lookup_weights_grad(Tensor grad_out, Tensor values, Tensor indices) -> Tensor",
+        &lookup_weights_grad);
 }
