@@ -12,7 +12,12 @@
 
 #include <sys/mman.h>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -41,6 +46,50 @@ template <typename scalar_t, typename acc_t>
 inline void store_row(scalar_t* out, const acc_t* acc, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     out[d] = scalar_t(acc[d]);
+  }
+}
+
+// <x, row> in the accumulation type. Independent lanes let the compiler vectorise the sum
+// (a single running sum is a serial chain it may not reorder) and keep it deterministic.
+template <typename acc_t, typename scalar_t>
+inline acc_t dot_row(const acc_t* x, const scalar_t* row, int64_t D) {
+  constexpr int64_t kLanes = 32;
+  acc_t lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      lanes[j] += x[d + j] * acc_t(row[d + j]);
+    }
+  }
+  acc_t dot = 0;
+  for (; d < D; ++d) {
+    dot += x[d] * acc_t(row[d]);
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    dot += lanes[j];
+  }
+  return dot;
+}
+
+// Rows of the fresh [N, D] value gradient are written once and not read again here: with
+// non-temporal (streaming) stores the write does not first read each line into the cache.
+// fp32 rows that are whole 32-byte vectors only; everything else takes the plain stores.
+template <typename scalar_t, typename acc_t>
+inline void stream_row(scalar_t* out, const acc_t* acc, int64_t D) {
+#ifdef __AVX__
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (D % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 32 == 0) {
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_stream_ps(out + d, acc == nullptr ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + d));
+      }
+      return;
+    }
+  }
+#endif
+  if (acc == nullptr) {
+    std::memset(out, 0, sizeof(scalar_t) * D);
+  } else {
+    store_row(out, acc, D);
   }
 }
 
@@ -171,7 +220,7 @@ void values_grad_kernel(const scalar_t* grad_out, const int32_t* row_starts,
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* g = grad + r * D;
       if (row_starts[r] == row_starts[r + 1]) {
-        std::memset(g, 0, sizeof(scalar_t) * D);
+        stream_row<scalar_t, acc_t>(g, nullptr, D);
         continue;
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -179,8 +228,11 @@ void values_grad_kernel(const scalar_t* grad_out, const int32_t* row_starts,
         const int64_t p = positions[i];
         add_scaled_row(acc.data(), weights[p], grad_out + (p / B) * D, D);
       }
-      store_row(g, acc.data(), D);
+      stream_row(g, acc.data(), D);
     }
+#ifdef __AVX__
+    _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+#endif
   });
 }
 
@@ -209,19 +261,15 @@ void weights_grad_kernel(const scalar_t* grad_out, const scalar_t* values, const
                          at::opmath_type<scalar_t>* grad_weights, int64_t T, int64_t B, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dy(D);
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* dy = grad_out + t * D;
+      std::copy(grad_out + t * D, grad_out + (t + 1) * D, dy.begin());
       const index_t* row_ids = indices + t * B;
       for (int64_t b = 0; b < B; ++b) {
         if (b + kPrefetchDistance < B) {
           prefetch_row(values + int64_t(row_ids[b + kPrefetchDistance]) * D, D * sizeof(scalar_t));
         }
-        const scalar_t* row = values + int64_t(row_ids[b]) * D;
-        acc_t dot = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          dot += acc_t(dy[d]) * acc_t(row[d]);
-        }
-        grad_weights[t * B + b] = dot;
+        grad_weights[t * B + b] = dot_row(dy.data(), values + int64_t(row_ids[b]) * D, D);
       }
     }
   });
