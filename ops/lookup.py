@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ops import _native, lookup_triton
+from ops._dtypes import accumulation_dtype
 
 _FLOAT_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -66,10 +67,6 @@ def check_indices_in_range(indices: Tensor, num_rows: int) -> None:
         raise IndexError(
             f"lookup: indices must lie in [0, {num_rows}) (the rows of values), found {bad}"
         )
-
-
-def _weights_grad_dtype(values_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if values_dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- forward
@@ -141,7 +138,7 @@ def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Te
 
 @lookup_weights_grad.register_fake
 def _lookup_weights_grad_fake(grad_out, values, indices):
-    return grad_out.new_empty(indices.shape, dtype=_weights_grad_dtype(values.dtype))
+    return grad_out.new_empty(indices.shape, dtype=accumulation_dtype(values.dtype))
 
 
 @lookup_weights_grad.register_kernel("cpu")

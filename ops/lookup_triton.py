@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops._dtypes import accumulation_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -237,11 +239,6 @@ def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
     return block_rows, block_d
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums run in fp32, or in fp64 for fp64 inputs (so gradcheck through the kernels works)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _triton_dtype(dtype: torch.dtype):
     return getattr(tl, str(dtype).removeprefix("torch."))
 
@@ -263,7 +260,7 @@ def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     _lookup_forward_kernel[grid](
         values, indices.contiguous(), weights.contiguous(), out,
         values.shape[0], bag_size, dim, values.stride(0),
-        ACC_DTYPE=_triton_dtype(_accumulator_dtype(values.dtype)),
+        ACC_DTYPE=_triton_dtype(accumulation_dtype(values.dtype)),
         BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
     return out
@@ -314,11 +311,11 @@ def _values_grad_sorted(
     piece_rows = torch.searchsorted(
         piece_starts[1:], torch.arange(max_pieces, device=device), right=True
     )
-    partials = grad_out.new_empty((max_pieces, dim), dtype=_accumulator_dtype(grad_out.dtype))
+    partials = grad_out.new_empty((max_pieces, dim), dtype=accumulation_dtype(grad_out.dtype))
 
     block_hits, block_d = _tile_shape(dim, bag_size)
     d_blocks = triton.cdiv(dim, block_d)
-    acc_dtype = _triton_dtype(_accumulator_dtype(grad_out.dtype))
+    acc_dtype = _triton_dtype(accumulation_dtype(grad_out.dtype))
     if max_pieces > 0:
         _hot_row_pieces_kernel[(max_pieces, d_blocks)](
             grad_out, weights, hit_order, row_starts, piece_starts, piece_rows, partials,
@@ -339,7 +336,7 @@ def _values_grad_atomic(
 ) -> Tensor:
     (num_tokens, bag_size), dim = indices.shape, grad_out.shape[1]
     # bf16/fp16 atomics would round every partial sum: accumulate in an fp32 buffer instead.
-    buffer_dtype = _accumulator_dtype(grad_out.dtype)
+    buffer_dtype = accumulation_dtype(grad_out.dtype)
     grad_values = torch.zeros((num_rows, dim), dtype=buffer_dtype, device=grad_out.device)
     if num_tokens > 0:
         block_b, block_d = _tile_shape(dim, bag_size)
@@ -355,7 +352,7 @@ def _values_grad_atomic(
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     """``grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>``, [T, B] fp32 (fp64)."""
     (num_tokens, bag_size), dim = indices.shape, values.shape[1]
-    acc_dtype = _accumulator_dtype(values.dtype)
+    acc_dtype = accumulation_dtype(values.dtype)
     grad_weights = torch.empty(indices.shape, dtype=acc_dtype, device=values.device)
     if grad_weights.numel() == 0:
         return grad_weights

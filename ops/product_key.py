@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops._dtypes import accumulation_dtype
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_product_key_args(query: Tensor, subkeys: Tensor, k: int) -> None:
@@ -151,7 +149,7 @@ def _product_key_topk_fake(query, subkeys, k):
     _check_product_key_args(query, subkeys, k)
     shape = (query.shape[0], query.shape[1], k)
     return (
-        query.new_empty(shape, dtype=_score_dtype(query.dtype)),
+        query.new_empty(shape, dtype=accumulation_dtype(query.dtype)),
         query.new_empty(shape, dtype=torch.int64),
     )
 
@@ -161,7 +159,7 @@ def _product_key_topk_kernel(query, subkeys, k):
     _check_product_key_args(query, subkeys, k)
     num_tokens, num_heads, key_dim = query.shape
     num_subkeys = subkeys.shape[2]
-    score_dtype = _score_dtype(query.dtype)
+    score_dtype = accumulation_dtype(query.dtype)
 
     half_queries = query.reshape(num_tokens, num_heads, 2, key_dim // 2).to(score_dtype)
     half_scores = torch.einsum("thcd,hcnd->thcn", half_queries, subkeys.to(score_dtype))
