@@ -7,185 +7,316 @@ custom op that ``torch.compile(fullgraph=True)`` traces without graph breaks.
 
 Three ops, so that a backward never computes a gradient nobody asked for:
 
-- ``memlayer::lookup(values, indices, weights, deterministic=True) -> out``
+- ``memlayer::lookup(values, indices, weights, deterministic=True) -> out [T, D]``
 - ``memlayer::lookup_values_grad(grad_out, indices, weights, num_rows, deterministic) -> [N, D]``
 - ``memlayer::lookup_weights_grad(grad_out, values, indices) -> [T, B]`` (fp32, fp64 for fp64)
 
-``deterministic`` only affects the value gradient on CUDA: True (default) gives bitwise
-identical gradients run to run; False allows the faster atomic-add kernel.
+Each is linear in each of its float arguments, and each one's derivatives are the other two, so
+all three are differentiable to any order, in reverse and forward mode, and under ``torch.func``
+(``ops/_autograd.py``). ``deterministic`` only affects the value gradient on CUDA: True (default)
+gives bitwise identical gradients run to run; False allows the faster atomic-add kernel.
 
-Kernels: CPU in ``ops/csrc/lookup_cpu.cpp`` (loaded by ``ops/_native.py``), CUDA in
-``ops/lookup_triton.py``. Fake kernels below make the meta device and torch.compile work.
+This file holds the policy: argument checks (``ops/checks.py``), which kernel runs where, the
+fake kernels (meta device, torch.compile), autograd, the float64 reference and the DTensor rules.
+Kernels: CPU in ``ops/lookup_cpu.py`` (C++), CUDA in ``ops/lookup_triton.py`` (Triton).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ops import _native, lookup_triton
+from ops import lookup_cpu, lookup_triton
+from ops._autograd import OpFunction, below_autograd, register_autograd
 from ops._dtypes import accumulation_dtype
+from ops.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_indices_in_range,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 
-_FLOAT_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_INDEX_DTYPES = (torch.int64, torch.int32)
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+torch.library.define(
+    "memlayer::lookup",
+    "(Tensor values, Tensor indices, Tensor weights, bool deterministic=True) -> Tensor",
+    tags=_TAGS,
+)
+torch.library.define(
+    "memlayer::lookup_values_grad",
+    "(Tensor grad_out, Tensor indices, Tensor weights, SymInt num_rows, bool deterministic)"
+    " -> Tensor",
+    tags=_TAGS,
+)
+torch.library.define(
+    "memlayer::lookup_weights_grad",
+    "(Tensor grad_out, Tensor values, Tensor indices) -> Tensor",
+    tags=_TAGS,
+)
+
+lookup = torch.ops.memlayer.lookup
+"""``lookup(values [N, D], indices [T, B], weights [T, B], deterministic=True) -> [T, D]``:
+``out[t] = sum_b weights[t, b] * values[indices[t, b]]`` in the values' dtype, summed in fp32.
+values float32/bfloat16/float16 (float64 for gradcheck); indices int64/int32 in [0, N);
+weights floating."""
+
+lookup_values_grad = torch.ops.memlayer.lookup_values_grad
+"""``grad_values[n] = sum_{(t, b): indices[t, b] == n} weights[t, b] * grad_out[t]``, [N, D]."""
+
+lookup_weights_grad = torch.ops.memlayer.lookup_weights_grad
+"""``grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>``, [T, B] in fp32 (fp64)."""
 
 
-def _check_lookup_args(values: Tensor, indices: Tensor, weights: Tensor) -> None:
-    """Shape, dtype and device checks that need no data (so they also run on fake tensors)."""
-    if values.dim() != 2:
-        raise ValueError(f"lookup: values must be 2-D [N, D], got shape {tuple(values.shape)}")
-    if values.dtype not in _FLOAT_VALUE_DTYPES:
-        raise TypeError(
-            f"lookup: values must be float32, bfloat16, float16 or float64, got {values.dtype}"
-        )
-    if indices.dim() != 2:
-        raise ValueError(f"lookup: indices must be 2-D [T, B], got shape {tuple(indices.shape)}")
-    if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"lookup: indices must be int64 or int32, got {indices.dtype}")
-    if weights.shape != indices.shape:
+# --------------------------------------------------------------------------- checks
+
+
+def _check_bags(op: str, indices: Tensor, weights: Tensor) -> None:
+    check_tensor(op, "indices", indices, "[T, B]", INDEX_DTYPES)
+    check_tensor(op, "weights", weights, "[T, B]")
+    check_shape(op, "weights", weights, indices.shape, "the shape of indices")
+
+
+def _check_lookup(values: Tensor, indices: Tensor, weights: Tensor) -> None:
+    check_tensor("lookup", "values", values, "[N, D]", FLOAT_DTYPES)
+    _check_bags("lookup", indices, weights)
+    check_same_device("lookup", values=values, indices=indices, weights=weights)
+
+
+def _check_values_grad(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> None:
+    op = "lookup_values_grad"
+    _check_bags(op, indices, weights)
+    check_tensor(op, "grad_out", grad_out, "[T, D]", FLOAT_DTYPES)
+    if grad_out.shape[0] != indices.shape[0]:
         raise ValueError(
-            f"lookup: weights must have the shape of indices {tuple(indices.shape)}, "
-            f"got {tuple(weights.shape)}"
+            f"{op}: grad_out must have T = indices.shape[0] = {indices.shape[0]} rows, "
+            f"got shape {tuple(grad_out.shape)}"
         )
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"lookup: weights must be floating point, got {weights.dtype}")
-    if not (values.device == indices.device == weights.device):
-        raise ValueError(
-            "lookup: values, indices and weights must be on one device, got "
-            f"{values.device}, {indices.device} and {weights.device}"
+    if num_rows < 0:
+        raise ValueError(f"{op}: num_rows must be >= 0, got {num_rows}")
+    check_same_device(op, grad_out=grad_out, indices=indices, weights=weights)
+
+
+def _check_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> None:
+    op = "lookup_weights_grad"
+    check_tensor(op, "values", values, "[N, D]", FLOAT_DTYPES)
+    check_tensor(op, "indices", indices, "[T, B]", INDEX_DTYPES)
+    check_tensor(op, "grad_out", grad_out, "[T, D]", FLOAT_DTYPES)
+    expected = (indices.shape[0], values.shape[1])
+    check_shape(op, "grad_out", grad_out, expected, "T of indices, D of values")
+    check_same_device(op, grad_out=grad_out, values=values, indices=indices)
+
+
+def _check_rows(op: str, indices: Tensor, num_rows: int) -> None:
+    check_indices_in_range(indices, num_rows, f"{op}: indices", "the rows of values")
+
+
+def _no_kernel(op: str, device: torch.device) -> NotImplementedError:
+    return NotImplementedError(f"{op}: no kernel for device type {device.type!r} (cpu, cuda)")
+
+
+# --------------------------------------------------------------------------- kernels
+#
+# One kernel per op, registered for every device: checks, then the device's implementation.
+
+
+@torch.library.impl("memlayer::lookup", "default")
+def _lookup_kernel(values, indices, weights, deterministic=True):
+    _check_lookup(values, indices, weights)
+    _check_rows("lookup", indices, values.shape[0])
+    if values.device.type == "cuda":
+        return lookup_triton.lookup_forward(values, indices, weights)
+    if values.device.type != "cpu":
+        raise _no_kernel("lookup", values.device)
+    if indices.numel() == 0 or values.shape[1] == 0:
+        return values.new_zeros((indices.shape[0], values.shape[1]))
+    if values.dtype in (torch.float32, torch.float64):
+        # ATen's FBGEMM kernel is already bandwidth bound for full-precision tables.
+        return F.embedding_bag(
+            indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
         )
+    # For bf16/fp16 tables ATen would round the weights to the table's dtype; ours keeps them
+    # in fp32 and accumulates in fp32.
+    return lookup_cpu.lookup_forward(values, indices, weights)
 
 
-def check_indices_in_range(indices: Tensor, num_rows: int) -> None:
-    """Raise if any index is outside ``[0, num_rows)`` (reads the data: syncs on CUDA)."""
-    if indices.numel() == 0:
-        return
-    low, high = torch.aminmax(indices)
-    low, high = int(low), int(high)
-    if low < 0 or high >= num_rows:
-        bad = low if low < 0 else high
-        raise IndexError(
-            f"lookup: indices must lie in [0, {num_rows}) (the rows of values), found {bad}"
-        )
+@torch.library.impl("memlayer::lookup_values_grad", "default")
+def _lookup_values_grad_kernel(grad_out, indices, weights, num_rows, deterministic):
+    _check_values_grad(grad_out, indices, weights, num_rows)
+    _check_rows("lookup_values_grad", indices, num_rows)
+    if grad_out.device.type == "cuda":
+        return lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, deterministic)
+    if grad_out.device.type != "cpu":
+        raise _no_kernel("lookup_values_grad", grad_out.device)
+    return lookup_cpu.lookup_values_grad(grad_out, indices, weights, num_rows)
 
 
-# --------------------------------------------------------------------------- forward
+@torch.library.impl("memlayer::lookup_weights_grad", "default")
+def _lookup_weights_grad_kernel(grad_out, values, indices):
+    _check_weights_grad(grad_out, values, indices)
+    _check_rows("lookup_weights_grad", indices, values.shape[0])
+    if values.device.type == "cuda":
+        return lookup_triton.lookup_weights_grad(grad_out, values, indices)
+    if values.device.type != "cpu":
+        raise _no_kernel("lookup_weights_grad", values.device)
+    return lookup_cpu.lookup_weights_grad(grad_out, values, indices)
 
 
-@torch.library.custom_op("memlayer::lookup", mutates_args=())
-def lookup(values: Tensor, indices: Tensor, weights: Tensor, deterministic: bool = True) -> Tensor:
-    """Weighted bag: ``out[t] = sum_b weights[t, b] * values[indices[t, b]]``, shape [T, D].
-
-    values [N, D] float32/bfloat16/float16 (float64 for gradcheck); indices [T, B] int64/int32 in
-    [0, N); weights [T, B] floating. The output has the values' dtype, accumulated in fp32.
-    ``deterministic=False`` lets the CUDA value gradient use atomics (faster, not bitwise stable).
-    """
-    raise NotImplementedError(f"lookup: no kernel for device {values.device}")
-
-
-@lookup.register_fake
+@torch.library.register_fake("memlayer::lookup")
 def _lookup_fake(values, indices, weights, deterministic=True):
-    _check_lookup_args(values, indices, weights)
+    _check_lookup(values, indices, weights)
     return values.new_empty((indices.shape[0], values.shape[1]))
 
 
-@lookup.register_kernel("cpu")
-def _lookup_cpu(values, indices, weights, deterministic=True):
-    _check_lookup_args(values, indices, weights)
-    check_indices_in_range(indices, values.shape[0])
-    return _native.lookup_forward(values, indices, weights)
-
-
-@lookup.register_kernel("cuda")
-def _lookup_cuda(values, indices, weights, deterministic=True):
-    _check_lookup_args(values, indices, weights)
-    if lookup_triton.index_checks_enabled():  # debug mode: MEMCOMPILE_CHECK_INDICES=1
-        check_indices_in_range(indices, values.shape[0])
-    return lookup_triton.lookup_forward(values, indices, weights)
-
-
-# --------------------------------------------------------------------------- backward
-
-
-@torch.library.custom_op("memlayer::lookup_values_grad", mutates_args=())
-def lookup_values_grad(
-    grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int, deterministic: bool
-) -> Tensor:
-    """``grad_values[n] = sum_{(t, b): indices[t, b] == n} weights[t, b] * grad_out[t]``, [N, D]."""
-    raise NotImplementedError(f"lookup_values_grad: no kernel for device {grad_out.device}")
-
-
-@lookup_values_grad.register_fake
+@torch.library.register_fake("memlayer::lookup_values_grad")
 def _lookup_values_grad_fake(grad_out, indices, weights, num_rows, deterministic):
+    _check_values_grad(grad_out, indices, weights, num_rows)
     return grad_out.new_empty((num_rows, grad_out.shape[1]))
 
 
-@lookup_values_grad.register_kernel("cpu")
-def _lookup_values_grad_cpu(grad_out, indices, weights, num_rows, deterministic):
-    return _native.lookup_values_grad(grad_out, indices, weights, num_rows)
-
-
-@lookup_values_grad.register_kernel("cuda")
-def _lookup_values_grad_cuda(grad_out, indices, weights, num_rows, deterministic):
-    return lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, deterministic)
-
-
-@torch.library.custom_op("memlayer::lookup_weights_grad", mutates_args=())
-def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    """``grad_weights[t, b] = <grad_out[t], values[indices[t, b]]>``, [T, B] in fp32 (fp64)."""
-    raise NotImplementedError(f"lookup_weights_grad: no kernel for device {grad_out.device}")
-
-
-@lookup_weights_grad.register_fake
+@torch.library.register_fake("memlayer::lookup_weights_grad")
 def _lookup_weights_grad_fake(grad_out, values, indices):
+    _check_weights_grad(grad_out, values, indices)
     return grad_out.new_empty(indices.shape, dtype=accumulation_dtype(values.dtype))
 
 
-@lookup_weights_grad.register_kernel("cpu")
-def _lookup_weights_grad_cpu(grad_out, values, indices):
-    return _native.lookup_weights_grad(grad_out, values, indices)
-
-
-@lookup_weights_grad.register_kernel("cuda")
-def _lookup_weights_grad_cuda(grad_out, values, indices):
-    return lookup_triton.lookup_weights_grad(grad_out, values, indices)
-
-
 # --------------------------------------------------------------------------- autograd
+#
+# lookup(V, idx, w), lookup_values_grad(g, idx, w) and lookup_weights_grad(g, V, idx) are the
+# three contractions of V[idx], w and g; the derivative of each w.r.t. one argument is another
+# of them. jvp: the ops are linear in each argument, so a tangent is the op with one argument
+# replaced by its tangent, summed over arguments.
 
 
-def _setup_context(ctx, inputs, output):
-    values, indices, weights, deterministic = inputs
-    # Save only what each gradient needs: dV needs weights, dw needs values.
-    ctx.save_for_backward(
-        indices,
-        weights if ctx.needs_input_grad[0] else None,
-        values if ctx.needs_input_grad[2] else None,
-    )
-    ctx.num_rows = values.shape[0]
-    ctx.weights_dtype = weights.dtype
-    ctx.deterministic = deterministic
-    # DTensor inputs: the backward runs in the forward's layout, whatever layout grad_out comes
-    # in (a Replicate grad_out would pick the Replicate rule: the whole [N, D] value grad on
-    # every rank of a column-sharded table).
-    ctx.out_placements = getattr(output, "placements", None)
+def _sum_of_terms(*terms: Tensor | None) -> Tensor | None:
+    present = [term for term in terms if term is not None]
+    return sum(present[1:], present[0]) if present else None
 
 
-def _backward(ctx, grad_out):
-    indices, weights, values = ctx.saved_tensors
-    if ctx.out_placements is not None:
-        grad_out = grad_out.redistribute(placements=ctx.out_placements)
-    grad_values = grad_weights = None
-    if ctx.needs_input_grad[0]:
-        grad_values = lookup_values_grad(
-            grad_out, indices, weights, ctx.num_rows, ctx.deterministic
+class _Lookup(OpFunction):
+    @staticmethod
+    def forward(values, indices, weights, deterministic):
+        return below_autograd(lookup.default, values, indices, weights, deterministic)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        values, indices, weights, deterministic = inputs
+        # Save only what each gradient needs: dV needs weights, dw needs values.
+        ctx.save_for_backward(
+            indices,
+            weights if ctx.needs_input_grad[0] else None,
+            values if ctx.needs_input_grad[2] else None,
         )
-    if ctx.needs_input_grad[2]:
-        grad_weights = lookup_weights_grad(grad_out, values, indices).to(ctx.weights_dtype)
-    return grad_values, None, grad_weights, None
+        ctx.save_for_forward(values, indices, weights)
+        ctx.num_rows = values.shape[0]
+        ctx.dtypes = values.dtype, weights.dtype
+        ctx.deterministic = deterministic
+        # DTensor inputs: the backward runs in the forward's layout, whatever layout grad_out
+        # comes in (a Replicate grad_out would pick the Replicate rule: the whole [N, D] value
+        # grad on every rank of a column-sharded table).
+        ctx.out_placements = getattr(output, "placements", None)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, weights, values = ctx.saved_tensors
+        if ctx.out_placements is not None:
+            grad_out = grad_out.redistribute(placements=ctx.out_placements)
+        grad_values = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_values = lookup_values_grad(
+                grad_out, indices, weights, ctx.num_rows, ctx.deterministic
+            ).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_weights = lookup_weights_grad(grad_out, values, indices).to(ctx.dtypes[1])
+        return grad_values, None, grad_weights, None
+
+    @staticmethod
+    def jvp(ctx, values_tangent, _indices_tangent, weights_tangent, _deterministic_tangent):
+        values, indices, weights = ctx.saved_tensors
+        return _sum_of_terms(
+            None if values_tangent is None else lookup(values_tangent, indices, weights),
+            None if weights_tangent is None else lookup(values, indices, weights_tangent),
+        )
 
 
-lookup.register_autograd(_backward, setup_context=_setup_context)
+class _LookupValuesGrad(OpFunction):
+    @staticmethod
+    def forward(grad_out, indices, weights, num_rows, deterministic):
+        return below_autograd(
+            lookup_values_grad.default, grad_out, indices, weights, num_rows, deterministic
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, indices, weights, num_rows, ctx.deterministic = inputs
+        ctx.save_for_backward(grad_out, indices, weights)
+        ctx.save_for_forward(grad_out, indices, weights)
+        ctx.num_rows = num_rows
+
+    @staticmethod
+    def backward(ctx, grad_grad_values):
+        grad_out, indices, weights = ctx.saved_tensors
+        grad_grad_out = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_grad_out = lookup(grad_grad_values, indices, weights).to(grad_out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weights = lookup_weights_grad(grad_out, grad_grad_values, indices)
+            grad_weights = grad_weights.to(weights.dtype)
+        return grad_grad_out, None, grad_weights, None, None
+
+    @staticmethod
+    def jvp(ctx, grad_out_tangent, _indices_tangent, weights_tangent, _rows, _deterministic):
+        grad_out, indices, weights = ctx.saved_tensors
+
+        def values_grad(grad_out, weights):
+            return lookup_values_grad(grad_out, indices, weights, ctx.num_rows, ctx.deterministic)
+
+        return _sum_of_terms(
+            None if grad_out_tangent is None else values_grad(grad_out_tangent, weights),
+            None if weights_tangent is None else values_grad(grad_out, weights_tangent),
+        )
+
+
+class _LookupWeightsGrad(OpFunction):
+    @staticmethod
+    def forward(grad_out, values, indices):
+        return below_autograd(lookup_weights_grad.default, grad_out, values, indices)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_grad_weights):
+        grad_out, values, indices = ctx.saved_tensors
+        grad_grad_out = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_grad_out = lookup(values, indices, grad_grad_weights).to(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_values = lookup_values_grad(
+                grad_out, indices, grad_grad_weights, values.shape[0], True
+            ).to(values.dtype)
+        return grad_grad_out, grad_values, None
+
+    @staticmethod
+    def jvp(ctx, grad_out_tangent, values_tangent, _indices_tangent):
+        grad_out, values, indices = ctx.saved_tensors
+        return _sum_of_terms(
+            None
+            if grad_out_tangent is None
+            else lookup_weights_grad(grad_out_tangent, values, indices),
+            None
+            if values_tangent is None
+            else lookup_weights_grad(grad_out, values_tangent, indices),
+        )
+
+
+register_autograd(lookup.default, _Lookup)
+register_autograd(lookup_values_grad.default, _LookupValuesGrad)
+register_autograd(lookup_weights_grad.default, _LookupWeightsGrad)
 
 
 # --------------------------------------------------------------------------- reference

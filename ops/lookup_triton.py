@@ -23,18 +23,14 @@ The value gradient has two modes:
   ``w * grad_out[t]`` into a zeroed buffer (fp32 for bf16/fp16 values, as low-precision atomics
   would lose the sum). Not bitwise stable; useful as a cross-check and where sorting dominates.
 
-Debug mode: with the environment variable ``MEMCOMPILE_CHECK_INDICES=1`` (read at every call),
-the CUDA ``lookup`` validates the indices first and raises a clear ``IndexError`` for an index
-outside ``[0, N)``. It costs a device-to-host sync, so it is off by default; out-of-range indices
-then silently contribute nothing (never an out-of-bounds read). The CPU kernel always checks.
+The ops check index ranges before launching only in debug mode on CUDA (see ``ops/checks.py``):
+the masking is what keeps an unchecked bad index from ever being read.
 
 The launchers take plain tensors of any device Triton can run on: CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1`` (how the tests run them without a GPU).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +47,6 @@ except ImportError:  # macOS and other Triton-less installs have no CUDA either:
 
 def _jit(kernel):
     return triton.jit(kernel) if triton is not None else kernel
-
-
-def index_checks_enabled() -> bool:
-    """Whether the CUDA lookup should validate its indices (``MEMCOMPILE_CHECK_INDICES=1``)."""
-    return os.environ.get("MEMCOMPILE_CHECK_INDICES") == "1"
 
 
 # --------------------------------------------------------------------------- kernels

@@ -1,9 +1,9 @@
 // CPU kernels of memlayer::lookup and its two backward ops (see ops/lookup.py for the ops).
 //
-// Registered as torch.ops.memlayer_cpu.* and called only by ops/_native.py, which validates the
-// arguments first. Every loop is memory bound: rows are gathered with a prefetch a few rows
-// ahead, accumulated in fp32 (fp64 for fp64 tables) and the work is split over threads with
-// at::parallel_for.
+// Registered as torch.ops.memlayer_cpu.* and called only by ops/lookup_cpu.py, after ops/lookup.py
+// has checked the arguments (indices in range included). Every loop is memory bound: rows are
+// gathered with a prefetch a few rows ahead, accumulated in fp32 (fp64 for fp64 tables) and the
+// work is split over threads with at::parallel_for.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -110,7 +110,7 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 // out[t] = sum_b weights[t, b] * values[indices[t, b]], for bf16/fp16 tables (fp32 and fp64 go
-// through ATen's embedding_bag, see ops/_native.py).
+// through ATen's embedding_bag, see ops/lookup.py).
 template <typename scalar_t, typename index_t>
 void forward_kernel(const scalar_t* values, const index_t* indices,
                     const at::opmath_type<scalar_t>* weights, scalar_t* out, int64_t T, int64_t B,

@@ -161,7 +161,7 @@ def test_meta_device():
         (torch.randn(4), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), ValueError, r"values must be 2-D \[N, D\], got shape \(4,\)"),
         (torch.randn(4, 3), torch.zeros(2, dtype=torch.long), torch.ones(2), ValueError, r"indices must be 2-D \[T, B\]"),
         (torch.randn(4, 3), torch.zeros(2, 2), torch.ones(2, 2), TypeError, r"indices must be int64 or int32, got torch.float32"),
-        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), ValueError, r"weights must have the shape of indices \(2, 2\), got \(2, 3\)"),
+        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), ValueError, r"weights must have shape \(2, 2\) \(the shape of indices\), got \(2, 3\)"),
         (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long), TypeError, r"weights must be floating point"),
         (torch.ones(4, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), TypeError, r"values must be float32, bfloat16, float16 or float64"),
         (torch.randn(4, 3), torch.tensor([[0, 4]]), torch.ones(1, 2), IndexError, r"indices must lie in \[0, 4\) .*found 4"),
@@ -172,3 +172,92 @@ def test_meta_device():
 def test_bad_input_raises_clear_error(values, indices, weights, error, match):
     with pytest.raises(error, match=match):
         torch.ops.memlayer.lookup(values, indices, weights)
+
+
+@pytest.mark.parametrize(
+    "op, args, error, match",
+    [
+        # An unchecked row here used to segfault (too large) or write outside the gradient
+        # (negative); short weights or grad_out were read past their end.
+        (lookup_values_grad, (torch.randn(2, 3), torch.tensor([[0, 9], [1, 2]]), torch.ones(2, 2), 4, True), IndexError, r"lookup_values_grad: indices must lie in \[0, 4\) .*found 9"),
+        (lookup_values_grad, (torch.randn(2, 3), torch.tensor([[0, -2], [1, 2]]), torch.ones(2, 2), 4, True), IndexError, r"lookup_values_grad: indices must lie in \[0, 4\) .*found -2"),
+        (lookup_values_grad, (torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(1, 2), 4, True), ValueError, r"lookup_values_grad: weights must have shape \(2, 2\)"),
+        (lookup_values_grad, (torch.randn(1, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), 4, True), ValueError, r"lookup_values_grad: grad_out must have T = indices.shape\[0\] = 2 rows"),
+        (lookup_values_grad, (torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), -1, True), ValueError, r"lookup_values_grad: num_rows must be >= 0, got -1"),
+        (lookup_weights_grad, (torch.randn(2, 3), torch.randn(4, 3), torch.tensor([[0, 4], [1, 2]])), IndexError, r"lookup_weights_grad: indices must lie in \[0, 4\) .*found 4"),
+        (lookup_weights_grad, (torch.randn(1, 3), torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long)), ValueError, r"lookup_weights_grad: grad_out must have shape \(2, 3\)"),
+        (lookup_weights_grad, (torch.randn(2, 5), torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long)), ValueError, r"grad_out must have shape \(2, 3\) \(T of indices, D of values\), got \(2, 5\)"),
+        (torch.ops.memlayer.lookup, (torch.randn(4, 3).to_sparse(), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2)), TypeError, r"lookup: values must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+        (torch.ops.memlayer.lookup, (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long).to_sparse(), torch.ones(2, 2)), TypeError, r"lookup: indices must be a dense \(strided\) tensor"),
+    ],
+)  # fmt: skip
+def test_backward_ops_and_layouts_reject_bad_input(op, args, error, match):
+    with pytest.raises(error, match=match):
+        op(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zero_width_table(dtype):
+    values = torch.randn(4, 0, dtype=dtype, requires_grad=True)
+    weights = torch.ones(2, 3, requires_grad=True)
+    out = torch.ops.memlayer.lookup(values, torch.zeros(2, 3, dtype=torch.long), weights)
+    assert out.shape == (2, 0) and out.dtype == dtype
+    out.sum().backward()
+    assert values.grad.shape == (4, 0) and torch.equal(weights.grad, torch.zeros(2, 3))
+
+
+# --------------------------------------------------------------------------- torch.func, forward AD
+
+
+def float64_inputs(seed=5):
+    values, indices, weights = make_inputs(9, 4, 6, 3, torch.float64, torch.int64, "few_rows", seed)
+    return values, indices, weights.detach().double().requires_grad_()
+
+
+def test_forward_mode_ad_matches_the_reference():
+    values, indices, weights = (t.detach() for t in float64_inputs())
+    tangents = torch.randn_like(values), torch.randn_like(weights)
+
+    def op(values, weights):
+        return torch.ops.memlayer.lookup(values, indices, weights)
+
+    def reference(values, weights):
+        return ops.reference_lookup(values, indices, weights)
+
+    _, expected = torch.func.jvp(reference, (values, weights), tangents)
+    _, actual = torch.func.jvp(op, (values, weights), tangents)
+    torch.testing.assert_close(actual, expected)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(values, tangents[0])
+        tangent = torch.autograd.forward_ad.unpack_dual(op(dual, weights)).tangent
+    torch.testing.assert_close(tangent, reference(tangents[0], weights))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's loop fallback
+def test_torch_func_transforms_match_autograd():
+    values, indices, weights = float64_inputs()
+
+    def loss(values, weights, indices=indices):
+        return torch.ops.memlayer.lookup(values, indices, weights).square().sum()
+
+    expected = torch.autograd.grad(loss(values, weights), (values, weights))
+    actual = torch.func.grad(loss, argnums=(0, 1))(values.detach(), weights.detach())
+    torch.testing.assert_close(actual, expected)
+    # Per-sample gradients: vmap over tokens of grad w.r.t. the weights.
+    per_token = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(None, 0, 0))(
+        values.detach(), weights.detach().unsqueeze(1), indices.unsqueeze(1)
+    )
+    torch.testing.assert_close(per_token.squeeze(1), expected[1])
+
+
+def test_every_lookup_op_is_twice_differentiable():
+    values, indices, weights = float64_inputs()
+    grad_out = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    cases = [
+        (lambda v, w: torch.ops.memlayer.lookup(v, indices, w), (values, weights)),
+        (lambda g, w: lookup_values_grad(g, indices, w, 9, True), (grad_out, weights)),
+        (lambda g, v: lookup_weights_grad(g, v, indices), (grad_out, values)),
+    ]
+    for function, inputs in cases:
+        assert torch.autograd.gradcheck(function, inputs, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(function, inputs, check_fwd_over_rev=True)

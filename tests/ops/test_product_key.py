@@ -178,7 +178,7 @@ def bad_inputs():
     query, subkeys = torch.zeros(3, 2, 6), torch.zeros(2, 2, 5, 3)
     yield query[0], subkeys, 2, ValueError, r"query must be 3-D \[T, H, Kd\], got shape \(2, 6\)"
     yield torch.zeros(3, 2, 5), subkeys, 2, ValueError, r"Kd .* must be even, got 5"
-    yield query, subkeys[0], 2, ValueError, r"subkeys must have shape \[H, 2, n, Kd // 2\]"
+    yield query, subkeys[0], 2, ValueError, r"subkeys must be 4-D \[H, 2, n, Kd // 2\], got shape \(2, 5, 3\)"
     yield query, torch.zeros(2, 2, 5, 4), 2, ValueError, r"\[2, 2, n, 3\] .* got \(2, 2, 5, 4\)"
     yield query, torch.zeros(3, 2, 5, 3), 2, ValueError, r"got \(3, 2, 5, 3\)"
     yield query, subkeys, 6, ValueError, r"k must lie in \[1, n\] = \[1, 5\] .* got k=6"
@@ -198,7 +198,7 @@ def test_bad_input(device, query, subkeys, k, error, message):
 def test_backward_bad_input(device):
     query, subkeys = torch.zeros(3, 2, 6, device=device), torch.zeros(2, 2, 5, 3, device=device)
     indices = torch.zeros(3, 2, 4, dtype=torch.int64, device=device)
-    shapes = r"\[T, H\] = \[3, 2\], got \(3, 2, 3\) and \(3, 2, 4\)"
+    shapes = r"\[T, H\] = \[3, 2\] \(from query\), got \(3, 2, 3\) and \(3, 2, 4\)"
     with pytest.raises(ValueError, match=shapes):
         product_key_topk_backward(torch.zeros(3, 2, 3, device=device), query, subkeys, indices)
     grad_scores = torch.zeros(3, 2, 4, device=device)
@@ -207,7 +207,7 @@ def test_backward_bad_input(device):
 
 
 def test_mismatched_devices():
-    with FakeTensorMode(), pytest.raises(ValueError, match="one device, got cuda:0 and cpu"):
+    with FakeTensorMode(), pytest.raises(ValueError, match="one device, got query on cuda:0, subkeys on cpu"):
         product_key_topk(torch.empty(3, 2, 6, device="cuda"), torch.empty(2, 2, 5, 3), 2)
 
 
@@ -238,3 +238,34 @@ def test_cuda_paper_sizes(dtype):
     expected_grads = product_key_topk_backward(grad_scores, query, subkeys, indices)
     torch.testing.assert_close((grad_query, grad_subkeys), expected_grads)
     assert torch.equal(run("cuda")[3], grad_subkeys)
+
+
+@pytest.mark.parametrize("bad_row", [-1, 25, 2**40])
+def test_backward_rejects_rows_outside_the_memory(bad_row):
+    query, subkeys = torch.randn(3, 2, 6), torch.randn(2, 2, 5, 3)
+    _, indices = product_key_topk(query, subkeys, 4)
+    indices[1, 0, 2] = bad_row
+    with pytest.raises(IndexError, match=rf"indices must lie in \[0, 25\) .*found {bad_row}"):
+        product_key_topk_backward(torch.randn(3, 2, 4), query, subkeys, indices)
+
+
+def test_forward_ad_torch_func_and_double_backward():
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(5, 2, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    subkeys = torch.randn(2, 2, 4, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    _, indices = product_key_topk(query, subkeys, 3)
+    grad_scores = torch.randn(5, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    cases = [
+        (lambda q, s: product_key_topk(q, s, 3)[0], (query, subkeys)),
+        (lambda g, q, s: product_key_topk_backward(g, q, s, indices), (grad_scores, query, subkeys)),
+    ]
+    for function, inputs in cases:
+        assert torch.autograd.gradcheck(function, inputs, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(function, inputs, check_fwd_over_rev=True)
+
+    def loss(query, subkeys):
+        return product_key_topk(query, subkeys, 3)[0].square().sum()
+
+    expected = torch.autograd.grad(loss(query, subkeys), (query, subkeys))
+    actual = torch.func.grad(loss, argnums=(0, 1))(query.detach(), subkeys.detach())
+    torch.testing.assert_close(actual, expected)

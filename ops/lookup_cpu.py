@@ -1,8 +1,9 @@
-"""The CPU kernels of the lookup ops: ``ops/csrc/lookup_cpu.cpp``, built on first use.
+"""CPU kernels of the lookup ops (the CPU side of ``ops/lookup.py``): ``ops/csrc/lookup_cpu.cpp``.
 
-The C++ source is compiled once per machine by ``torch.utils.cpp_extension`` (cached under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and registers
-``torch.ops.memlayer_cpu.*``. Arguments are validated by ``ops/lookup.py`` before they get here.
+The C++ source is compiled on first use by ``torch.utils.cpp_extension`` (about 30 s, once per
+machine, cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
+registers ``torch.ops.memlayer_cpu.*``. These launchers take arguments that ``ops/lookup.py``
+has already checked, indices in range included.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("csrc") / "lookup_cpu.cpp"
@@ -32,22 +32,17 @@ def _kernels():
 
 
 def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    if values.dtype in (torch.float32, torch.float64):
-        # ATen's FBGEMM kernel is already bandwidth bound for full-precision tables.
-        if indices.numel() == 0:
-            return values.new_zeros((indices.shape[0], values.shape[1]))
-        return F.embedding_bag(
-            indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
-        )
-    # For bf16/fp16 tables ATen would round the weights to the table's dtype; ours keeps them
-    # in fp32 and accumulates in fp32.
+    """``out[t] = sum_b weights[t, b] * values[indices[t, b]]``; bf16/fp16 tables (weights stay
+    fp32, sums in fp32)."""
     return _kernels().lookup_forward(values, indices, weights)
 
 
 def lookup_values_grad(grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+    """The dense ``[num_rows, D]`` value gradient, bitwise deterministic."""
     return _kernels().lookup_values_grad(grad_out, indices, weights, num_rows)
 
 
 def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """``<grad_out[t], values[indices[t, b]]>`` in the accumulation dtype."""
     # The kernel reads both as the table's element type.
     return _kernels().lookup_weights_grad(grad_out.to(values.dtype), values, indices)
