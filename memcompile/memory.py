@@ -84,6 +84,11 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x: Tensor, values: Tensor) -> Tensor:
         """Read ``values [num_values, value_dim]`` for every token of ``x [..., dim]``."""
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"ProductKeyMemory: x must be [..., dim] with dim = {self.dim}, got shape "
+                f"{tuple(x.shape)}"
+            )
         if values.shape != (self.num_values, self.value_dim):
             raise ValueError(
                 f"ProductKeyMemory: values must have shape ({self.num_values}, {self.value_dim}), "

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import ops
 from memcompile.config import TransformerConfig
 from memcompile.memory import build_memory_layer
 
@@ -114,7 +115,8 @@ class Attention(nn.Module):
             is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        # Explicit sizes: an empty batch has no -1 to infer.
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -202,15 +204,21 @@ class Transformer(nn.Module):
         table_shape = (config.max_seq_len, config.head_dim // 2)
         self.register_buffer("rope_cos", torch.empty(table_shape), persistent=False)
         self.register_buffer("rope_sin", torch.empty(table_shape), persistent=False)
+        self.register_load_state_dict_post_hook(_materialise_buffers)
         self.init_weights()
+
+    @torch.no_grad()
+    def init_rope_tables(self) -> None:
+        config = self.config
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer in place (a no-op on the meta device)."""
         config = self.config
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_rope_tables()
         nn.init.normal_(self.tok_embeddings.weight)
         if self.memory_values is not None:
             nn.init.normal_(self.memory_values, std=config.memory.value_dim**-0.5)
@@ -230,17 +238,23 @@ class Transformer(nn.Module):
         ``kv_cache`` (:class:`memcompile.generate.KVCache`) makes ``tokens`` the continuation
         of the cached sequence, at the positions after it; the cache then holds them too.
         Training never passes one (see :func:`memcompile.generate.generate`).
+
+        Bad input raises before any compute: shapes, dtypes and devices always; token ids and
+        positions outside their tables where ``memlayer::checked_indices`` reads them (on the
+        CPU always; on CUDA with ``MEMCOMPILE_CHECK_INDICES=1``, as it costs a sync).
         """
+        self._check_inputs(tokens, positions, kv_cache)
         seq_len = tokens.shape[1]
+        tokens = ops.checked_indices(
+            tokens, self.config.vocab_size, "Transformer: tokens", "the vocabulary"
+        )
         if kv_cache is not None:
-            if positions is not None:
-                raise ValueError("pass positions or kv_cache, not both: the cache sets positions")
-            positions = kv_cache.next_positions(seq_len, tokens.device)
+            positions = kv_cache.next_positions(seq_len, tokens.device)  # checked by the cache
+        elif positions is not None:
+            positions = ops.checked_indices(
+                positions, self.config.max_seq_len, "Transformer: positions", "max_seq_len"
+            )
         if positions is None:
-            if seq_len > self.config.max_seq_len:
-                raise ValueError(
-                    f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}"
-                )
             cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -252,3 +266,65 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         return self.output(self.norm(h))
+
+    def _check_inputs(
+        self, tokens: Tensor, positions: Tensor | None, kv_cache: KVCache | None
+    ) -> None:
+        """Checks of shapes, dtypes and devices: they read no data (no device sync)."""
+        if tokens.dim() != 2:
+            raise ValueError(
+                f"Transformer: tokens must be 2-D [batch, seq_len], got shape "
+                f"{tuple(tokens.shape)} (add a batch dim: tokens.unsqueeze(0))"
+            )
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Transformer: tokens must be int64 or int32 ids, got {tokens.dtype}")
+        model_device = self.tok_embeddings.weight.device
+        if tokens.device != model_device or tokens.device != self.rope_cos.device:
+            if model_device.type == "meta" or self.rope_cos.is_meta:
+                raise ValueError(
+                    f"Transformer: tokens are on {tokens.device} but the model is on the meta "
+                    f"device (no data); materialise it first: model.to_empty(device=...) then "
+                    f"model.init_weights(), or model.load_state_dict(state_dict, assign=True)"
+                )
+            raise ValueError(
+                f"Transformer: tokens are on {tokens.device} but the model is on "
+                f"{model_device}: move one to the other"
+            )
+        seq_len = tokens.shape[1]
+        if kv_cache is not None:
+            if positions is not None:
+                raise ValueError(
+                    "Transformer: pass positions or kv_cache, not both: the cache sets positions"
+                )
+        elif positions is None:
+            if seq_len > self.config.max_seq_len:
+                raise ValueError(
+                    f"Transformer: sequence length {seq_len} exceeds max_seq_len "
+                    f"{self.config.max_seq_len}"
+                )
+        elif positions.dim() not in (1, 2) or positions.shape[-1] != seq_len or (
+            positions.dim() == 2 and positions.shape[0] != tokens.shape[0]
+        ):
+            raise ValueError(
+                f"Transformer: positions must have shape [seq_len] = [{seq_len}] or "
+                f"[batch, seq_len] = {list(tokens.shape)}, got {tuple(positions.shape)}"
+            )
+
+
+def _materialise_buffers(model: Transformer, incompatible_keys) -> None:
+    """After ``load_state_dict(..., assign=True)`` into a meta-device model, the parameters are
+    real but the buffers that are derived state, not checkpointed (RoPE tables, telemetry
+    counters), are still on meta: create them on the parameters' device and initialise them."""
+    device = model.tok_embeddings.weight.device
+    if device.type == "meta":
+        return
+    stale = [
+        (module, name)
+        for module in model.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer.is_meta
+    ]
+    for module, name in stale:  # telemetry counters start at zero
+        setattr(module, name, torch.zeros_like(getattr(module, name), device=device))
+    if any(module is model for module, _ in stale):
+        model.init_rope_tables()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +177,74 @@ def test_tiny_model_learns_a_synthetic_corpus():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert first > 5.0 and last < 1.5, (first, last)
     assert not torch.equal(model.memory_values.detach(), values_at_init)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0), (0, 0)])
+def test_empty_batch_gives_empty_logits(shape):
+    model = Transformer(debug_config())
+    logits = model(torch.zeros(shape, dtype=torch.long))
+    assert logits.shape == (*shape, model.config.vocab_size)
+    logits.sum().backward()  # and an empty backward
+
+
+@pytest.mark.parametrize(
+    "tokens, positions, error, message",
+    [
+        (torch.zeros(8, dtype=torch.long), None, ValueError, r"tokens must be 2-D \[batch, seq_len\], got shape \(8,\)"),
+        (torch.zeros(2, 4), None, TypeError, r"tokens must be int64 or int32 ids, got torch.float32"),
+        (torch.full((1, 4), 256), None, IndexError, r"tokens must lie in \[0, 256\) \(the vocabulary\), found 256"),
+        (torch.full((1, 4), -3), None, IndexError, r"tokens must lie in \[0, 256\) .*found -3"),
+        (torch.zeros(1, 4, dtype=torch.long), torch.tensor([-1, 0, 1, 2]), IndexError, r"positions must lie in \[0, 256\) \(max_seq_len\), found -1"),
+        (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0, 1, 2, 256]), IndexError, r"positions must lie in \[0, 256\) .*found 256"),
+        (torch.zeros(1, 4, dtype=torch.long), torch.arange(3), ValueError, r"positions must have shape \[seq_len\] = \[4\]"),
+        (torch.zeros(1, 4, dtype=torch.long, device="meta"), None, ValueError, r"tokens are on meta but the model is on cpu"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises_a_clear_error(tokens, positions, error, message):
+    model = Transformer(debug_config())
+    with pytest.raises(error, match=message):
+        model(tokens, positions=positions)
+
+
+def test_meta_model_loaded_with_assign_runs_like_its_source():
+    torch.manual_seed(0)
+    source = Transformer(debug_config())
+    with torch.device("meta"):
+        loaded = Transformer(debug_config())
+    tokens = torch.randint(0, 256, (2, 6))
+    with pytest.raises(ValueError, match="on the meta device .* assign=True"):
+        loaded(tokens)
+    loaded.load_state_dict(source.state_dict(), assign=True)
+    torch.testing.assert_close(loaded(tokens), source(tokens), rtol=0, atol=0)
+
+
+# A process-level failure: run in a subprocess so that an abort fails this test, not the run.
+_COMPILED_OUT_OF_RANGE_TOKENS = """
+import torch
+from memcompile.flavors import get_flavor
+from memcompile.model import Transformer
+
+config = get_flavor("mem_debug")
+model = torch.compile(Transformer(config), fullgraph=True, dynamic=True)
+tokens = torch.zeros(8, 256, dtype=torch.long)  # large enough for Inductor's parallel loops
+tokens[3, 100] = config.vocab_size
+try:
+    model(tokens).sum().backward()
+except IndexError as error:
+    print("IndexError:", error)
+"""
+
+
+def test_compiled_model_raises_on_out_of_range_tokens_instead_of_aborting():
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILED_OUT_OF_RANGE_TOKENS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-3000:]}"
+    assert "IndexError: Transformer: tokens must lie in [0, 256)" in result.stdout, result.stderr
