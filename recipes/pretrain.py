@@ -30,6 +30,7 @@ from recipes import shims
 from recipes.data.loader import CorpusDataLoader
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.model import Float8Config, model_spec
+from recipes.preflight import check_memory
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
@@ -157,6 +158,10 @@ class PretrainTrainer(Trainer):
 
         parallelism: MemoryParallelismConfig = field(default_factory=MemoryParallelismConfig)
         float8: Float8Config = field(default_factory=Float8Config)
+
+        preflight_memory_check: bool = True
+        """Before building anything, refuse a run whose estimated memory per rank exceeds what
+        this rank's device has (see recipes/preflight.py)"""
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_args(argv)
         validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+        if config.preflight_memory_check:
+            check_memory(config, int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     _set_single_process_env()

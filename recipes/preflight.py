@@ -1,0 +1,204 @@
+"""Refuse a training run that cannot fit in memory, before anything is built.
+
+Without this, a too-large run builds the model, data and process group, then dies in an FSDP
+all-gather with "can't allocate memory". The estimate uses the config alone
+(``memcompile.stats.model_stats``); it is rough, and errs on the large side for what it counts.
+Per rank, with ``W`` ranks (FSDP shards over ``S`` of them) and memory parallel degree ``G``:
+
+- dense parameters: fp32 master weights, fp32 gradients, 2 fp32 AdamW states; sharded over ``S``.
+- memory value table: the same 16 bytes per value, sharded over ``S`` by FSDP when ``G == 1``,
+  else column-sharded over ``G`` ranks (and replicated ``W / G`` times, not sharded by FSDP).
+- FSDP transients: twice the largest unit in the compute dtype (its all-gathered parameters and,
+  in backward, their unsharded gradient). With ``G == 1`` the table is a unit of its own (the
+  root's); with ``G > 1`` its local slice is cast to the compute dtype if that is not fp32.
+- activations: ``ACTIVATION_VALUES`` values of the compute dtype per token, model dim and layer
+  (halved for the dense blocks under activation checkpointing), plus fp32 logits and their
+  gradient (``tokens * vocab * 4 * 2`` bytes). Tokens per rank: local batch size * seq len.
+
+A run is refused when this exceeds ``USABLE_FRACTION`` of what the rank's device has free;
+``--no-preflight-memory-check`` skips the check.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from memcompile.config import TransformerConfig
+from memcompile.flavors import FLAVORS
+from memcompile.stats import memory_layer_params, model_stats
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.tools.logging import logger
+
+GiB = 1024**3
+#: Bytes per parameter: fp32 weight + fp32 gradient + two fp32 AdamW states.
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 4, 4, 8
+#: Saved activations per token, model dim and layer, in values of the compute dtype. Measured
+#: 19-21 on memcompile flavors (fp32 eager, saved-tensor hooks, logits excluded); Korthikanti et
+#: al. 2022 give 17 (34 bytes in 16-bit) for a GeLU MLP without the attention scores.
+ACTIVATION_VALUES = 20
+#: Share of the device that the estimate may use: the rest is for what it does not count (CUDA
+#: context, allocator fragmentation, the Python process, the data loader) and for its error.
+USABLE_FRACTION = 0.9
+MAX_SUGGESTED_RANKS = 64
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs, by kind."""
+
+    params: int
+    grads: int
+    optimizer: int
+    fsdp_transient: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.fsdp_transient + self.activations
+
+    def breakdown(self) -> str:
+        return (
+            f"params {self.params / GiB:.1f} + grads {self.grads / GiB:.1f} + optimizer "
+            f"{self.optimizer / GiB:.1f} + FSDP all-gathers {self.fsdp_transient / GiB:.1f} "
+            f"+ activations {self.activations / GiB:.1f} GiB"
+        )
+
+
+def estimate(
+    transformer: TransformerConfig,
+    *,
+    local_batch_size: int,
+    seq_len: int,
+    world_size: int = 1,
+    dp_replicate_degree: int = 1,
+    memory_parallel_degree: int = 1,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    activation_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """The bytes one rank needs to train ``transformer`` (see the module docstring)."""
+    stats = model_stats(transformer, seq_len)
+    shards = world_size // dp_replicate_degree  # FSDP (HSDP: per replica); no TP/PP/CP here
+    degree = memory_parallel_degree
+    table_per_rank = stats.memory_params / (shards if degree == 1 else degree)
+    stored = stats.dense_params / shards + table_per_rank
+
+    dim, memory, compute = transformer.dim, transformer.memory, compute_dtype.itemsize
+    attention = 2 * dim * transformer.head_dim * (transformer.n_heads + transformer.n_kv_heads)
+    units = [
+        transformer.vocab_size * dim,
+        transformer.vocab_size * dim + dim,
+        attention + 2 * dim + 3 * dim * transformer.ffn_hidden_dim,
+    ]
+    if memory is not None:
+        units.append(attention + 2 * dim + memory_layer_params(dim, memory))
+        units.append(
+            stats.memory_params
+            if degree == 1
+            else 0
+            if compute_dtype == torch.float32
+            else stats.memory_params // degree
+        )
+
+    tokens = local_batch_size * seq_len
+    n_memory = 0 if memory is None else len(memory.layers)
+    dense_layers = (transformer.n_layers - n_memory) / (2 if activation_checkpointing else 1)
+    per_layer = tokens * dim * ACTIVATION_VALUES * compute
+    activations = per_layer * (dense_layers + n_memory) + tokens * transformer.vocab_size * 4 * 2
+    return MemoryEstimate(
+        params=int(stored * WEIGHT_BYTES),
+        grads=int(stored * GRAD_BYTES),
+        optimizer=int(stored * OPTIMIZER_BYTES),
+        fsdp_transient=2 * max(units) * compute,
+        activations=int(activations),
+    )
+
+
+def available_bytes() -> int:
+    """What this rank's device can hold: free CUDA memory of the local device, or on the CPU
+    the host's available memory shared by the ranks of this host (``LOCAL_WORLD_SIZE``)."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+        host = kib * 1024
+    except (OSError, StopIteration):
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def _run_arguments(config: Any, world_size: int) -> dict[str, Any]:
+    """``estimate``'s arguments (but the model) for a ``PretrainTrainer.Config``."""
+    parallelism, training = config.parallelism, config.training
+    return dict(
+        local_batch_size=training.local_batch_size,
+        seq_len=training.seq_len,
+        world_size=world_size,
+        dp_replicate_degree=parallelism.data_parallel_replicate_degree,
+        memory_parallel_degree=parallelism.memory_parallel_degree,
+        compute_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+        activation_checkpointing=config.activation_checkpoint is not None,
+    )
+
+
+def check_memory(config: Any, world_size: int, available: int | None = None) -> None:
+    """Raise ``ValueError`` (with what would fit) if the run cannot fit on this rank's device;
+    ``config`` is a ``PretrainTrainer.Config``, ``available`` defaults to ``available_bytes()``."""
+    available = available_bytes() if available is None else available
+    usable = int(available * USABLE_FRACTION)
+    # As TitanTransformer.Config.update_from_config: the vocabulary is the tokenizer's.
+    vocab = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path).get_vocab_size()
+    fitted = {name: replace(flavor, vocab_size=vocab) for name, flavor in FLAVORS.items()}
+    run = _run_arguments(config, world_size)
+    need = estimate(fitted[config.model], **run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if need.total <= usable:
+        logger.info(
+            f"Memory preflight: {config.model} needs about {need.total / GiB:.1f} GiB per "
+            f"rank, {available / GiB:.1f} GiB available on {device}"
+        )
+        return
+
+    def fits(transformer: TransformerConfig = fitted[config.model], **overrides: int) -> bool:
+        return estimate(transformer, **{**run, **overrides}).total <= usable
+
+    suggestions = []
+    family = config.model.split("_")[0]
+    degree = config.parallelism.memory_parallel_degree
+    smaller = [
+        name
+        for name, flavor in fitted.items()
+        if name.split("_")[0] == family
+        and (flavor.memory is None or flavor.memory.value_dim % degree == 0)
+        and fits(transformer=flavor)
+    ]
+    if smaller:
+        best = max(smaller, key=lambda name: model_stats(fitted[name]).total_params)
+        suggestions.append(f"--model {best}")
+    memory = fitted[config.model].memory
+    value_dim = 0 if memory is None else memory.value_dim
+    for ranks in range(world_size, MAX_SUGGESTED_RANKS + 1):
+        group = math.gcd(ranks, value_dim) if value_dim else 1
+        if fits(world_size=ranks, dp_replicate_degree=1, memory_parallel_degree=group):
+            table = f" and --parallelism.memory_parallel_degree {group}" if group > 1 else ""
+            suggestions.append(f"{ranks} ranks with {available / GiB:.1f} GiB each{table}")
+            break
+    if 2 * need.activations >= need.total:
+        batch, seq_len = config.training.local_batch_size, config.training.seq_len
+        while (batch, seq_len) != (1, 1) and not fits(local_batch_size=batch, seq_len=seq_len):
+            batch, seq_len = (batch // 2, seq_len) if batch > 1 else (1, seq_len // 2)
+        if fits(local_batch_size=batch, seq_len=seq_len):
+            suggestions.append(f"--training.local_batch_size {batch} --training.seq_len {seq_len}")
+    raise ValueError(
+        f"model {config.model!r} needs about {need.total / GiB:.1f} GiB per rank "
+        f"({need.breakdown()}; rough), but this rank has {available / GiB:.1f} GiB available on "
+        f"{device} ({USABLE_FRACTION:.0%} usable).\n"
+        f"  What would fit: {'; or '.join(suggestions) or 'nothing this check knows of'}.\n"
+        f"  To run anyway: --no-preflight-memory-check"
+    )
