@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors. The flag is read when a
@@ -14,3 +15,13 @@ settings.register_profile(
     "memcompile", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("memcompile")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch CPU thread: tiny ops spend their time waking threads, dreadfully
+    so on a loaded shared CPU (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

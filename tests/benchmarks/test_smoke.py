@@ -15,14 +15,10 @@ import torch
 import ops
 from benchmarks import lookup, models
 from benchmarks.common import evaluate_targets
+from memcompile.model import Transformer
+from memcompile.stats import model_stats
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops spend their time waking threads, dreadfully so on a loaded shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_LOOKUP = [
@@ -149,8 +145,13 @@ def test_models_writes_json(tmp_path):
         assert row["flavor"] == f"{row['architecture']}_debug"
         assert row["tokens_per_step"] == 18
         assert row["tokens_per_s"] == pytest.approx(18 / (row["time_ms"] * 1e-3))
-        assert row["tflops"] > 0 and row["total_params"] > 0 and row["peak_memory_mb"] > 0
-        assert (row["memory_values"] is None) == (row["architecture"] == "dense")
+        config = models.flavor_config("debug", row["architecture"], None)
+        with torch.device("meta"):
+            assert row["total_params"] == sum(p.numel() for p in Transformer(config).parameters())
+        flops_per_token = model_stats(config, seq_len=9).train_flops_per_token
+        assert row["tflops"] == pytest.approx(flops_per_token * row["tokens_per_s"] / 1e12)
+        assert row["memory_values"] == (None if config.memory is None else config.memory.num_values)
+        assert row["peak_memory_mb"] > 0
         assert ("compile_speedup" in row) == (row["mode"] == "compiled")
         assert ("time_vs_dense" in row) == (row["architecture"] != "dense")
     compiled_mem = next(r for r in rows if r["architecture"] == "mem" and r["mode"] == "compiled")

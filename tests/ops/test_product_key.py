@@ -212,6 +212,7 @@ def test_mismatched_devices():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_paper_sizes(dtype):
     # The paper's search: 4 heads, n = 1024 (1M memory rows), Kd = 1024 (model dim 2048), k = 32.
