@@ -48,8 +48,6 @@ class MemoryConfig:
     value_dim: int | None = None
     #: RMSNorm on query halves and sub-keys (Chameleon-style qk-norm, for large memories).
     qk_norm: bool = False
-    #: The table will be column-sharded over this many ranks: ``value_dim`` must divide evenly.
-    parallel_degree: int = 1
     #: Count which rows each layer reads (see :mod:`memcompile.telemetry`).
     telemetry: bool = False
 
@@ -67,7 +65,7 @@ class MemoryConfig:
             raise ValueError("memory.layers must name at least one block")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"memory.layers must be distinct, got {self.layers}")
-        for name in ("heads", "topk", "parallel_degree"):
+        for name in ("heads", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
         if self.topk > self.n_keys:
@@ -87,11 +85,6 @@ class MemoryConfig:
             )
         if value_dim < 1:
             raise ValueError(f"memory.value_dim must be >= 1, got {value_dim}")
-        if value_dim % self.parallel_degree:
-            raise ValueError(
-                f"memory.value_dim ({value_dim}) must be divisible by memory.parallel_degree "
-                f"({self.parallel_degree}): the table is sharded along its columns"
-            )
         if self.kind is MemoryKind.MEMORY and value_dim != dim:
             raise ValueError(
                 f"a plain memory layer outputs its values directly, so memory.value_dim "

@@ -21,6 +21,7 @@ counts are not reported (head_dim 64 up to dim 1024, 128 above; they change no c
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 from memcompile.config import (
     MemoryConfig,
@@ -126,13 +127,34 @@ def _build_flavors() -> dict[str, TransformerConfig]:
 
 FLAVORS: dict[str, TransformerConfig] = _build_flavors()
 
+#: A flavor name as a type: command lines (tyro) list the choices and reject other names.
+FlavorName = Literal[tuple(FLAVORS)]  # type: ignore[valid-type]
 
-def get_flavor(name: str) -> TransformerConfig:
-    """The configuration named ``name`` (see :data:`FLAVORS`)."""
-    try:
-        return FLAVORS[name]
-    except KeyError:
-        raise KeyError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}") from None
+
+def get_flavor(
+    name: str, *, vocab_size: int | None = None, seq_len: int | None = None
+) -> TransformerConfig:
+    """The configuration named ``name`` (see :data:`FLAVORS`), fitted to a run with
+    :func:`fit_to_run`. Unknown names raise ``ValueError`` listing the known ones."""
+    if name not in FLAVORS:
+        raise ValueError(f"unknown flavor {name!r}; choose one of: {', '.join(FLAVORS)}")
+    return fit_to_run(FLAVORS[name], vocab_size=vocab_size, seq_len=seq_len)
+
+
+def fit_to_run(
+    config: TransformerConfig, *, vocab_size: int | None = None, seq_len: int | None = None
+) -> TransformerConfig:
+    """``config`` as a run trains it, and as its checkpoints must be loaded.
+
+    The flavors assume the Llama tokenizers: ``vocab_size`` replaces theirs with the run's
+    tokenizer's. ``seq_len`` makes the RoPE tables at least that long (they are not in the
+    checkpoint, so this changes no weight). Training, evaluation and export all fit here.
+    """
+    if vocab_size is not None:
+        config = replace(config, vocab_size=vocab_size)
+    if seq_len is not None and seq_len > config.max_seq_len:
+        config = replace(config, max_seq_len=seq_len)
+    return config
 
 
 def flavor_table() -> str:
