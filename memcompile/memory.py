@@ -16,6 +16,8 @@ its memory layers and passes it to ``forward``. So it is one parameter (one opti
 checkpoint entry) whatever the number of layers, per-block FSDP wrapping never captures it, and
 replacing it (``to_empty``, ``load_state_dict(assign=True)``, a DTensor for column sharding)
 cannot leave a layer holding a stale reference. For torch.compile it is an ordinary graph input.
+The read itself is a small module, :class:`ValueLookup`, so that a parallel style can wrap it:
+memory parallelism (``recipes/memory_parallel.py``) shards the table by columns around it.
 
 Initialisation (the paper gives none; these follow its reference code): sub-keys
 U(±1/√key_dim), query weight Xavier-uniform, W1 and W2 N(0, 1/√dim); every bias starts at 0 and
@@ -33,6 +35,30 @@ from torch import Tensor, nn
 import ops  # noqa: F401  (registers torch.ops.memlayer.*)
 from memcompile.config import MemoryConfig, MemoryKind
 from memcompile.telemetry import UsageCounter
+
+
+class ValueLookup(nn.Module):
+    """The read of a value table: ``out[t] = Σ_b weights[t, b] · values[indices[t, b]]``.
+
+    ``forward(values [N, D], indices [T, B], weights [T, B]) -> [T, D]`` is the op
+    ``torch.ops.memlayer.lookup``; this module holds nothing. It is a module so that a parallel
+    style can be applied to the read and seen in ``print(model)``.
+    """
+
+    def forward(self, values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        return torch.ops.memlayer.lookup(values, indices, weights)
+
+
+class ValueTable(nn.Module):
+    """The shared value table as the memory layers read it in one forward: the identity.
+
+    The model passes its table through this module once per forward and hands the result to
+    every memory block, so that a parallel style can prepare the table there once for all of
+    them (memory parallelism: this rank's column shard, in the compute dtype).
+    """
+
+    def forward(self, values: Tensor) -> Tensor:
+        return values
 
 
 class ProductKeyMemory(nn.Module):
@@ -69,6 +95,7 @@ class ProductKeyMemory(nn.Module):
         else:
             self.query_norm = self.key_norm = None
         self.usage = UsageCounter(memory.num_values) if memory.telemetry else None
+        self.lookup = ValueLookup()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -112,9 +139,7 @@ class ProductKeyMemory(nn.Module):
 
         # Heads are summed: one bag of heads·topk rows per token.
         bag = self.heads * self.topk
-        out = torch.ops.memlayer.lookup(
-            values, indices.view(num_tokens, bag), weights.view(num_tokens, bag)
-        )
+        out = self.lookup(values, indices.view(num_tokens, bag), weights.view(num_tokens, bag))
         return out.view(*leading, self.value_dim)
 
 

@@ -4,8 +4,9 @@
     block:  h = x + attention(norm(x));  out = h + ffn(norm(h))
     ffn:    SwiGLU, or in memory blocks MemoryPlus / ProductKeyMemory reading the shared table
 
-The model owns the one value table (``memory_values``) and hands it to every memory block in
-``forward`` (see :mod:`memcompile.memory` for why it is an argument, not a submodule parameter).
+The model owns the one value table (``memory_values``) and hands it, through ``memory_table``
+(once per forward), to the memory blocks in ``forward`` (see :mod:`memcompile.memory` for why
+it is an argument, not a submodule parameter).
 
 Build large flavors on the meta device, then materialise::
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 import ops
 from memcompile.config import TransformerConfig
-from memcompile.memory import build_memory_layer
+from memcompile.memory import ValueTable, build_memory_layer
 
 if TYPE_CHECKING:
     from memcompile.generate import KVCache, LayerKVCache
@@ -192,8 +193,10 @@ class Transformer(nn.Module):
             self.memory_values = nn.Parameter(
                 torch.empty(config.memory.num_values, config.memory.value_dim)
             )
+            self.memory_table = ValueTable()
         else:
             self.register_parameter("memory_values", None)
+            self.memory_table = None
         # A dict keyed by layer id keeps parameter names stable if blocks are split off (PP).
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, config) for i in range(config.n_layers)}
@@ -260,9 +263,11 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
 
         h = self.tok_embeddings(tokens)
+        values = None if self.memory_table is None else self.memory_table(self.memory_values)
         for layer_id, block in self.layers.items():
             layer_cache = None if kv_cache is None else kv_cache.layer(int(layer_id))
-            h = block(h, cos, sin, self.memory_values, layer_cache)
+            # Only the blocks that read the table get it.
+            h = block(h, cos, sin, values if block.is_memory_block else None, layer_cache)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         return self.output(self.norm(h))

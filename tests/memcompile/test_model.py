@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from memcompile.config import MemoryKind, TransformerConfig
+from memcompile.config import TransformerConfig
 from memcompile.flavors import get_flavor
 from memcompile.memory import ProductKeyMemory
 from memcompile.model import Transformer
