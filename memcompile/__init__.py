@@ -5,7 +5,9 @@
   ``python -m memcompile.flavors`` prints their parameters and FLOPs per token.
 - :mod:`memcompile.model`: the ``Transformer``.
 - :mod:`memcompile.memory`: ``ProductKeyMemory`` and ``MemoryPlus``.
-- :mod:`memcompile.generate`: ``KVCache`` and ``generate`` (greedy or sampled decoding).
+- :mod:`memcompile.generate`: ``KVCache``, ``generate`` (greedy or sampled decoding) and
+  ``generate_batched`` (prompts of any lengths).
+- :mod:`memcompile.scoring`: log-likelihoods, NLL and perplexity of continuations.
 - :mod:`memcompile.stats`: parameter and FLOP counts from a config.
 - :mod:`memcompile.telemetry`: which table rows the memory layers read.
 """

@@ -1,17 +1,20 @@
 """Autoregressive generation with a key/value cache (gpt-fast style, eager).
 
-    cache = KVCache.for_model(model, batch_size=len(prompts))
-    tokens = generate(model, prompts, max_new_tokens=16, stop_token=eos_id)
+    tokens = generate(model, prompt, max_new_tokens=16, stop_token=eos_id)  # [B, S] -> [B, <=16]
+    new_ids = generate_batched(model, [[1, 5, 7], [1, 2]], max_new_tokens=16, stop_token=eos_id)
 
 The prompt is processed in one forward pass ("prefill"); each new token then costs one forward
 pass over a single position, its queries attending to the cached keys and values of all the
 positions before it. Memory layers need no cache: their read depends on the token alone.
 
-Prompts in a batch share one length (the evaluators group prompts by length instead of padding,
-which keeps positions and masks trivial).
+Prompts in a batch share one length: :func:`generate_batched` groups prompts of any lengths by
+length instead of padding, which keeps positions and masks trivial.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,10 +99,6 @@ class KVCache:
     def advance(self, seq_len: int) -> None:
         self.length += seq_len
 
-    def reset(self) -> None:
-        """Forget every cached position (the buffers are reused)."""
-        self.length = 0
-
 
 def sample_next(logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
     """The next token of each row of ``logits [B, vocab]``: argmax at temperature 0, else a
@@ -154,3 +153,41 @@ def generate(
         if step + 1 < max_new_tokens:
             logits = model(token[:, None], kv_cache=cache)[:, -1]
     return new_tokens
+
+
+def generate_batched(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    stop_token: int | None = None,
+    batch_size: int = 32,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The new tokens after each prompt (token ids), cut before the first ``stop_token``.
+
+    Prompts are batched by length, so no padding is needed; results are in prompt order.
+    """
+    for ids in prompts:
+        if not ids or len(ids) + max_new_tokens > model.config.max_seq_len:
+            raise ValueError(
+                f"every prompt needs 1 to max_seq_len - max_new_tokens = "
+                f"{model.config.max_seq_len - max_new_tokens} tokens, got {len(ids)}"
+            )
+    device = model.output.weight.device
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(prompts):
+        by_length[len(ids)].append(i)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            prompt = torch.tensor([list(prompts[i]) for i in batch], device=device)
+            new_tokens = generate(
+                model, prompt, max_new_tokens, temperature=temperature, stop_token=stop_token,
+                generator=generator,
+            )
+            for i, ids in zip(batch, new_tokens.tolist()):
+                outputs[i] = ids[: ids.index(stop_token)] if stop_token in ids else ids
+    return outputs

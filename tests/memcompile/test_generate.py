@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memcompile.flavors import FLAVORS
-from memcompile.generate import KVCache, generate, sample_next
+from memcompile.generate import KVCache, generate, generate_batched, sample_next
 from memcompile.model import Transformer
 
 FLAVOR_NAMES = ("dense_debug", "mem_debug", "memplain_debug")
@@ -69,6 +69,25 @@ def test_stop_token_ends_generation_once_every_row_produced_it():
     first_stop = [(row == stop).nonzero()[0].item() if (row == stop).any() else 11 for row in free_run]
     assert stopped.shape[1] == max(first_stop) + 1
     assert torch.equal(stopped, free_run[:, : stopped.shape[1]])
+
+def test_generate_batched_equals_one_prompt_at_a_time_cut_at_the_stop_token():
+    """Prompts of mixed lengths, batched by length (several batches per length), give what
+    generating each prompt alone gives, cut before its first stop token, in prompt order."""
+    model = _MODELS["mem_debug"]
+    generator = torch.Generator().manual_seed(4)
+    lengths = [3, 5, 3, 1, 5, 3, 3]
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist()
+               for n in lengths]
+    alone = [generate(model, torch.tensor([p]), 8)[0].tolist() for p in prompts]
+    stop = alone[0][2]
+    expected = [ids[: ids.index(stop)] if stop in ids else ids for ids in alone]
+    assert generate_batched(model, prompts, 8, stop_token=stop, batch_size=2) == expected
+    assert generate_batched(model, prompts, 8, batch_size=3) == alone
+    with pytest.raises(ValueError, match="every prompt needs 1 to max_seq_len"):
+        generate_batched(model, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="every prompt needs 1 to max_seq_len"):
+        generate_batched(model, [[1] * (model.config.max_seq_len - 3)], 4)
+
 
 def test_sampling_is_reproducible_and_temperature_zero_is_argmax():
     logits = torch.randn(4, 50)
