@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipes.evaluate import generate_batched, loglikelihoods
+from memcompile.generate import generate_batched
+from memcompile.scoring import loglikelihoods
 
 try:
     from lm_eval.api.model import LM

@@ -91,6 +91,21 @@ def _hf_documents(location: str, split: str, text_column: str) -> Iterable[str]:
     return (sample[text_column] for sample in ds)
 
 
+def knowledge_source(corpus: KnowledgeCorpus) -> dict[str, Any]:
+    """The source (see :func:`cache_key`) of the built-in knowledge corpus ``corpus``."""
+    return {"dataset": BUILTIN_DATASET, **asdict(corpus)}
+
+
+def cache_key(source: dict[str, Any], tokenizer: BaseTokenizer) -> str:
+    """The name of the token cache entry of ``source`` (JSON-serialisable: what identifies
+    the documents) tokenised by ``tokenizer``."""
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    payload = json.dumps(
+        {"source": source, "tokenizer": fingerprint, "v": _CACHE_FORMAT_VERSION}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
 def _tokenizer_fingerprint(tokenizer: BaseTokenizer) -> str:
     if isinstance(tokenizer, HuggingFaceTokenizer):
         payload = tokenizer.tokenizer.to_str() + f"|{tokenizer.bos_id}|{tokenizer.eos_id}"
@@ -117,12 +132,8 @@ def load_token_stream(
     cache_dir: str,
 ) -> torch.Tensor:
     """The 1-D int32 token stream of ``documents()``, tokenised at most once per
-    ``(source, tokenizer)`` and memory-mapped from ``cache_dir``."""
-    key_payload = json.dumps(
-        {"source": source, "tokenizer": _tokenizer_fingerprint(tokenizer), "v": _CACHE_FORMAT_VERSION},
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_payload.encode()).hexdigest()[:20]
+    ``(source, tokenizer)`` (:func:`cache_key`) and memory-mapped from ``cache_dir``."""
+    key = cache_key(source, tokenizer)
     entry = Path(cache_dir) / key
     if not (entry / "meta.json").exists():
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +234,7 @@ class CorpusDataLoader(ParallelAwareDataloader):
         def source(self) -> dict[str, Any]:
             """What identifies the tokenised corpus (the cache key, with the tokenizer)."""
             if self.dataset == BUILTIN_DATASET:
-                return {"dataset": BUILTIN_DATASET, **asdict(self.knowledge)}
+                return knowledge_source(self.knowledge)
             location = self.dataset_path or self.dataset
             path = Path(location).expanduser()
             source = {

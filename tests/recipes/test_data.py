@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ import torch
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
 from recipes.data.knowledge import ATTRIBUTES, KnowledgeCorpus  # noqa: E402
-from recipes.data.loader import PackedWindows, check_dataset_location, load_token_stream  # noqa: E402
+from recipes.data.loader import (  # noqa: E402
+    PackedWindows,
+    cache_key,
+    check_dataset_location,
+    knowledge_source,
+    load_token_stream,
+)
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR  # noqa: E402
 from torchtitan.components.tokenizer import HuggingFaceTokenizer  # noqa: E402
 
@@ -67,8 +74,20 @@ def test_token_cache_tokenises_once(tmp_path: Path, tokenizer):
     expected = [t for d in corpus.train_documents() for t in tokenizer.encode(d, add_bos=True, add_eos=True)]
     assert first.tolist() == expected
     (entry,) = [p for p in tmp_path.iterdir()]
+    assert entry.name == cache_key(source, tokenizer)
     assert json.loads((entry / "meta.json").read_text())["num_tokens"] == len(expected)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_every_corpus_parameter_is_part_of_the_cache_key(tokenizer):
+    corpus = KnowledgeCorpus(num_people=5)
+    key = cache_key(knowledge_source(corpus), tokenizer)
+    assert cache_key(knowledge_source(KnowledgeCorpus(num_people=5)), tokenizer) == key
+    changes = [dict(num_people=6), dict(seed=1), dict(biographies_per_person=3),
+               dict(qa_train_fraction=0.25)]
+    assert {name for change in changes for name in change} == set(asdict(corpus))
+    for change in changes:
+        assert cache_key(knowledge_source(replace(corpus, **change)), tokenizer) != key
 
 
 def test_packed_windows_split_ranks_and_resume_exactly():

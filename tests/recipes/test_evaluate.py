@@ -1,36 +1,30 @@
-"""``recipes.evaluate``: scoring, fact recall, the CLI on a real checkpoint, the lm-eval adapter.
-
-(That the corpus's Q/A pairs match its biographies is tested in ``test_data.py``.)
+"""``recipes.evaluate`` (the CLI on a real checkpoint, checkpoint loading) and the lm-eval
+adapter. The measurements themselves are tested in ``test_knowledge_eval.py``, scoring and
+generation in ``tests/memcompile``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
-from memcompile.flavors import FLAVORS  # noqa: E402
+from memcompile.flavors import get_flavor  # noqa: E402
+from memcompile.generate import generate_batched  # noqa: E402
 from memcompile.model import Transformer  # noqa: E402
+from memcompile.scoring import loglikelihoods  # noqa: E402
 from recipes.data.knowledge import ATTRIBUTES, KnowledgeCorpus  # noqa: E402
-from recipes.evaluate import (  # noqa: E402
-    answer_requests,
-    evaluate_knowledge,
-    fact_recall,
-    load_checkpoint,
-    load_tokenizer,
-    loglikelihoods,
-    main,
-)
+from recipes.evaluate import load_checkpoint, load_tokenizer, main  # noqa: E402
+from tests.recipes.knowledge_doubles import OracleModel, model_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = KnowledgeCorpus(num_people=8, seed=3)
@@ -39,87 +33,6 @@ CORPUS = KnowledgeCorpus(num_people=8, seed=3)
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer()
-
-
-def _config(vocab_size: int, max_seq_len: int = 128):
-    return replace(FLAVORS["dense_debug"], vocab_size=vocab_size, max_seq_len=max_seq_len)
-
-
-class OracleModel(Transformer):
-    """A test double that knows every answer of ``qa_pairs``: after a question's prompt it puts
-    all probability on the next token of ``" answer" EOS``, elsewhere it is uniform. It honours
-    the KV-cache protocol (positions advance; it keeps the token history itself)."""
-
-    def __init__(self, tokenizer, qa_pairs) -> None:
-        super().__init__(_config(tokenizer.get_vocab_size()))
-        self.continuations = {tuple(p): c for p, c in answer_requests(tokenizer, qa_pairs)}
-        self.history = torch.empty(0, 0, dtype=torch.long)
-
-    def forward(self, tokens, positions=None, kv_cache=None):
-        sequences = tokens
-        if kv_cache is not None:
-            kv_cache.next_positions(tokens.shape[1], tokens.device)
-            if kv_cache.length:
-                sequences = torch.cat([self.history, tokens], dim=1)
-            self.history = sequences
-            kv_cache.advance(tokens.shape[1])
-        logits = torch.zeros(*tokens.shape, self.config.vocab_size)
-        first = sequences.shape[1] - tokens.shape[1]
-        for row, sequence in enumerate(sequences.tolist()):
-            for column in range(tokens.shape[1]):
-                seen = sequence[: first + column + 1]
-                for length in range(1, len(seen) + 1):
-                    continuation = self.continuations.get(tuple(seen[:length]))
-                    if continuation is not None and len(seen) - length < len(continuation):
-                        logits[row, column] = -1e4
-                        logits[row, column, continuation[len(seen) - length]] = 0.0
-        return logits
-
-
-def test_a_model_that_knows_the_answers_scores_100_percent(tokenizer):
-    qa_pairs = list(CORPUS.eval_qa_pairs())
-    oracle = OracleModel(tokenizer, qa_pairs)
-    recall = fact_recall(oracle, tokenizer, qa_pairs, batch_size=5)
-    assert recall["accuracy"] == 1.0 and recall["questions"] == len(qa_pairs)
-    assert recall["per_attribute"] == {a: 1.0 for a in ATTRIBUTES}
-    scores = loglikelihoods(oracle, answer_requests(tokenizer, qa_pairs))
-    assert all(greedy and logprob > -1e-3 for logprob, greedy, _ in scores)
-
-
-def test_a_random_model_recalls_nothing(tokenizer):
-    torch.manual_seed(0)
-    model = Transformer(_config(tokenizer.get_vocab_size())).eval()
-    results = evaluate_knowledge(model, tokenizer, CORPUS, batch_size=16)
-    assert results["recall_heldout_questions"]["accuracy"] <= 0.05
-    assert results["recall_trained_questions"]["accuracy"] <= 0.05
-    # Untrained: about the entropy of a uniform guess over the vocabulary.
-    uniform = math.log(tokenizer.get_vocab_size())
-    assert abs(results["heldout_biographies"]["nll"] - uniform) < 0.5 * uniform
-
-
-def test_loglikelihoods_match_unbatched_scoring_with_truncation(tokenizer):
-    """Right-padded batches (sorted by length) and left-truncated long contexts score exactly
-    what one forward pass per request over its last max_seq_len + 1 tokens gives."""
-    torch.manual_seed(1)
-    model = Transformer(_config(50, max_seq_len=16)).double().eval()
-    generator = torch.Generator().manual_seed(2)
-    requests = []
-    for context_len, continuation_len in [(1, 1), (5, 3), (2, 7), (14, 2), (30, 4), (3, 16), (9, 1)]:
-        ids = torch.randint(0, 50, (context_len + continuation_len,), generator=generator).tolist()
-        requests.append((ids[:context_len], ids[context_len:]))
-    scores = loglikelihoods(model, requests, batch_size=3)
-    for (context, continuation), (logprob, greedy, count) in zip(requests, scores):
-        sequence = torch.tensor(context + continuation)[-17:]
-        with torch.no_grad():
-            logprobs = F.log_softmax(model(sequence[None, :-1])[0], dim=-1)[-len(continuation):]
-        targets = torch.tensor(continuation)
-        assert count == len(continuation)
-        assert logprob == pytest.approx(logprobs.gather(-1, targets[:, None]).sum().item(), rel=1e-9, abs=1e-9)
-        assert greedy == bool((logprobs.argmax(-1) == targets).all())
-    with pytest.raises(ValueError, match="non-empty context"):
-        loglikelihoods(model, [([], [1])])
-    with pytest.raises(ValueError, match="does not fit"):
-        loglikelihoods(model, [([1], list(range(17)))])
 
 
 @pytest.fixture(scope="module")
@@ -137,21 +50,38 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     return dump / "checkpoint" / "step-0"
 
 
-def test_cli_evaluates_a_pretrain_checkpoint(seed_checkpoint: Path, tmp_path: Path, capsys):
+def test_cli_evaluates_a_pretrain_checkpoint(
+    seed_checkpoint: Path, tmp_path: Path, capsys, tokenizer
+):
     output = tmp_path / "eval.json"
-    main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--knowledge.num-people", "8",
-          "--max-people", "2", "--output", str(output)])
+    main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug",
+          "--knowledge.num-people", "8", "--max-people", "2", "--output", str(output)])
     printed = capsys.readouterr().out
     assert "fact recall, held-out questions" in printed and "held-out biographies" in printed
     results = json.loads(output.read_text())
     assert results["model"] == "mem_debug" and results["corpus"]["num_people"] == 8
     assert results["recall_heldout_questions"]["questions"] == 2 * len(ATTRIBUTES)
-    assert results["heldout_biographies"]["tokens"] > 0
-    # The loaded weights are the checkpoint's, not a fresh initialisation.
+    assert results["recall_trained_questions"]["questions"] == 2 * len(ATTRIBUTES)
+    biographies = list(KnowledgeCorpus(num_people=8).heldout_documents())[:2]
+    assert results["heldout_biographies"]["tokens"] == sum(
+        len(tokenizer.encode(text, add_bos=True, add_eos=True)) - 1 for text in biographies
+    )
+
+
+def test_load_checkpoint_builds_the_flavor_as_trained(seed_checkpoint: Path, tokenizer):
     loaded = load_checkpoint(seed_checkpoint, "mem_debug")
+    assert loaded.config == get_flavor("mem_debug", vocab_size=tokenizer.get_vocab_size())
+    assert not loaded.training
+    # The loaded weights are the checkpoint's, not a fresh initialisation.
     torch.manual_seed(12345)
     fresh = Transformer(loaded.config)
     assert not torch.equal(loaded.memory_values, fresh.memory_values)
+    # A run trained on sequences longer than the flavor's has RoPE tables that long.
+    longer = load_checkpoint(seed_checkpoint, "mem_debug", seq_len=1024)
+    assert longer.config.max_seq_len == 1024
+    assert torch.equal(longer.memory_values, loaded.memory_values)
+    with pytest.raises(ValueError, match="unknown flavor 'mem_2b'; choose one of: dense_134m"):
+        load_checkpoint(seed_checkpoint, "mem_2b")
 
 
 def test_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path: Path):
@@ -167,26 +97,44 @@ def test_lm_eval_adapter(tokenizer):
     pytest.importorskip("lm_eval", reason="the lm-eval adapter needs lm_eval")
     from recipes.lm_eval_adapter import MemcompileLM
 
+    vocab_size = tokenizer.get_vocab_size()
     qa = next(CORPUS.eval_qa_pairs())
-    oracle = MemcompileLM(OracleModel(tokenizer, [qa]), tokenizer, batch_size=4)
+    oracle = MemcompileLM(OracleModel(tokenizer, vocab_size, [qa]), tokenizer, batch_size=4)
     # The harness passes the answer's leading space with the context; it moves to the answer.
     (logprob, greedy), (wrong_logprob, _) = oracle.loglikelihood(
         _requests((qa.prompt + " ", qa.answer), (qa.prompt, " not the answer"))
     )
     assert greedy and logprob > -1e-3 and wrong_logprob < -100
-    assert oracle.generate_until(_requests((qa.prompt, {"until": [","], "max_gen_toks": 12})))[0] == (
-        " " + qa.answer.split(",")[0]
-    )
+    until_comma = _requests((qa.prompt, {"until": [","], "max_gen_toks": 12}))
+    assert oracle.generate_until(until_comma) == [" " + qa.answer.split(",")[0]]
 
     torch.manual_seed(0)
-    model = Transformer(_config(tokenizer.get_vocab_size(), max_seq_len=16)).eval()
+    model = Transformer(model_config(vocab_size, max_seq_len=16)).eval()
     lm = MemcompileLM(model, tokenizer, batch_size=2)
+
+    def ids(text: str) -> list[int]:
+        return [tokenizer.bos_id, *tokenizer.encode(text, add_bos=False, add_eos=False)]
+
     short, long = "Oslo is a city.", " ".join(ATTRIBUTES) * 4
     rolling = lm.loglikelihood_rolling(_requests((short,), (long,)))
-    whole = loglikelihoods(model, [([tokenizer.bos_id], tokenizer.encode(short, add_bos=False, add_eos=False))])
-    assert rolling[0] == pytest.approx(whole[0][0], rel=1e-5)
-    long_tokens = len(tokenizer.encode(long, add_bos=False, add_eos=False))
-    assert long_tokens > 16 and math.isfinite(rolling[1]) and rolling[1] < rolling[0]
+    [(whole, _, _)] = loglikelihoods(model, [(ids(short)[:1], ids(short)[1:])])
+    assert rolling[0] == pytest.approx(whole, rel=1e-5)
+    # A long text is scored max_seq_len tokens at a time, each chunk after the text before it
+    # (of which loglikelihoods keeps the last max_seq_len + 1 tokens, as lm_eval's windows do).
+    tokens = ids(long)
+    assert len(tokens) > 2 * 16
+    chunks = [(tokens[: i + 1], tokens[i + 1 : i + 17]) for i in range(0, len(tokens) - 1, 16)]
+    expected = sum(logprob for logprob, _, _ in loglikelihoods(model, chunks))
+    assert rolling[1] == pytest.approx(expected, rel=1e-5)
+
+    # Generation keeps the last max_seq_len - max_new_tokens prompt tokens (max_gen_toks is
+    # capped at max_seq_len - 1) and cuts the text at the first stop string.
     texts = lm.generate_until(_requests(("Question: who?", {"until": ["\n"], "max_gen_toks": 5}),
                                         ("x" * 200, {"max_gen_toks": 40})))
-    assert len(texts) == 2 and all(isinstance(t, str) and "\n" not in t for t in texts[:1])
+
+    def greedy_text(prompt: list[int], max_new_tokens: int) -> str:
+        new = generate_batched(model, [prompt], max_new_tokens, stop_token=tokenizer.eos_id)[0]
+        return tokenizer.decode(new)
+
+    assert texts == [greedy_text(ids("Question: who?")[-11:], 5).split("\n")[0],
+                     greedy_text(ids("x" * 200)[-1:], 15)]
