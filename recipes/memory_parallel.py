@@ -1,99 +1,130 @@
 """Memory parallelism: the shared value table column-sharded over a group of ranks.
 
-With ``memory_parallel_degree = G`` the world is laid out as a ``[R, G]`` mesh (``R = world / G``
-replicas, rank ``r * G + g``): each group of ``G`` consecutive ranks holds one copy of the table
-``[N, D]`` as a ``DTensor`` placed ``(Replicate(), Shard(1))``, so rank ``g`` of a group stores the
-columns ``[g * D/G, (g+1) * D/G)`` of every row. The table is never all-gathered; per memory layer:
+With ``--parallelism.memory_parallel_degree G`` the world is laid out as a ``[R, G]`` mesh
+(``R = world / G`` replicas, rank ``r * G + g``): each group of ``G`` consecutive ranks holds one
+copy of the table ``[N, D]`` as a ``DTensor`` placed ``(Replicate(), Shard(1))``, so rank ``g`` of a
+group stores the columns ``[g * D/G, (g+1) * D/G)`` of every row. The table is never gathered.
 
-1. all-gather the layer's indices and weights over the group (each rank then knows the reads
-   of all ``G * T`` tokens of its group),
-2. ``memlayer.lookup`` on the local column slice: ``[G*T, D/G]``,
-3. all-to-all: rank ``g`` sends the rows of rank ``j``'s tokens to rank ``j`` and receives its
-   own tokens' column slices from everyone; concatenated, they are the ``[T, D]`` output.
+Two parallel styles, applied with ``parallelize_module`` and visible in ``print(model)`` as the
+modules they wrap:
 
-The collectives are torch's functional collectives with autograd, so backward is their adjoint
-(all-to-all back, reduce-scatter of the weight gradients) and the table's gradient lands on the
-local slice. Replicas of the table (``R > 1``) see different tokens: their gradients are summed
-over the replica dimension after backward (nothing else would do it: the table is kept out of
-FSDP). The loss is already normalised by the global token count, so a sum is the right reduction.
+- :class:`ColumnShardedTable` on the model's ``memory_table``: once per forward, the table
+  becomes this rank's column shard in the compute dtype, a ``DTensor`` ``Shard(1)`` on the
+  memory mesh, which every memory layer then reads (the table is outside FSDP, so nothing
+  else would cast it).
+- :class:`ColumnShardedLookup` on every memory layer's ``lookup``: the layer's indices and
+  weights are all-gathered over the group, ``memlayer.lookup`` reads the local columns for
+  all ``G * T`` tokens of the group (the op's own DTensor rule for a ``Shard(1)`` table), and an
+  all-to-all sends each rank the full rows of its own ``T`` tokens.
 
-The routing happens where memcompile calls ``torch.ops.memlayer.lookup(values, indices, weights)``:
-inside each memory layer's forward a ``TorchFunctionMode`` sends lookups whose table is a DTensor
-to ``column_sharded_lookup`` (memcompile's layer code stays unchanged and single-device).
+Autograd runs the adjoints (all-to-all back, reduce-scatter of the weight gradients), and the
+table's gradient lands on the local columns. Replicas (``R > 1``) see different tokens: their
+gradients are summed over the replica dimension after backward. The loss is normalised by the
+global token count, so a sum is the right reduction.
 """
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.overrides import TorchFunctionMode
+from torch.distributed.tensor import (
+    DTensor,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from memcompile.memory import ProductKeyMemory
+from torchtitan.config import ParallelismConfig
 
 MEMORY_DIM, REPLICA_DIM = "memory", "memory_replicate"
+
+
+@dataclass(kw_only=True, slots=True)
+class MemoryParallelismConfig(ParallelismConfig):
+    memory_parallel_degree: int = 1
+    """Ranks that share one column-sharded copy of the memory value table (Shard(1));
+    must divide the world size and the value dim. 1: the table is handled by FSDP like any
+    other parameter."""
 
 
 def build_memory_mesh(device_type: str, degree: int) -> DeviceMesh:
     """The ``[replicas, degree]`` mesh; ``degree`` must divide the world size."""
     world_size = dist.get_world_size()
-    return init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=(REPLICA_DIM, MEMORY_DIM))
+    return init_device_mesh(
+        device_type, (world_size // degree, degree), mesh_dim_names=(REPLICA_DIM, MEMORY_DIM)
+    )
 
 
-def column_sharded_lookup(values: DTensor, indices: Tensor, weights: Tensor, deterministic: bool = True,
-                          *, compute_dtype: torch.dtype | None = None) -> Tensor:
-    """``memlayer.lookup`` for a table placed ``(Replicate(), Shard(1))``; token-local in and out."""
-    group = values.device_mesh.get_group(MEMORY_DIM)
-    degree = values.device_mesh.size(values.device_mesh.mesh_dim_names.index(MEMORY_DIM))
-    num_tokens, value_dim = indices.shape[0], values.shape[1]
-    local_values = values.to_local()
-    if compute_dtype is not None:  # the table is outside FSDP, so no mixed-precision cast
-        local_values = local_values.to(compute_dtype)
-    group_indices = funcol.wait_tensor(funcol.all_gather_tensor(indices, 0, group))
-    group_weights = funcol.wait_tensor(funcol.all_gather_tensor_autograd(weights, 0, group))
-    columns = torch.ops.memlayer.lookup(local_values, group_indices, group_weights, deterministic)
-    # Row block j of `columns` holds rank j's tokens: send it there, receive ours from each rank.
-    received = funcol.wait_tensor(funcol.all_to_all_single_autograd(columns, None, None, group))
-    return received.view(degree, num_tokens, value_dim // degree).transpose(0, 1).reshape(num_tokens, value_dim)
+class ColumnShardedTable(ParallelStyle):
+    """For ``Transformer.memory_table``: its output, the table placed ``(Replicate(), Shard(1))``
+    on the ``[replica, memory]`` mesh, becomes the local column shard as a ``Shard(1)`` DTensor
+    on the memory mesh, cast to ``compute_dtype`` (once per forward, for every layer)."""
 
-
-class _RouteShardedLookups(TorchFunctionMode):
-    def __init__(self, compute_dtype: torch.dtype | None) -> None:
+    def __init__(self, compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.compute_dtype = compute_dtype
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        is_lookup = func is torch.ops.memlayer.lookup or func is torch.ops.memlayer.lookup.default
-        if is_lookup and isinstance(args[0], DTensor):
-            return column_sharded_lookup(*args, **kwargs, compute_dtype=self.compute_dtype)
-        return func(*args, **kwargs)
+    def _local_columns(self, module: nn.Module, table: DTensor, mesh: DeviceMesh) -> DTensor:
+        local = table.to_local().to(self.compute_dtype)
+        return DTensor.from_local(local, mesh, [Shard(1)], run_check=False)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, output_fn=self._local_columns)
 
 
-def _routing_sharded_lookups(forward, compute_dtype: torch.dtype | None):
-    @functools.wraps(forward)
-    def forward_with_sharded_lookups(*args, **kwargs):
-        with _RouteShardedLookups(compute_dtype):
-            return forward(*args, **kwargs)
+class ColumnShardedLookup(ParallelStyle):
+    """For a ``ValueLookup`` reading a ``Shard(1)`` table on the memory mesh: token-local
+    indices and weights in, token-local ``[T, D]`` rows out (see the module doc)."""
 
-    return forward_with_sharded_lookups
+    @staticmethod
+    def _gather_group_reads(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        values, indices, weights = inputs
+
+        def gather(local: torch.Tensor) -> DTensor:
+            tokens = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+            return tokens.redistribute(mesh, [Replicate()])
+
+        return values, gather(indices), gather(weights)
+
+    @staticmethod
+    def _rows_of_own_tokens(module: nn.Module, columns: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        # Row block g of the group's columns holds rank g's tokens: Shard(1) -> Shard(0) is the
+        # all-to-all that sends it there.
+        return columns.redistribute(mesh, [Shard(0)]).to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module,
+            device_mesh,
+            input_fn=self._gather_group_reads,
+            output_fn=self._rows_of_own_tokens,
+        )
 
 
-def shard_memory_values(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None) -> None:
-    """Column-shard ``model.memory_values`` over ``mesh`` and route every memory layer's lookup
-    through ``column_sharded_lookup``. Call before FSDP (which must then ignore the table)."""
+def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
+    """Column-shard ``model.memory_values`` over ``mesh`` (a ``[replica, memory]`` mesh) and
+    apply the two styles. Call before FSDP, which must then ignore the table."""
     sharded = distribute_tensor(model.memory_values.data, mesh, [Replicate(), Shard(1)])
     model.memory_values = nn.Parameter(sharded)
-    for module in model.modules():
-        if isinstance(module, ProductKeyMemory):
-            module.forward = _routing_sharded_lookups(module.forward, compute_dtype)
     if mesh.size(0) > 1:
         model.memory_values.register_post_accumulate_grad_hook(_sum_over_replicas)
+    memory_mesh = mesh[MEMORY_DIM]
+    plan = {"memory_table": ColumnShardedTable(compute_dtype)}
+    plan.update(
+        {
+            f"{name}.lookup": ColumnShardedLookup()
+            for name, module in model.named_modules()
+            if isinstance(module, ProductKeyMemory)
+        }
+    )
+    parallelize_module(model, memory_mesh, plan)
 
 
 def _sum_over_replicas(values: DTensor) -> None:

@@ -1,38 +1,29 @@
-"""The memcompile Transformer as a torchtitan model: model config, model spec and parallelize_fn.
+"""The memcompile Transformer as a torchtitan model: its model config and model spec.
 
 ``TitanTransformer`` *is* a ``memcompile.model.Transformer`` (same modules, same parameter names,
 so checkpoints load into plain memcompile models) that also satisfies torchtitan's ``BaseModel``
 protocol: a nested ``Config`` whose ``build()`` constructs it, ``init_states`` for meta-device
-initialisation, and parameter/FLOP counts for the metrics.
-
-Parallelism (``parallelize_memory_transformer``): activation checkpointing of the dense blocks,
-``torch.compile`` of every block, then FSDP2 per block, on ``[norm, output]`` and on the root.
+initialisation, and parameter/FLOP counts for the metrics. Its parallelize function is in
+``recipes/parallelize.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from memcompile.config import TransformerConfig
-from memcompile.flavors import FLAVORS
+from memcompile.flavors import fit_to_run, get_flavor
 from memcompile.model import Transformer
 from memcompile.stats import model_stats
-from recipes import shims
-from recipes.memory_parallel import build_memory_mesh, shard_memory_values
-from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, ParallelismConfig, TrainingConfig
-from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
-from torchtitan.distributed.fsdp import disable_fsdp_gradient_division, get_fsdp_reshard_after_forward_policy
+from recipes.parallelize import parallelize_memory_transformer
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.model_spec import ModelSpec
-from torchtitan.tools import utils as titan_utils
-from torchtitan.tools.utils import has_cuda_capability, has_rocm_capability
 from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import has_cuda_capability, has_rocm_capability
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,17 +89,15 @@ class TitanTransformer(Transformer, BaseModel):
         float8: Float8Config = field(default_factory=Float8Config)
 
         def update_from_config(self, *, config: Any, **kwargs) -> None:
-            """Fit the architecture to the run: the tokenizer's vocabulary (the flavors assume
-            the Llama tokenizers; the built-in corpus uses a 2K BPE) and RoPE tables long enough
-            for ``training.seq_len``."""
+            """Fit the architecture to the run (``memcompile.flavors.fit_to_run``): the
+            tokenizer's vocabulary (the flavors assume the Llama tokenizers; the built-in
+            corpus uses a 2K BPE) and RoPE tables long enough for ``training.seq_len``."""
             from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
             self.float8 = config.float8
             vocab_size = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path).get_vocab_size()
-            self.transformer = replace(
-                self.transformer,
-                vocab_size=vocab_size,
-                max_seq_len=max(self.transformer.max_seq_len, config.training.seq_len),
+            self.transformer = fit_to_run(
+                self.transformer, vocab_size=vocab_size, seq_len=config.training.seq_len
             )
 
         def get_nparams_and_flops(self, model: torch.nn.Module, seq_len: int) -> tuple[int, int]:
@@ -134,96 +123,12 @@ class TitanTransformer(Transformer, BaseModel):
         ``init_states`` and ``parallelize_memory_transformer`` cover the whole model."""
 
 
-def parallelize_memory_transformer(
-    model: TitanTransformer,
-    *,
-    parallel_dims: ParallelDims,
-    training: TrainingConfig,
-    parallelism: ParallelismConfig,
-    compile_config: CompileConfig,
-    ac_config: ActivationCheckpointingConfig,
-    dump_folder: str,
-) -> TitanTransformer:
-    """Memory parallelism, activation checkpointing, per-block compile and FSDP2, in that order."""
-    param_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
-    memory_degree = getattr(parallelism, "memory_parallel_degree", 1)
-    if memory_degree > 1:
-        # First, so that checkpoint wrappers and compiled blocks see the routed lookups.
-        mesh = build_memory_mesh(titan_utils.device_type, memory_degree)
-        shard_memory_values(model, mesh, compute_dtype=param_dtype)
-        logger.info(f"Column-sharded the memory values over {memory_degree} ranks (mesh {mesh})")
-
-    if ac_config is not None:
-        policy = ac_config.build(dump_folder=dump_folder)
-        for layer_id, block in model.layers.named_children():
-            # On torch 2.13, torch.compile + activation checkpointing of a block that reads a
-            # DTensor parameter (the column-sharded value table) fails in AOTAutograd ("expected
-            # all tensors_saved_with_vc_check to be Tensors ... DeviceMesh"); memory blocks are
-            # also the cheapest to keep (their activations are [tokens, dim], the table is not
-            # an activation). So only dense blocks are checkpointed.
-            if block.is_memory_block:
-                continue
-            model.layers.register_module(layer_id, policy._wrap_block(block, base_fqn=f"layers.{layer_id}"))
-        logger.info(f"Applied {type(policy).__name__} activation checkpointing to the dense blocks")
-
-    if compile_config.enable and "model" in compile_config.components:
-        for block in model.layers.values():
-            # FSDP's hooks cannot run inside a fullgraph region: compile exactly what FSDP wraps,
-            # except torch.nn built-ins (norms): dynamo skips their frames when they are the
-            # top-level compiled module ("found no compiled frames"); they run eagerly.
-            for module in _fsdp_units(block, memory_degree):
-                if not type(module).__module__.startswith("torch.nn."):
-                    module.compile(backend=compile_config.backend, fullgraph=True)
-        logger.info("Compiling each transformer block with torch.compile")
-
-    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
-    fsdp_config: dict[str, Any] = {
-        "mesh": parallel_dims.get_mesh(names),
-        "mp_policy": MixedPrecisionPolicy(
-            param_dtype=param_dtype,
-            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
-            cast_forward_inputs=False,
-        ),
-    }
-    reshard_after_forward = get_fsdp_reshard_after_forward_policy(
-        parallelism.fsdp_reshard_after_forward, pp_enabled=False
-    )
-    fully_shard(model.tok_embeddings, **fsdp_config, reshard_after_forward=reshard_after_forward)
-    for block in model.layers.values():
-        fully_shard(_fsdp_units(block, memory_degree), **fsdp_config, reshard_after_forward=reshard_after_forward)
-    # The last layers are not resharded after forward: backward needs them first.
-    fully_shard([model.norm, model.output], **fsdp_config, reshard_after_forward=False)
-    # A column-sharded table stays out of FSDP: all-gathering it would defeat the sharding.
-    ignored = {model.memory_values} if memory_degree > 1 else None
-    fully_shard(model, **fsdp_config, ignored_params=ignored)
-    disable_fsdp_gradient_division(model)
-    shims.allow_fsdp_on_gloo(model)
-    return model
-
-
-def _fsdp_units(block: nn.Module, memory_degree: int) -> list[nn.Module]:
-    """The modules of a block that form its FSDP unit (one all-gather per block either way).
-
-    Every block is called with the value table, and FSDP passes a unit's tensor inputs through
-    an autograd function; a block that does not read a column-sharded (DTensor) table then gets
-    a materialised *plain* zero gradient for it, which cannot be added to the DTensor gradients.
-    So with a sharded table the unit is the block's children, whose inputs include the table
-    only where it is read. Activation-checkpoint wrappers are looked through.
-    """
-    if memory_degree == 1:
-        return [block]
-    inner = getattr(block, "_checkpoint_wrapped_module", block)
-    return list(inner.children())
-
-
 def model_spec(name: str) -> ModelSpec:
     """The torchtitan model spec of the memcompile flavor ``name``."""
-    if name not in FLAVORS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(FLAVORS)}")
     return ModelSpec(
         name="memcompile",
         flavor=name,
-        model=TitanTransformer.Config(transformer=FLAVORS[name]),
+        model=TitanTransformer.Config(transformer=get_flavor(name)),
         parallelize_fn=parallelize_memory_transformer,
         pipelining_fn=None,
         post_optimizer_build_fn=None,

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memcompile.config import TransformerConfig
-from memcompile.flavors import FLAVORS
+from memcompile.flavors import FLAVORS, get_flavor
 from memcompile.stats import memory_layer_params, model_stats
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import TORCH_DTYPE_MAP
@@ -154,7 +154,7 @@ def check_memory(config: Any, world_size: int, available: int | None = None) -> 
     usable = int(available * USABLE_FRACTION)
     # As TitanTransformer.Config.update_from_config: the vocabulary is the tokenizer's.
     vocab = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path).get_vocab_size()
-    fitted = {name: replace(flavor, vocab_size=vocab) for name, flavor in FLAVORS.items()}
+    fitted = {name: get_flavor(name, vocab_size=vocab) for name in FLAVORS}
     run = _run_arguments(config, world_size)
     need = estimate(fitted[config.model], **run)
     device = "cuda" if torch.cuda.is_available() else "cpu"

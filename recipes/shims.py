@@ -1,11 +1,12 @@
-"""Compatibility shims that let torchtitan 0.3.0 train on a CPU-only build of torch 2.13.
+"""Every patch of torchtitan 0.3.0 / torch 2.13 the recipes need, in one place.
 
 torchtitan 0.3.0 is developed against CUDA and torch nightlies (~2.15). Every shim below is a
-small, targeted patch with the reason it exists and the condition that enables it; none of them
-changes behaviour on a CUDA machine with a recent torch. ``apply()`` is called once, from the
-recipe entry point, before the Trainer is built.
+small, targeted patch with the reason it exists, the condition that enables it and what would
+let it go; ``tests/recipes/test_shims.py`` checks that each reason still holds, so it fails when
+an upgrade makes a shim unnecessary. ``apply()`` installs them once, from the recipe entry
+point, before the Trainer is built; ``allow_fsdp_on_gloo`` runs after ``fully_shard``.
 
-Two more incompatibilities need no patch, only a setting (in ``recipes/pretrain.py``):
+Two more incompatibilities need no patch, only a setting (``recipes/config_registry.py``):
 FlexAttention has no CPU backward (memcompile attends through SDPA), and the default
 ``spmd_backend="spmd_types"`` fails with FSDP > 1 on torch 2.13 (the recipe uses
 ``partial_dtensor``).
@@ -19,8 +20,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 _applied = False
+#: Parameters whose gradients are clipped on their own, to their own max norm.
+_SEPARATE_MAX_NORM = WeakIdKeyDictionary()
 
 
 def running_on_cpu() -> bool:
@@ -40,6 +44,7 @@ def apply() -> None:
         _barrier_without_device_ids()
     if not hasattr(dist, "set_timeout"):
         _polyfill_set_timeout()
+    _clip_grad_norm_per_group()
 
 
 def _use_cpu_device() -> None:
@@ -47,7 +52,7 @@ def _use_cpu_device() -> None:
     so ``set_device`` fails and the backend becomes nccl. The module-level ``device_type`` /
     ``device_module`` are bound by name in several modules: rebind each to ``"cpu"`` /
     ``torch.cpu`` (``init_distributed`` then maps ``cpu`` to gloo).
-    Condition: no CUDA device."""
+    Condition: no CUDA device. Upstream: torchtitan 0.3.0 has no CPU fallback."""
     import torchtitan.components.metrics
     import torchtitan.distributed.parallel_dims
     import torchtitan.distributed.utils
@@ -93,7 +98,7 @@ class _CPUMemoryMonitor:
 
 def _use_cpu_memory_monitor() -> None:
     """``MetricsProcessor`` builds a CUDA-only ``DeviceMemoryMonitor``.
-    Condition: no CUDA device."""
+    Condition: no CUDA device. Upstream: torchtitan 0.3.0 has no CPU monitor."""
     import torchtitan.components.metrics as metrics
 
     metrics.build_device_memory_monitor = _CPUMemoryMonitor
@@ -102,7 +107,7 @@ def _use_cpu_memory_monitor() -> None:
 def _barrier_without_device_ids() -> None:
     """``dist_utils.set_pg_timeouts`` calls ``barrier(device_ids=[...])``, which gloo rejects.
     The replacement is the same function with a plain barrier.
-    Condition: no CUDA device (the backend is then gloo)."""
+    Condition: no CUDA device (the backend is then gloo). Upstream: torchtitan 0.3.0."""
     import torchtitan.distributed.utils as dist_utils
 
     def set_pg_timeouts(timeout: timedelta, parallel_dims) -> None:
@@ -117,7 +122,7 @@ def _barrier_without_device_ids() -> None:
 def _polyfill_set_timeout() -> None:
     """``torch.distributed.set_timeout`` (used by ``set_pg_timeouts`` after the first step) was
     added after torch 2.13; ``ProcessGroup.set_timeout`` does the same per group.
-    Condition: ``torch.distributed`` has no ``set_timeout``."""
+    Condition: ``torch.distributed`` has no ``set_timeout`` (gone with torch >= 2.15)."""
 
     def set_timeout(timeout: timedelta, group: dist.ProcessGroup | None = None) -> None:
         (group or dist.distributed_c10d._get_default_group()).set_timeout(timeout)
@@ -129,7 +134,8 @@ def allow_fsdp_on_gloo(model: torch.nn.Module) -> None:
     """FSDP2 reduce-scatters with ``PREMUL_SUM`` (pre-multiplied by 1/world), which gloo
     rejects; forcing SUM reductions gives the same result here because torchtitan already sets
     the gradient divide factor to 1 (the loss is normalised by the global token count).
-    Condition: the default process group is gloo. Call after ``fully_shard``."""
+    Condition: the default process group is gloo. Call after ``fully_shard``. Upstream: gloo
+    has no ``PREMUL_SUM`` in torch 2.13."""
     from torch.distributed.fsdp import FSDPModule
 
     if dist.get_backend() != "gloo":
@@ -137,3 +143,38 @@ def allow_fsdp_on_gloo(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+
+
+def clip_separately(parameter: torch.Tensor, max_norm: float) -> None:
+    """Clip ``parameter``'s gradient on its own, to ``max_norm`` (see
+    :func:`_clip_grad_norm_per_group`); the recipe does it for the memory value table."""
+    _SEPARATE_MAX_NORM[parameter] = max_norm
+
+
+def _clip_grad_norm_per_group() -> None:
+    """``Trainer.train_step`` clips every gradient as one vector through
+    ``dist_utils.clip_grad_norm_``, with no per-group option. That fails when gradients live on
+    different device meshes (a column-sharded table is not on FSDP's mesh: "must have the same
+    mesh"), and it would let the sparse, large-LR table gradients share the dense budget, where
+    the paper clips the values separately. The replacement clips each parameter registered with
+    :func:`clip_separately` to its own max norm and the rest as before, and returns the norm of
+    all gradients together (what the Trainer logs).
+    Condition: always (with nothing registered it is torchtitan's function).
+    Upstream: torchtitan 0.3.0 has no per-group clipping hook.
+    TODO: drop when the Trainer can clip parameter groups separately."""
+    import torchtitan.distributed.utils as dist_utils
+
+    clip_all = dist_utils.clip_grad_norm_
+
+    def clip_grad_norm_(parameters, max_norm: float, **kwargs) -> torch.Tensor:
+        shared, separate = [], []
+        for parameter in parameters:
+            if parameter in _SEPARATE_MAX_NORM:
+                separate.append(parameter)
+            else:
+                shared.append(parameter)
+        norms = [clip_all(shared, max_norm, **kwargs)]
+        norms += [clip_all([p], _SEPARATE_MAX_NORM[p], **kwargs) for p in separate]
+        return torch.stack([norm.to(norms[0].device) for norm in norms]).norm()
+
+    dist_utils.clip_grad_norm_ = clip_grad_norm_

@@ -38,7 +38,7 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     import ops  # noqa: F401
     from memcompile.flavors import FLAVORS
     from memcompile.model import Transformer
-    from recipes.memory_parallel import build_memory_mesh, shard_memory_values
+    from recipes.memory_parallel import apply_memory_parallel, build_memory_mesh
 
     config = replace(FLAVORS["mem_debug"], vocab_size=VOCAB)
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     tokens = torch.randint(0, VOCAB, (world_size * BATCH_PER_RANK, SEQ_LEN), generator=torch.Generator().manual_seed(1))
 
     reference(tokens).square().mean().backward()
-    shard_memory_values(sharded, build_memory_mesh("cpu", degree), compute_dtype=None)
+    apply_memory_parallel(sharded, build_memory_mesh("cpu", degree), compute_dtype=torch.float64)
     mine = tokens[rank * BATCH_PER_RANK : (rank + 1) * BATCH_PER_RANK]
     logits = sharded(mine)
     # The global mean, as the trainer normalises by the global token count.

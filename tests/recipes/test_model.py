@@ -1,4 +1,5 @@
-"""The torchtitan adapter of the memcompile Transformer: build, init and float8 conversion."""
+"""The torchtitan adapter of the memcompile Transformer: build, init, checkpoint names, float8
+conversion and activation checkpointing."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from torch import nn
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: E402
+    CheckpointWrapper,
+)
+
 from memcompile.flavors import FLAVORS  # noqa: E402
+from memcompile.model import Transformer  # noqa: E402
 from recipes.model import Float8Config, TitanTransformer  # noqa: E402
+from recipes.parallelize import FullAC, SelectiveAC  # noqa: E402
 
 
 def _build(**float8) -> TitanTransformer:
@@ -28,7 +35,6 @@ def test_meta_build_then_init_states_initialises_everything():
     config = TitanTransformer.Config(transformer=replace(FLAVORS["mem_debug"], vocab_size=112))
     with torch.device("meta"):
         model = config.build()
-    model.verify_module_protocol()  # memcompile's plain modules are accepted
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_states()
@@ -54,3 +60,25 @@ def test_float8_emulation_converts_dense_linears_only_by_default(include_memory_
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.memory_values.grad is not None
+
+
+def test_checkpoints_load_into_a_plain_memcompile_model():
+    titan = _build()
+    plain = Transformer(titan.config)
+    plain.load_state_dict(titan.state_dict())  # strict: the same parameter names
+    tokens = torch.randint(0, 112, (2, 9))
+    torch.testing.assert_close(plain(tokens), titan(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", [SelectiveAC.Config(), FullAC.Config()])
+def test_activation_checkpointing_wraps_the_dense_blocks_only(policy):
+    model = _build()
+    expected = _build()
+    policy.build().apply(model)
+    for layer_id, block in model.layers.items():
+        assert isinstance(block, CheckpointWrapper) == (not block.is_memory_block), layer_id
+    tokens = torch.randint(0, 112, (2, 9))
+    model(tokens).sum().backward()
+    expected(tokens).sum().backward()
+    for (name, param), reference in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(param.grad, reference.grad, msg=name)

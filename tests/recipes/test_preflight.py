@@ -92,7 +92,7 @@ def test_cpu_memory_is_shared_by_the_ranks_of_the_host(monkeypatch):
 
 
 def test_too_small_a_device_is_refused_with_what_would_fit():
-    config = pretrain.pretrain_config("mem_134m")
+    config = pretrain.parse_args(["--model", "mem_134m"])
     with pytest.raises(ValueError) as error:
         check_memory(config, world_size=1, available=4 * GiB)
     message = str(error.value)
@@ -104,7 +104,7 @@ def test_too_small_a_device_is_refused_with_what_would_fit():
 
 
 def test_activation_heavy_run_is_told_a_smaller_batch():
-    config = pretrain.pretrain_config("mem_debug")
+    config = pretrain.parse_args([])
     config.training.local_batch_size = 4096
     with pytest.raises(ValueError, match=r"--training.local_batch_size \d+ --training.seq_len 256"):
         check_memory(config, world_size=1, available=2 * GiB)

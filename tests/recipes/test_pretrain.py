@@ -26,17 +26,14 @@ RUN_TIMEOUT_S = 240
 
 
 def tiny_run_args(dump_folder: Path, steps: int) -> list[str]:
+    """The registry's smoke config (mem_debug, 40 people, 2 x 32 tokens, a checkpoint every 2
+    steps), in a folder of the test's own."""
     return [
-        "--model", "mem_debug",
+        "--config", "smoke",
         "--dump_folder", str(dump_folder),
         "--dataloader.cache_dir", str(dump_folder.parent / "token-cache"),
-        "--dataloader.knowledge.num_people", "40",
         "--training.steps", str(steps),
-        "--training.seq_len", "32",
-        "--training.local_batch_size", "2",
-        "--metrics.log_freq", "1",
         "--metrics.no-enable-tensorboard",
-        "--checkpoint.interval", "2",
         "--debug.seed", "0",
     ]  # fmt: skip
 
@@ -71,7 +68,7 @@ def test_help_lists_every_section():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "mem_huge"], "unknown model 'mem_huge'; choose one of: "),
+        (["--config", "huge"], "Config function 'huge' not found in recipes.config_registry"),
         (["--parallelism.memory_parallel_degree", "2"], "must be >= 1 and divide the world size 1"),
         (["--dataloader.dataset", "./no/such/file.jsonl"], "dataset path './no/such/file.jsonl' does not exist"),
         (["--parallelism.tensor_parallel_degree", "2"], "memcompile models support data parallelism"),
@@ -85,11 +82,15 @@ def test_bad_configuration_fails_before_any_work(args, message, monkeypatch):
         main(args)
 
 
-def test_unknown_flag_is_rejected(capsys):
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--training.stepz", "3"], "--training.stepz"), (["--model", "mem_huge"], "'mem_huge'")],
+)
+def test_unknown_flag_or_model_is_rejected(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--training.stepz", "3"])
+        main(args)
     assert exit_info.value.code != 0
-    assert "--training.stepz" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):
@@ -138,8 +139,9 @@ def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess
 
 def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: Path):
     """From the same seed checkpoint, 2 ranks with the table column-sharded over both (each
-    rank half of the global batch) log the 1-rank losses; the 2-rank checkpoint then loads
-    into a 1-rank model whose first loss is what the checkpointed weights give in float64."""
+    rank half of the global batch; blocks compiled, dense ones checkpointed) log the eager
+    1-rank losses; the 2-rank checkpoint then loads into a 1-rank model whose first loss is
+    what the checkpointed weights give in float64."""
     steps = 3
     seed = tmp_path / "seed"
     _checked(run_pretrain([*tiny_run_args(seed, steps), "--checkpoint.create_seed_checkpoint"]))
@@ -148,8 +150,12 @@ def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: P
     one, two = tmp_path / "one", tmp_path / "two"
     _checked(run_pretrain([*tiny_run_args(one, steps), *from_seed, "--training.local_batch_size", "4"]))
     result = _checked(_torchrun(2, [*tiny_run_args(two, steps), *from_seed,
-                                    "--parallelism.memory_parallel_degree", "2"]))
+                                    "--parallelism.memory_parallel_degree", "2",
+                                    "--compile.enable", "--compile.backend", "aot_eager",
+                                    "activation-checkpoint:selective"]))
     assert "Column-sharded the memory values over 2 ranks" in result.stdout
+    assert "Compiling each TransformerBlock" in result.stdout
+    assert "Applied SelectiveAC activation checkpointing" in result.stdout
     expected, actual = losses(one), losses(two)
     assert sorted(actual) == list(range(1, steps + 1))
     for step in expected:

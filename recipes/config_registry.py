@@ -1,0 +1,74 @@
+"""Run configurations of ``recipes.pretrain``, read by torchtitan's ``ConfigManager``.
+
+    python -m recipes.pretrain                          # --config default
+    python -m recipes.pretrain --config smoke           # seconds, for a quick check
+    python -m recipes.pretrain --config default --model mem_1b --training.steps 10000
+
+Each function returns a ``PretrainTrainer.Config``; every flag then overrides it. A config
+picks a flavor with ``model``; ``{model}`` in ``dump_folder`` is replaced by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from recipes import shims
+from recipes.data.loader import CorpusDataLoader
+from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
+from recipes.memory_parallel import MemoryParallelismConfig
+from recipes.parallelize import SelectiveAC
+from recipes.trainer import DEFAULT_MODEL, MemoryOptimizers, PretrainTrainer, ProgressMetrics
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.components.optimizer import LRSchedulersContainer
+from torchtitan.config import CompileConfig, TrainingConfig
+from torchtitan.trainer import Trainer
+
+
+def default() -> PretrainTrainer.Config:
+    """``mem_debug`` on the built-in knowledge corpus: a few minutes on 2 CPU cores; on CUDA
+    with the settings a GPU run wants (compile, bf16 FSDP params, selective AC)."""
+    on_cpu = shims.running_on_cpu()
+    return PretrainTrainer.Config(
+        model=DEFAULT_MODEL,
+        hf_assets_path=str(BUILTIN_TOKENIZER_DIR),
+        dump_folder="outputs/{model}",
+        tokenizer=Trainer.Config().tokenizer,
+        dataloader=CorpusDataLoader.Config(),
+        loss=CrossEntropyLoss.Config(),
+        optimizer=MemoryOptimizers.Config(implementation="foreach"),
+        lr_scheduler=LRSchedulersContainer.Config(
+            warmup_steps=20, decay_ratio=0.8, decay_type="cosine", min_lr_factor=0.1
+        ),
+        training=TrainingConfig(
+            local_batch_size=8,
+            seq_len=256,
+            steps=200,
+            # bf16 matmuls are slow on most CPUs, and fp32 keeps CPU resumes bitwise exact.
+            mixed_precision_param="float32" if on_cpu else "bfloat16",
+            disable_cuda_graphs=True,
+        ),
+        metrics=ProgressMetrics.Config(log_freq=10, enable_tensorboard=True),
+        # The memory path uses DTensor only for the value table (partial_dtensor); the
+        # spmd_types backend also fails with FSDP > 1 on torch 2.13.
+        parallelism=MemoryParallelismConfig(spmd_backend="partial_dtensor"),
+        checkpoint=CheckpointManager.Config(
+            enable=True, interval=50, last_save_model_only=False, keep_latest_k=2
+        ),
+        # Compilation and recomputation cost more than they save for small CPU models.
+        activation_checkpoint=None if on_cpu else SelectiveAC.Config(),
+        compile=CompileConfig(enable=not on_cpu, components=["model"]),
+    )
+
+
+def smoke() -> PretrainTrainer.Config:
+    """``default`` shrunk to seconds: 40 people, 8 steps of 2 x 32 tokens, a checkpoint
+    every 2 steps, every step logged."""
+    config = default()
+    config.dataloader.knowledge = dataclasses.replace(config.dataloader.knowledge, num_people=40)
+    config.training.steps = 8
+    config.training.seq_len = 32
+    config.training.local_batch_size = 2
+    config.metrics.log_freq = 1
+    config.checkpoint.interval = 2
+    return config

@@ -1,0 +1,174 @@
+"""torchtitan's Trainer and the components it builds, for memcompile models.
+
+- :class:`MemoryOptimizers`: AdamW with the shared value table in its own group.
+- :class:`ProgressMetrics`: torchtitan's metrics plus progress, ETA and an exact JSONL log.
+- :class:`PretrainTrainer`: the Trainer, with a ``--model`` flavor and memory parallelism.
+
+The run configurations are in ``recipes/config_registry.py``; the entry point is
+``python -m recipes.pretrain``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from memcompile.flavors import FlavorName
+from memcompile.optim import MEMORY_VALUES, param_groups
+from recipes import shims
+from recipes.memory_parallel import MemoryParallelismConfig
+from recipes.model import Float8Config, model_spec
+from recipes.parallelize import ActivationCheckpointingConfig, SelectiveAC
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
+
+DEFAULT_MODEL = "mem_debug"
+
+
+class MemoryOptimizers(OptimizersContainer):
+    """AdamW with the shared value table in its own group (own learning rate and weight decay,
+    why in :mod:`memcompile.optim`). Set ``param_groups`` explicitly to take full control instead.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(OptimizersContainer.Config):
+        lr: float = 3e-3
+        """Learning rate of every parameter but the memory values"""
+
+        weight_decay: float = 0.1
+        """AdamW weight decay of every parameter but the memory values"""
+
+        betas: tuple[float, float] = (0.9, 0.95)
+        eps: float = 1e-8
+
+        memory_lr_multiplier: float = 10.0
+        """Learning rate of the memory value table, as a multiple of lr"""
+
+        memory_weight_decay: float = 0.0
+        """AdamW weight decay of the memory value table"""
+
+        memory_max_norm: float = 1.0
+        """Gradient-norm clipping of the memory value table, applied separately from the
+        other parameters (clipped to training.max_norm)"""
+
+    def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
+        if not config.param_groups:
+            config = replace(config, param_groups=self.default_param_groups(config, model_parts))
+        super().__init__(config, model_parts=model_parts)
+
+    @staticmethod
+    def default_param_groups(config: Config, model_parts: list[torch.nn.Module]) -> list[ParamGroupConfig]:
+        """:func:`memcompile.optim.param_groups` as torchtitan ``ParamGroupConfig``s."""
+        names = [name for part in model_parts for name, _ in part.named_parameters()]
+        groups = param_groups(
+            names,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            memory_lr_multiplier=config.memory_lr_multiplier,
+            memory_weight_decay=config.memory_weight_decay,
+        )
+        adamw = {"betas": config.betas, "eps": config.eps}
+        return [
+            ParamGroupConfig(pattern=pattern, optimizer_name="AdamW", optimizer_kwargs={**adamw, **options})
+            for pattern, options in groups
+        ]
+
+
+class ProgressMetrics(MetricsProcessor):
+    """torchtitan's metrics (console, TensorBoard, wandb) plus progress (step k/N, ETA) and,
+    on rank 0, one exact JSON line per logged step in ``<dump_folder>/metrics.jsonl``
+    (appended across restarts; the reliability tests compare these losses bitwise)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(MetricsProcessor.Config):
+        pass
+
+    total_steps: int = 0
+    _first_log: tuple[int, float] | None = None
+
+    def __init__(self, config: Config, *, dump_folder: str = "./outputs", **kwargs) -> None:
+        super().__init__(config, dump_folder=dump_folder, **kwargs)
+        self.jsonl_path = os.path.join(dump_folder, "metrics.jsonl")
+
+    def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
+            extra_metrics: dict[str, Any] | None = None) -> None:
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": global_avg_loss, "grad_norm": grad_norm,
+                                    **(extra_metrics or {})}) + "\n")
+        now = time.perf_counter()
+        if self._first_log is None:  # the first step includes compilation: time from here on
+            self._first_log = (step, now)
+            return
+        first_step, first_time = self._first_log
+        seconds_per_step = (now - first_time) / (step - first_step)
+        eta = seconds_per_step * (self.total_steps - step)
+        logger.info(
+            f"progress: step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)  "
+            f"loss {global_avg_loss:.4f}  {seconds_per_step:.2f}s/step  ETA {_clock(eta)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+class PretrainTrainer(Trainer):
+    """torchtitan's Trainer for memcompile models: the flavor is ``--model``, the value table
+    can be column-sharded (``--parallelism.memory_parallel_degree``), float8 trains the dense
+    linears, and the table is clipped on its own (``--optimizer.memory_max_norm``)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        model: FlavorName = DEFAULT_MODEL
+        """memcompile flavor to train (see python -m memcompile.flavors)"""
+
+        parallelism: MemoryParallelismConfig = field(default_factory=MemoryParallelismConfig)
+        float8: Float8Config = field(default_factory=Float8Config)
+        activation_checkpoint: ActivationCheckpointingConfig = field(
+            default_factory=SelectiveAC.Config
+        )
+
+        preflight_memory_check: bool = True
+        """Before building anything, refuse a run whose estimated memory per rank exceeds what
+        this rank's device has (see recipes/preflight.py)"""
+
+        def __post_init__(self) -> None:
+            # The model spec follows --model (a registry config may bring its own spec of the
+            # same flavor, e.g. with a modified architecture).
+            if self.model_spec is None or self.model_spec.flavor != self.model:
+                self.model_spec = model_spec(self.model)
+            Trainer.Config.__post_init__(self)
+
+    def __init__(self, config: Config) -> None:
+        # "{model}" in the dump folder is the flavor (outputs/{model} by default). Resolved
+        # here, not in Config: a resolved default would outlive a --model flag.
+        config = replace(config, dump_folder=config.dump_folder.replace("{model}", config.model))
+        super().__init__(config)
+        self.metrics_processor.total_steps = config.training.steps
+        memory_values = getattr(self.model_parts[0], MEMORY_VALUES, None)
+        if memory_values is not None:
+            shims.clip_separately(memory_values, config.optimizer.memory_max_norm)
+
+    def close(self) -> None:
+        super().close()
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        config = self.config
+        if config.metrics.enable_tensorboard:
+            tb = os.path.abspath(os.path.join(config.dump_folder, config.metrics.save_tb_folder))
+            logger.info(f"TensorBoard logs: {tb}   (tensorboard --logdir {tb})")
+        if config.checkpoint.enable:
+            ckpt = os.path.abspath(os.path.join(config.dump_folder, config.checkpoint.folder))
+            logger.info(f"Checkpoints: {ckpt}   (rerun the same command to resume from the latest)")

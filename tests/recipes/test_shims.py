@@ -1,0 +1,124 @@
+"""Each shim of ``recipes/shims.py`` is still needed, and does what it says.
+
+The reasons are checked against unpatched torch and torchtitan in a fresh interpreter: when an
+upgrade fixes one upstream, its test here fails, and the shim should go.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Runs without any shim applied; prints one JSON object: reason -> what was observed.
+_OBSERVE_UPSTREAM = """
+import inspect, json, os, socket
+import torch, torch.distributed as dist
+
+def raises(function):
+    try:
+        function()
+    except Exception as error:
+        return type(error).__name__
+    return None
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+
+import torchtitan.components.metrics as metrics
+import torchtitan.distributed.utils as dist_utils
+import torchtitan.tools.utils as titan_utils
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torchtitan.trainer import Trainer
+
+def on_mesh(mesh, placements):
+    parameter = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, placements))
+    parameter.grad = distribute_tensor(torch.ones(4, 4), mesh, placements)
+    return parameter
+
+fsdp_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("fsdp",))
+memory_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replica", "memory"))
+two_meshes = [on_mesh(fsdp_mesh, [Shard(0)]), on_mesh(memory_mesh, [Replicate(), Shard(1)])]
+set_pg_timeouts = inspect.getsource(dist_utils.set_pg_timeouts)
+print(json.dumps({
+    "device_type": titan_utils.device_type,
+    "memory_monitor": raises(metrics.build_device_memory_monitor),
+    "barrier_device_ids": "barrier(device_ids=" in set_pg_timeouts and raises(
+        lambda: dist.barrier(device_ids=[torch.cpu.current_device()])),
+    "set_timeout": "set_timeout(" in set_pg_timeouts and not hasattr(dist, "set_timeout"),
+    "premul_sum": raises(lambda: dist.all_reduce(torch.ones(2), op=dist._make_nccl_premul_sum(0.5))),
+    "one_clip_for_all": "dist_utils.clip_grad_norm_(" in inspect.getsource(Trainer.train_step),
+    "clip_across_meshes": raises(lambda: dist_utils.clip_grad_norm_(two_meshes, 1.0)),
+}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream() -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _OBSERVE_UPSTREAM], cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply without CUDA only")
+def test_cpu_shims_are_still_needed(upstream):
+    assert upstream["device_type"] == "cuda", "_use_cpu_device: torchtitan now finds the CPU"
+    assert upstream["memory_monitor"], "_use_cpu_memory_monitor: the CUDA monitor now runs on CPU"
+    assert upstream["barrier_device_ids"], "_barrier_without_device_ids: gloo barrier now works"
+
+
+def test_set_timeout_polyfill_is_still_needed(upstream):
+    assert upstream["set_timeout"], "_polyfill_set_timeout: torch.distributed.set_timeout exists"
+
+
+def test_gloo_still_rejects_premul_sum(upstream):
+    assert upstream["premul_sum"], "allow_fsdp_on_gloo: gloo now supports PREMUL_SUM"
+
+
+def test_per_group_clipping_is_still_needed(upstream):
+    assert upstream["one_clip_for_all"], "Trainer.train_step no longer clips through dist_utils"
+    assert upstream["clip_across_meshes"], "clip_grad_norm_ now handles several meshes"
+
+
+_CLIP_PER_GROUP = """
+import json, torch
+from recipes import shims
+import torchtitan.distributed.utils as dist_utils
+
+shims.apply()
+dense, table = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+dense.grad, table.grad = torch.full((3,), 4.0), torch.full((4,), 3.0)
+shims.clip_separately(table, 0.5)
+total = dist_utils.clip_grad_norm_([dense, table], 1.0, foreach=True)
+print(json.dumps({"total": total.item(), "dense": dense.grad.norm().item(),
+                  "table": table.grad.norm().item()}))
+"""
+
+
+def test_the_table_is_clipped_on_its_own():
+    result = subprocess.run(
+        [sys.executable, "-c", _CLIP_PER_GROUP], cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    clipped = json.loads(result.stdout.strip().splitlines()[-1])
+    # Gradient norms before clipping: dense 4 * sqrt(3), table 3 * 2 = 6.
+    assert clipped["total"] == pytest.approx((48 + 36) ** 0.5)
+    assert clipped["dense"] == pytest.approx(1.0, rel=1e-5)
+    assert clipped["table"] == pytest.approx(0.5, rel=1e-5)
