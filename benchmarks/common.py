@@ -180,7 +180,7 @@ def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict[
     except ImportError:
         triton_version = None
     env: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", module, *argv]),
         "device": device.type,
         "cpu": _cpu_model(),

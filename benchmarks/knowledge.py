@@ -13,7 +13,7 @@ same data order, steps and optimiser:
 
 The memory twins do at most the dense model's FLOPs per token (their feed-forward replacements
 are cheaper than the SwiGLU they replace; the exact ratios are in the results). At fixed points
-of training and at the end, each model is evaluated with :mod:`recipes.evaluate`: fact recall
+of training and at the end, each model is evaluated with :mod:`recipes.knowledge_eval`: fact recall
 (greedy, exact match) on the questions whose Q/A pairs training never showed (knowledge
 extracted from biographies) and on the trained ones, answer NLL on the held-out questions, and
 held-out biography perplexity. Writes ``knowledge.json``, ``knowledge.md`` and ``knowledge.png``
@@ -41,10 +41,17 @@ import tyro
 
 from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig, llama_ffn_hidden_dim
 from memcompile.model import Transformer
+from memcompile.optim import torch_param_groups
 from memcompile.stats import model_stats
 from recipes.data.knowledge import KnowledgeCorpus
-from recipes.data.loader import PackedWindows, default_cache_dir, load_token_stream
-from recipes.evaluate import evaluate_knowledge, load_tokenizer
+from recipes.data.loader import (
+    PackedWindows,
+    default_cache_dir,
+    knowledge_source,
+    load_token_stream,
+)
+from recipes.evaluate import load_tokenizer
+from recipes.knowledge_eval import evaluate_knowledge
 
 MODEL_NAMES = ("dense", "memory", "memory+")
 
@@ -118,11 +125,8 @@ def twin_configs(config: KnowledgeBenchmarkConfig, vocab_size: int) -> dict[str,
 
 
 def _optimizer(model: Transformer, config: KnowledgeBenchmarkConfig) -> torch.optim.AdamW:
-    dense = [p for name, p in model.named_parameters() if name != "memory_values"]
-    groups = [{"params": dense, "lr": config.lr, "weight_decay": config.weight_decay}]
-    if model.memory_values is not None:
-        groups.append({"params": [model.memory_values], "lr": config.lr * config.memory_lr_multiplier,
-                       "weight_decay": 0.0})
+    groups = torch_param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
+                                memory_lr_multiplier=config.memory_lr_multiplier)
     for group in groups:
         group["initial_lr"] = group["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
@@ -259,7 +263,7 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     corpus = KnowledgeCorpus(num_people=config.num_people, seed=config.seed)
     tokenizer = load_tokenizer()
-    source = {"dataset": "knowledge", **asdict(corpus)}
+    source = knowledge_source(corpus)
     tokens = load_token_stream(source, corpus.train_documents, tokenizer, config.cache_dir)
     epochs = config.steps * config.batch_size * config.seq_len / tokens.numel()
     print(f"corpus: {config.num_people} people, {tokens.numel():,} training tokens; "

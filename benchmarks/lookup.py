@@ -277,7 +277,7 @@ def benchmark_lookup(
         for which in config.passes:
             print(f"  lookup {name} {which}", file=sys.stderr)
             prepare = _prepare_pass(
-                lambda: fn(values, indices, weights), (values, weights), grad_output, which
+                lambda fn=fn: fn(values, indices, weights), (values, weights), grad_output, which
             )
             row = {"op": "lookup", "impl": name, "pass": which, **asdict(shape)}
             row.update(measure(prepare, device, warmup=config.warmup, repeats=config.repeats))
@@ -314,7 +314,7 @@ def benchmark_product_key(
         for which in config.passes:
             print(f"  product_key_topk {name} {which}", file=sys.stderr)
             prepare = _prepare_pass(
-                lambda: fn(query, subkeys, k)[0], (query, subkeys), grad_scores, which
+                lambda fn=fn: fn(query, subkeys, k)[0], (query, subkeys), grad_scores, which
             )
             row = {
                 "op": "product_key_topk", "impl": name, "pass": which, **asdict(shape),

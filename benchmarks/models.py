@@ -155,7 +155,8 @@ def benchmark_flavor(
     if "time_ms" in row:
         row["tokens_per_s"] = row["tokens_per_step"] / (row["time_ms"] * 1e-3)
         row["tflops"] = stats.train_flops_per_token * row["tokens_per_s"] / 1e12
-    del model, step
+    del model
+    step = None  # the step holds the model too
     torch.compiler.reset()  # drops the compiled graphs, which hold on to the model
     release_memory(device)
     return row
