@@ -119,14 +119,20 @@ def twin_configs(config: KnowledgeBenchmarkConfig, vocab_size: int) -> dict[str,
     )
     return {
         "dense": dense,
-        "memory": replace(dense, memory=replace(memory, layers=(config.n_layers // 2,), kind=MemoryKind.MEMORY)),
+        "memory": replace(
+            dense, memory=replace(memory, layers=(config.n_layers // 2,), kind=MemoryKind.MEMORY)
+        ),
         "memory+": replace(dense, memory=memory),
     }
 
 
 def _optimizer(model: Transformer, config: KnowledgeBenchmarkConfig) -> torch.optim.AdamW:
-    groups = torch_param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
-                                memory_lr_multiplier=config.memory_lr_multiplier)
+    groups = torch_param_groups(
+        model,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        memory_lr_multiplier=config.memory_lr_multiplier,
+    )
     for group in groups:
         group["initial_lr"] = group["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
@@ -147,7 +153,10 @@ def majority_baseline(corpus: KnowledgeCorpus) -> dict[str, float]:
     for qa in corpus.train_qa_pairs():
         answers[qa.attribute][qa.answer] += 1
     baseline = {}
-    for split, qa_pairs in (("recall_heldout", corpus.eval_qa_pairs()), ("recall_trained", corpus.train_qa_pairs())):
+    for split, qa_pairs in (
+        ("recall_heldout", corpus.eval_qa_pairs()),
+        ("recall_trained", corpus.train_qa_pairs()),
+    ):
         hits = [answers[qa.attribute].most_common(1)[0][0] == qa.answer for qa in qa_pairs]
         baseline[split] = sum(hits) / max(len(hits), 1)
     return baseline
@@ -162,14 +171,22 @@ def _summary(results: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def train_and_evaluate(name: str, model_config: TransformerConfig, tokens: torch.Tensor,
-                       config: KnowledgeBenchmarkConfig, corpus: KnowledgeCorpus, tokenizer) -> dict[str, Any]:
+def train_and_evaluate(
+    name: str,
+    model_config: TransformerConfig,
+    tokens: torch.Tensor,
+    config: KnowledgeBenchmarkConfig,
+    corpus: KnowledgeCorpus,
+    tokenizer,
+) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = Transformer(model_config)
     optimizer = _optimizer(model, config)
     # As recipes.pretrain: the sparse, high-LR table gradients are clipped on their own.
     clip_groups = [group["params"] for group in optimizer.param_groups]
-    windows = iter(PackedWindows(tokens, seq_len=config.seq_len, seed=config.seed, dp_rank=0, dp_world_size=1))
+    windows = iter(
+        PackedWindows(tokens, seq_len=config.seq_len, seed=config.seed, dp_rank=0, dp_world_size=1)
+    )
     eval_steps = {round(config.steps * (i + 1) / (config.evals + 1)) for i in range(config.evals)}
     tokens_per_step = config.batch_size * config.seq_len
     curve, losses = [], []
@@ -189,26 +206,47 @@ def train_and_evaluate(name: str, model_config: TransformerConfig, tokens: torch
         losses.append(loss.item())
         if step + 1 in eval_steps:
             model.eval()
-            results = evaluate_knowledge(model, tokenizer, corpus, max_people=config.eval_people, batch_size=64)
-            curve.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, **_summary(results)})
-            print(f"  {name:8s} step {step + 1:5d}  loss {sum(losses[-20:]) / len(losses[-20:]):.3f}  "
-                  f"recall held-out {100 * curve[-1]['recall_heldout']:.1f}%  "
-                  f"trained {100 * curve[-1]['recall_trained']:.1f}%  "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            results = evaluate_knowledge(
+                model, tokenizer, corpus, max_people=config.eval_people, batch_size=64
+            )
+            curve.append(
+                {"step": step + 1, "tokens": (step + 1) * tokens_per_step, **_summary(results)}
+            )
+            recent_loss = sum(losses[-20:]) / len(losses[-20:])
+            print(
+                f"  {name:8s} step {step + 1:5d}  loss {recent_loss:.3f}  "
+                f"recall held-out {100 * curve[-1]['recall_heldout']:.1f}%  "
+                f"trained {100 * curve[-1]['recall_trained']:.1f}%  "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     train_seconds = time.perf_counter() - start
     model.eval()
     final = evaluate_knowledge(model, tokenizer, corpus, batch_size=64)
-    curve.append({"step": config.steps, "tokens": config.steps * tokens_per_step, **_summary(final),
-                  "all_people": True})
+    curve.append(
+        {
+            "step": config.steps,
+            "tokens": config.steps * tokens_per_step,
+            **_summary(final),
+            "all_people": True,
+        }
+    )
     stats = model_stats(model_config, config.seq_len)
     return {
-        "params": {"total": stats.total_params, "dense": stats.dense_params, "memory": stats.memory_params},
+        "params": {
+            "total": stats.total_params,
+            "dense": stats.dense_params,
+            "memory": stats.memory_params,
+        },
         "train_flops_per_token": stats.train_flops_per_token,
         "train_seconds": train_seconds,
         "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "final": {**_summary(final), "per_attribute_heldout": final["recall_heldout_questions"]["per_attribute"],
-                  "per_attribute_trained": final["recall_trained_questions"]["per_attribute"],
-                  "examples": final["recall_heldout_questions"]["examples"]},
+        "final": {
+            **_summary(final),
+            "per_attribute_heldout": final["recall_heldout_questions"]["per_attribute"],
+            "per_attribute_trained": final["recall_trained_questions"]["per_attribute"],
+            "examples": final["recall_heldout_questions"]["examples"],
+        },
         "curve": curve,
     }
 
@@ -216,22 +254,26 @@ def train_and_evaluate(name: str, model_config: TransformerConfig, tokens: torch
 def markdown_table(report: dict[str, Any]) -> str:
     dense_flops = report["models"]["dense"]["train_flops_per_token"]
     lines = [
-        "| model | params (dense + memory) | train FLOPs/token (vs dense) | recall, held-out questions "
-        "| recall, trained questions | answer NLL | held-out bio NLL | train loss | train time |",
+        "| model | params (dense + memory) | train FLOPs/token (vs dense) "
+        "| recall, held-out questions | recall, trained questions | answer NLL "
+        "| held-out bio NLL | train loss | train time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in report["models"].items():
         final, params = result["final"], result["params"]
+        flops = result["train_flops_per_token"]
         lines.append(
             f"| {name} | {params['dense'] / 1e3:.0f}K + {params['memory'] / 1e3:.0f}K "
-            f"| {result['train_flops_per_token'] / 1e6:.2f}M ({result['train_flops_per_token'] / dense_flops:.2f}x) "
+            f"| {flops / 1e6:.2f}M ({flops / dense_flops:.2f}x) "
             f"| {100 * final['recall_heldout']:.1f}% | {100 * final['recall_trained']:.1f}% "
-            f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} | {result['final_train_loss']:.3f} "
-            f"| {result['train_seconds']:.0f}s |"
+            f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} "
+            f"| {result['final_train_loss']:.3f} | {result['train_seconds']:.0f}s |"
         )
     baseline = report["majority_baseline"]
-    lines.append(f"| majority answer (no model) | - | - | {100 * baseline['recall_heldout']:.1f}% "
-                 f"| {100 * baseline['recall_trained']:.1f}% | - | - | - | - |")
+    lines.append(
+        f"| majority answer (no model) | - | - | {100 * baseline['recall_heldout']:.1f}% "
+        f"| {100 * baseline['recall_trained']:.1f}% | - | - | - | - |"
+    )
     return "\n".join(lines)
 
 
@@ -248,9 +290,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for name, result in report["models"].items():
         tokens = [point["tokens"] / 1e6 for point in result["curve"]]
         for axis, key in zip(axes, ("recall_heldout", "recall_trained")):
-            axis.plot(tokens, [100 * point[key] for point in result["curve"]], marker="o", label=name)
+            axis.plot(
+                tokens, [100 * point[key] for point in result["curve"]], marker="o", label=name
+            )
     for axis, title in zip(axes, ("held-out questions (from biographies)", "trained questions")):
-        axis.set(title=f"Fact recall: {title}", xlabel="training tokens (M)", ylabel="exact match (%)")
+        axis.set(
+            title=f"Fact recall: {title}", xlabel="training tokens (M)", ylabel="exact match (%)"
+        )
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -266,10 +312,17 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
     source = knowledge_source(corpus)
     tokens = load_token_stream(source, corpus.train_documents, tokenizer, config.cache_dir)
     epochs = config.steps * config.batch_size * config.seq_len / tokens.numel()
-    print(f"corpus: {config.num_people} people, {tokens.numel():,} training tokens; "
-          f"{config.steps} steps = {epochs:.1f} epochs", flush=True)
+    print(
+        f"corpus: {config.num_people} people, {tokens.numel():,} training tokens; "
+        f"{config.steps} steps = {epochs:.1f} epochs",
+        flush=True,
+    )
     report: dict[str, Any] = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "cache_dir"},
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(config).items()
+            if k != "cache_dir"
+        },
         "corpus_tokens": tokens.numel(),
         "epochs": epochs,
         "majority_baseline": majority_baseline(corpus),
@@ -277,7 +330,9 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
     }
     for name, model_config in twin_configs(config, tokenizer.get_vocab_size()).items():
         print(f"training {name}", flush=True)
-        report["models"][name] = train_and_evaluate(name, model_config, tokens, config, corpus, tokenizer)
+        report["models"][name] = train_and_evaluate(
+            name, model_config, tokens, config, corpus, tokenizer
+        )
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
     (config.output_dir / "knowledge.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -70,8 +70,14 @@ from benchmarks.common import (
 DtypeName = Literal["fp32", "bf16"]
 Pass = Literal["forward", "backward", "forward+backward"]
 LookupImpl = Literal[
-    "ours", "ours_atomic", "aten", "naive", "ours_compiled", "ours_atomic_compiled",
-    "aten_compiled", "naive_compiled",
+    "ours",
+    "ours_atomic",
+    "aten",
+    "naive",
+    "ours_compiled",
+    "ours_atomic_compiled",
+    "aten_compiled",
+    "naive_compiled",
 ]
 ProductKeyImpl = Literal["ours", "plain", "ours_compiled", "plain_compiled"]
 
@@ -102,7 +108,10 @@ class LookupBenchmark:
     product_key: bool = True
     """Also benchmark product_key_topk against the plain PyTorch search."""
     product_key_impls: tuple[ProductKeyImpl, ...] = (
-        "ours", "plain", "ours_compiled", "plain_compiled",
+        "ours",
+        "plain",
+        "ours_compiled",
+        "plain_compiled",
     )
     heads: int = 4
     """Product-key heads (k = rows_per_token / heads)."""
@@ -188,8 +197,10 @@ def _resolve_impls(
     resolved = {}
     for name in names:
         base = name.removesuffix("_compiled")
-        resolved[name] = eager[base] if name == base else torch.compile(
-            eager[base], dynamic=config.dynamic, backend=config.compile_backend
+        resolved[name] = (
+            eager[base]
+            if name == base
+            else torch.compile(eager[base], dynamic=config.dynamic, backend=config.compile_backend)
         )
     return resolved
 
@@ -317,8 +328,14 @@ def benchmark_product_key(
                 lambda fn=fn: fn(query, subkeys, k)[0], (query, subkeys), grad_scores, which
             )
             row = {
-                "op": "product_key_topk", "impl": name, "pass": which, **asdict(shape),
-                "subkeys_per_half": n, "heads": config.heads, "k": k, "key_dim": key_dim,
+                "op": "product_key_topk",
+                "impl": name,
+                "pass": which,
+                **asdict(shape),
+                "subkeys_per_half": n,
+                "heads": config.heads,
+                "k": k,
+                "key_dim": key_dim,
             }
             row.update(measure(prepare, device, warmup=config.warmup, repeats=config.repeats))
             rows.append(row)
@@ -331,7 +348,9 @@ def benchmark_product_key(
 def _lookup_row(impl: str, which: Pass, shape: Shape | None = None) -> Callable[[dict], bool]:
     """Selects lookup rows of one impl and pass (and shape: None means any)."""
     return lambda row: (
-        row["op"] == "lookup" and row["impl"] == impl and row["pass"] == which
+        row["op"] == "lookup"
+        and row["impl"] == impl
+        and row["pass"] == which
         and (shape is None or all(row[k] == getattr(shape, k) for k in SHAPE_KEYS))
     )
 
@@ -340,15 +359,30 @@ def _lookup_row(impl: str, which: Pass, shape: Shape | None = None) -> Callable[
 _CPU_SHAPE = Shape(num_rows=1 << 20, dim=256, tokens=4096, rows_per_token=128, dtype="fp32")
 TARGETS = (
     *(
-        Target(f"issue {issue}: CPU fwd+bwd >= {threshold:g}x ATen", "cpu", "speedup", threshold,
-               _lookup_row("ours", "forward+backward", _CPU_SHAPE))
+        Target(
+            f"issue {issue}: CPU fwd+bwd >= {threshold:g}x ATen",
+            "cpu",
+            "speedup",
+            threshold,
+            _lookup_row("ours", "forward+backward", _CPU_SHAPE),
+        )
         for issue, threshold in ((2, 1.5), (5, 2.0))
     ),
-    Target("issues 2, 5: GPU forward >= 80% of copy", "cuda", "copy_fraction", 0.8,
-           _lookup_row("ours", "forward")),
+    Target(
+        "issues 2, 5: GPU forward >= 80% of copy",
+        "cuda",
+        "copy_fraction",
+        0.8,
+        _lookup_row("ours", "forward"),
+    ),
     *(
-        Target(f"issue {issue}: GPU {impl} backward >= {threshold:g}x ATen", "cuda", "speedup",
-               threshold, _lookup_row(impl, "backward"))
+        Target(
+            f"issue {issue}: GPU {impl} backward >= {threshold:g}x ATen",
+            "cuda",
+            "speedup",
+            threshold,
+            _lookup_row(impl, "backward"),
+        )
         for impl in ("ours", "ours_atomic")
         for issue, threshold in ((2, 3.0), (5, 5.0))
     ),
@@ -393,16 +427,29 @@ def _validate(config: LookupBenchmark) -> None:
 
 
 _LOOKUP_COLUMNS = [
-    ("num_rows", "N", "d"), ("dim", "D", "d"), ("tokens", "T", "d"), ("dtype", "dtype", "s"),
-    ("impl", "impl", "s"), ("pass", "pass", "s"), ("time_ms", "ms", ".3f"),
-    ("gbps", "GB/s", ".1f"), ("copy_fraction", "of copy", ".1%"),
-    ("speedup", f"x {LOOKUP_BASELINE}", ".2f"), ("peak_memory_mb", "peak MiB", ".0f"),
+    ("num_rows", "N", "d"),
+    ("dim", "D", "d"),
+    ("tokens", "T", "d"),
+    ("dtype", "dtype", "s"),
+    ("impl", "impl", "s"),
+    ("pass", "pass", "s"),
+    ("time_ms", "ms", ".3f"),
+    ("gbps", "GB/s", ".1f"),
+    ("copy_fraction", "of copy", ".1%"),
+    ("speedup", f"x {LOOKUP_BASELINE}", ".2f"),
+    ("peak_memory_mb", "peak MiB", ".0f"),
     ("error", "error", "s"),
 ]
 _PRODUCT_KEY_COLUMNS = [
-    ("num_rows", "N", "d"), ("key_dim", "Kd", "d"), ("tokens", "T", "d"), ("dtype", "dtype", "s"),
-    ("impl", "impl", "s"), ("pass", "pass", "s"), ("time_ms", "ms", ".3f"),
-    ("speedup", f"x {PRODUCT_KEY_BASELINE}", ".2f"), ("peak_memory_mb", "peak MiB", ".0f"),
+    ("num_rows", "N", "d"),
+    ("key_dim", "Kd", "d"),
+    ("tokens", "T", "d"),
+    ("dtype", "dtype", "s"),
+    ("impl", "impl", "s"),
+    ("pass", "pass", "s"),
+    ("time_ms", "ms", ".3f"),
+    ("speedup", f"x {PRODUCT_KEY_BASELINE}", ".2f"),
+    ("peak_memory_mb", "peak MiB", ".0f"),
     ("error", "error", "s"),
 ]
 
@@ -445,7 +492,8 @@ def run(config: LookupBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     lookup_impls = _resolve_impls(config.impls, _EAGER_LOOKUPS, config)
     product_key_impls = (
         _resolve_impls(config.product_key_impls, _EAGER_PRODUCT_KEYS, config)
-        if config.product_key else {}
+        if config.product_key
+        else {}
     )
 
     rows: list[dict[str, Any]] = []

@@ -96,7 +96,10 @@ def flavor_config(
 
 
 def _make_step(
-    model: Transformer, tokens: torch.Tensor, targets: torch.Tensor, mode: Mode,
+    model: Transformer,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    mode: Mode,
     config: ModelBenchmark,
 ) -> Callable[[], torch.Tensor]:
     """One training step of ``model`` on fixed tokens, returning the (detached) loss."""
@@ -124,16 +127,22 @@ def _make_step(
 
 
 def benchmark_flavor(
-    base: str, architecture: Architecture, mode: Mode, config: ModelBenchmark,
+    base: str,
+    architecture: Architecture,
+    mode: Mode,
+    config: ModelBenchmark,
     device: torch.device,
 ) -> dict[str, Any]:
     model_config = flavor_config(base, architecture, config.memory_values)
     stats = model_stats(model_config, seq_len=config.seq_len)
     row: dict[str, Any] = {
-        "base": base, "architecture": architecture, "mode": mode,
+        "base": base,
+        "architecture": architecture,
+        "mode": mode,
         "flavor": f"{architecture}_{base}",
         "memory_values": None if model_config.memory is None else model_config.memory.num_values,
-        "total_params": stats.total_params, "active_params": stats.active_params,
+        "total_params": stats.total_params,
+        "active_params": stats.active_params,
         "tokens_per_step": config.batch_size * config.seq_len,
     }
     print(f"{row['flavor']} {mode}", file=sys.stderr)
@@ -186,23 +195,45 @@ def _memory_plus(mode: Mode) -> Callable[[dict[str, Any]], bool]:
 
 
 TARGETS = (
-    Target("issue 5: CPU compiled Memory+ step >= 1.0x eager", "cpu", "compile_speedup", 1.0,
-           _memory_plus("compiled")),
-    Target("issue 5: GPU compiled Memory+ step >= 1.2x eager", "cuda", "compile_speedup", 1.2,
-           _memory_plus("compiled")),
+    Target(
+        "issue 5: CPU compiled Memory+ step >= 1.0x eager",
+        "cpu",
+        "compile_speedup",
+        1.0,
+        _memory_plus("compiled"),
+    ),
+    Target(
+        "issue 5: GPU compiled Memory+ step >= 1.2x eager",
+        "cuda",
+        "compile_speedup",
+        1.2,
+        _memory_plus("compiled"),
+    ),
     *(
-        Target(f"issue 5: GPU {mode} Memory+ step <= 1.25x its dense twin", "cuda",
-               "time_vs_dense", 1.25, _memory_plus(mode), at_most=True)
+        Target(
+            f"issue 5: GPU {mode} Memory+ step <= 1.25x its dense twin",
+            "cuda",
+            "time_vs_dense",
+            1.25,
+            _memory_plus(mode),
+            at_most=True,
+        )
         for mode in MODES
     ),
 )
 
 _COLUMNS = [
-    ("flavor", "flavor", "s"), ("mode", "mode", "s"), ("memory_values", "values", "d"),
-    ("total_params", "params", ",d"), ("tokens_per_step", "tokens", "d"),
-    ("time_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
-    ("tflops", "TFLOP/s", ".3g"), ("compile_speedup", "x eager", ".2f"),
-    ("time_vs_dense", "/ dense", ".2f"), ("peak_memory_mb", "peak MiB", ",.0f"),
+    ("flavor", "flavor", "s"),
+    ("mode", "mode", "s"),
+    ("memory_values", "values", "d"),
+    ("total_params", "params", ",d"),
+    ("tokens_per_step", "tokens", "d"),
+    ("time_ms", "step ms", ".1f"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+    ("tflops", "TFLOP/s", ".3g"),
+    ("compile_speedup", "x eager", ".2f"),
+    ("time_vs_dense", "/ dense", ".2f"),
+    ("peak_memory_mb", "peak MiB", ",.0f"),
     ("error", "error", "s"),
 ]
 

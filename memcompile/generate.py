@@ -100,7 +100,9 @@ class KVCache:
         self.length += seq_len
 
 
-def sample_next(logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None
+) -> Tensor:
     """The next token of each row of ``logits [B, vocab]``: argmax at temperature 0, else a
     sample from ``softmax(logits / temperature)``."""
     if temperature < 0:
@@ -185,7 +187,11 @@ def generate_batched(
             batch = indices[start : start + batch_size]
             prompt = torch.tensor([list(prompts[i]) for i in batch], device=device)
             new_tokens = generate(
-                model, prompt, max_new_tokens, temperature=temperature, stop_token=stop_token,
+                model,
+                prompt,
+                max_new_tokens,
+                temperature=temperature,
+                stop_token=stop_token,
                 generator=generator,
             )
             for i, ids in zip(batch, new_tokens.tolist()):

@@ -21,10 +21,11 @@ uninitialised after ``to_empty``.
 ``torch.compile(model, fullgraph=True)`` traces forward and backward without graph breaks. For a
 variable sequence length, mark it dynamic (``torch._dynamo.mark_dynamic(tokens, 1)``) or let
 automatic dynamic shapes recompile once; ``dynamic=True`` works too but compiles twice, as
-Dynamo restarts to specialise float module attributes such as RMSNorm's ``eps``. Dense initialisation follows torchtitan's llama3: embeddings
-N(0, 1); wq/wk/wv and w1 N(0, 0.02) truncated at ±2σ; wo, w2, w3 the same with std
-``0.02 / √(2·(layer_id + 1))`` (depth-scaled); output projection N(0, 1/√dim) truncated at
-±3σ; norm gains 1.
+Dynamo restarts to specialise float module attributes such as RMSNorm's ``eps``.
+
+Dense initialisation follows torchtitan's llama3: embeddings N(0, 1); wq/wk/wv and w1
+N(0, 0.02) truncated at ±2σ; wo, w2, w3 the same with std ``0.02 / √(2·(layer_id + 1))``
+(depth-scaled); output projection N(0, 1/√dim) truncated at ±3σ; norm gains 1.
 """
 
 from __future__ import annotations
@@ -307,8 +308,10 @@ class Transformer(nn.Module):
                     f"Transformer: sequence length {seq_len} exceeds max_seq_len "
                     f"{self.config.max_seq_len}"
                 )
-        elif positions.dim() not in (1, 2) or positions.shape[-1] != seq_len or (
-            positions.dim() == 2 and positions.shape[0] != tokens.shape[0]
+        elif (
+            positions.dim() not in (1, 2)
+            or positions.shape[-1] != seq_len
+            or (positions.dim() == 2 and positions.shape[0] != tokens.shape[0])
         ):
             raise ValueError(
                 f"Transformer: positions must have shape [seq_len] = [{seq_len}] or "

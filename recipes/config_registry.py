@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.components.optimizer import LRSchedulersContainer
+from torchtitan.config import CompileConfig, TrainingConfig
+from torchtitan.trainer import Trainer
+
 from recipes import shims
 from recipes.data.loader import CorpusDataLoader
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.memory_parallel import MemoryParallelismConfig
 from recipes.parallelize import SelectiveAC
 from recipes.trainer import DEFAULT_MODEL, MemoryOptimizers, PretrainTrainer, ProgressMetrics
-from torchtitan.components.checkpoint import CheckpointManager
-from torchtitan.components.loss import CrossEntropyLoss
-from torchtitan.components.optimizer import LRSchedulersContainer
-from torchtitan.config import CompileConfig, TrainingConfig
-from torchtitan.trainer import Trainer
 
 
 def default() -> PretrainTrainer.Config:

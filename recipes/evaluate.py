@@ -35,15 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
 from memcompile.flavors import FlavorName, get_flavor
 from memcompile.model import Transformer
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import evaluate_knowledge, format_table
-from torchtitan.components.tokenizer import HuggingFaceTokenizer
-
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -132,22 +130,35 @@ class EvaluateConfig:
 def run(config: EvaluateConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.hf_assets_path)
     model = load_checkpoint(
-        config.checkpoint, config.model, tokenizer.get_vocab_size(), config.device,
+        config.checkpoint,
+        config.model,
+        tokenizer.get_vocab_size(),
+        config.device,
         seq_len=config.seq_len,
     )
     results: dict[str, Any] = {
         "checkpoint": str(config.checkpoint),
         "model": config.model,
         "corpus": asdict(config.knowledge),
-        **evaluate_knowledge(model, tokenizer, config.knowledge, max_people=config.max_people,
-                             batch_size=config.batch_size),
+        **evaluate_knowledge(
+            model,
+            tokenizer,
+            config.knowledge,
+            max_people=config.max_people,
+            batch_size=config.batch_size,
+        ),
     }
     print(format_table(results))
     if config.lm_eval_tasks:
         from recipes.lm_eval_adapter import run_lm_eval
 
-        results["lm_eval"] = run_lm_eval(model, tokenizer, config.lm_eval_tasks, limit=config.lm_eval_limit,
-                                         batch_size=config.batch_size)
+        results["lm_eval"] = run_lm_eval(
+            model,
+            tokenizer,
+            config.lm_eval_tasks,
+            limit=config.lm_eval_limit,
+            batch_size=config.batch_size,
+        )
         print(json.dumps(results["lm_eval"], indent=2, default=str))
     output = config.output or config.checkpoint / "eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +170,9 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
-    config = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, description=__doc__)
+    config = tyro.cli(
+        EvaluateConfig, args=sys.argv[1:] if argv is None else argv, description=__doc__
+    )
     try:
         run(config)
     except (ValueError, FileNotFoundError, ImportError) as error:

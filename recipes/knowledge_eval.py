@@ -76,8 +76,13 @@ def generate_texts(
     ``max_new_tokens``."""
     encoded = [tokenizer.encode(p, add_bos=True, add_eos=False) for p in prompts]
     outputs = generate_batched(
-        model, encoded, max_new_tokens, stop_token=tokenizer.eos_id, batch_size=batch_size,
-        temperature=temperature, generator=generator,
+        model,
+        encoded,
+        max_new_tokens,
+        stop_token=tokenizer.eos_id,
+        batch_size=batch_size,
+        temperature=temperature,
+        generator=generator,
     )
     return [tokenizer.decode(ids) for ids in outputs]
 
@@ -174,8 +179,7 @@ def format_table(results: dict[str, Any]) -> str:
     if "heldout_answers" in results:
         answers = results["heldout_answers"]
         lines.append(
-            f"| held-out answers: NLL / token | {answers['nll']:.4f} "
-            f"({answers['tokens']} tokens) |"
+            f"| held-out answers: NLL / token | {answers['nll']:.4f} ({answers['tokens']} tokens) |"
         )
     for key, label in (
         ("recall_heldout_questions", "held-out questions"),

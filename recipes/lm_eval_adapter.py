@@ -62,7 +62,10 @@ class MemcompileLM(LM):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*request.args) for request in requests]
-        return [(logprob, greedy) for logprob, greedy, _ in loglikelihoods(self.model, pairs, self.batch_size)]
+        return [
+            (logprob, greedy)
+            for logprob, greedy, _ in loglikelihoods(self.model, pairs, self.batch_size)
+        ]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         results = []
@@ -89,16 +92,25 @@ class MemcompileLM(LM):
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
             stops.append([until] if isinstance(until, str) else list(until))
-            max_new_tokens = min(int(gen_kwargs.get("max_gen_toks", _DEFAULT_MAX_GEN_TOKS)), self.max_seq_len - 1)
-            temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
+            max_new_tokens = min(
+                int(gen_kwargs.get("max_gen_toks", _DEFAULT_MAX_GEN_TOKS)), self.max_seq_len - 1
+            )
+            temperature = (
+                float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
+            )
             prompt = [self.tokenizer.bos_id, *self._encode(context)]
             prompts.append(prompt[-(self.max_seq_len - max_new_tokens) :])
             groups[max_new_tokens, temperature].append(i)
         results = [""] * len(prompts)
         for (max_new_tokens, temperature), indices in groups.items():
-            outputs = generate_batched(self.model, [prompts[i] for i in indices], max_new_tokens,
-                                       stop_token=self.tokenizer.eos_id, batch_size=self.batch_size,
-                                       temperature=temperature)
+            outputs = generate_batched(
+                self.model,
+                [prompts[i] for i in indices],
+                max_new_tokens,
+                stop_token=self.tokenizer.eos_id,
+                batch_size=self.batch_size,
+                temperature=temperature,
+            )
             for i, new_tokens in zip(indices, outputs):
                 text = self.tokenizer.decode(new_tokens)
                 for stop in stops[i]:
@@ -108,12 +120,21 @@ class MemcompileLM(LM):
 
 
 def run_lm_eval(
-    model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None, batch_size: int = 32
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on ``tasks``; returns its per-task results."""
     import lm_eval
 
     with torch.no_grad():
-        output = lm_eval.simple_evaluate(model=MemcompileLM(model, tokenizer, batch_size), tasks=tasks,
-                                         limit=limit, log_samples=False)
+        output = lm_eval.simple_evaluate(
+            model=MemcompileLM(model, tokenizer, batch_size),
+            tasks=tasks,
+            limit=limit,
+            log_samples=False,
+        )
     return output["results"]

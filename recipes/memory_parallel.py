@@ -39,9 +39,9 @@ from torch.distributed.tensor import (
     distribute_tensor,
 )
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torchtitan.config import ParallelismConfig
 
 from memcompile.memory import ProductKeyMemory
-from torchtitan.config import ParallelismConfig
 
 MEMORY_DIM, REPLICA_DIM = "memory", "memory_replicate"
 

@@ -14,16 +14,16 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torchtitan.protocols.model import BaseModel
+from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import has_cuda_capability, has_rocm_capability
 
 from memcompile.config import TransformerConfig
 from memcompile.flavors import fit_to_run, get_flavor
 from memcompile.model import Transformer
 from memcompile.stats import model_stats
 from recipes.parallelize import parallelize_memory_transformer
-from torchtitan.protocols.model import BaseModel
-from torchtitan.protocols.model_spec import ModelSpec
-from torchtitan.tools.logging import logger
-from torchtitan.tools.utils import has_cuda_capability, has_rocm_capability
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,15 +54,20 @@ class Float8Config:
             if compile_enabled:
                 raise ValueError("--float8.emulate is eager only: add --compile.no-enable")
         elif not (has_cuda_capability(8, 9) or has_rocm_capability(9, 4)):
-            raise ValueError("--float8.enable needs an NVIDIA SM89+ or AMD MI300+ GPU "
-                             "(or --float8.emulate for testing)")
+            raise ValueError(
+                "--float8.enable needs an NVIDIA SM89+ or AMD MI300+ GPU "
+                "(or --float8.emulate for testing)"
+            )
 
     def convert(self, model: nn.Module, memory_modules: set[str]) -> None:
         """Swap eligible ``nn.Linear`` modules for torchao ``Float8Linear`` in place."""
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-        config = (Float8LinearConfig(emulate=True) if self.emulate
-                  else Float8LinearConfig.from_recipe_name(self.recipe_name))
+        config = (
+            Float8LinearConfig(emulate=True)
+            if self.emulate
+            else Float8LinearConfig.from_recipe_name(self.recipe_name)
+        )
 
         def eligible(module: nn.Module, fqn: str) -> bool:
             if not isinstance(module, nn.Linear):
@@ -70,12 +75,16 @@ class Float8Config:
             # float8 GEMMs need every dim divisible by 16.
             if module.in_features % 16 or module.out_features % 16:
                 return False
-            if not self.include_memory_layers and any(fqn.startswith(m + ".") for m in memory_modules):
+            if not self.include_memory_layers and any(
+                fqn.startswith(m + ".") for m in memory_modules
+            ):
                 return False
             return not any(f in fqn for f in self.filter_fqns)
 
         convert_to_float8_training(model, module_filter_fn=eligible, config=config)
-        logger.info(f"float8 ({'emulated' if self.emulate else self.recipe_name}) for the dense linears")
+        logger.info(
+            f"float8 ({'emulated' if self.emulate else self.recipe_name}) for the dense linears"
+        )
 
 
 class TitanTransformer(Transformer, BaseModel):
@@ -107,7 +116,11 @@ class TitanTransformer(Transformer, BaseModel):
     def __init__(self, config: Config) -> None:
         Transformer.__init__(self, config.transformer)
         if config.float8.enable:
-            memory_modules = {f"layers.{i}.feed_forward" for i, block in self.layers.items() if block.is_memory_block}
+            memory_modules = {
+                f"layers.{i}.feed_forward"
+                for i, block in self.layers.items()
+                if block.is_memory_block
+            }
             config.float8.convert(self, memory_modules)
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:

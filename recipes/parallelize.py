@@ -10,9 +10,6 @@ from typing import Annotated
 import tyro
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-from recipes import shims
-from recipes.memory_parallel import MemoryParallelismConfig, apply_memory_parallel, build_memory_mesh
 from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, TrainingConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import activation_checkpoint as titan_ac
@@ -23,6 +20,13 @@ from torchtitan.distributed.fsdp import (
 )
 from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import logger
+
+from recipes import shims
+from recipes.memory_parallel import (
+    MemoryParallelismConfig,
+    apply_memory_parallel,
+    build_memory_mesh,
+)
 
 # --------------------------------------------------------------------------- activation checkpoints
 

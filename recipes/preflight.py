@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.tools.logging import logger
 
 from memcompile.config import TransformerConfig
 from memcompile.flavors import FLAVORS, get_flavor
 from memcompile.stats import memory_layer_params, model_stats
-from torchtitan.components.tokenizer import HuggingFaceTokenizer
-from torchtitan.config import TORCH_DTYPE_MAP
-from torchtitan.tools.logging import logger
 
 GiB = 1024**3
 #: Bytes per parameter: fp32 weight + fp32 gradient + two fp32 AdamW states.

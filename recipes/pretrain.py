@@ -22,12 +22,12 @@ import socket
 import sys
 
 import torch
+from torchtitan.config.manager import ConfigManager
+from torchtitan.tools.logging import init_logger, logger
 
 from recipes import shims
 from recipes.preflight import check_memory
 from recipes.trainer import PretrainTrainer
-from torchtitan.config.manager import ConfigManager
-from torchtitan.tools.logging import init_logger, logger
 
 
 def validate(config: PretrainTrainer.Config, world_size: int) -> None:
@@ -41,31 +41,49 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
     }
     for name, degree in unsupported.items():
         if degree != 1:
-            raise ValueError(f"--parallelism.{name} {degree}: memcompile models support data "
-                             f"parallelism (FSDP/HSDP) and memory parallelism only")
+            raise ValueError(
+                f"--parallelism.{name} {degree}: memcompile models support data "
+                f"parallelism (FSDP/HSDP) and memory parallelism only"
+            )
     if parallelism.spmd_backend != "partial_dtensor":
-        raise ValueError(f"--parallelism.spmd_backend {parallelism.spmd_backend}: only "
-                         f"'partial_dtensor' is supported (spmd_types fails with FSDP > 1 on torch "
-                         f"{torch.__version__}; full_dtensor logs a wrong loss)")
+        raise ValueError(
+            f"--parallelism.spmd_backend {parallelism.spmd_backend}: only "
+            f"'partial_dtensor' is supported (spmd_types fails with FSDP > 1 on torch "
+            f"{torch.__version__}; full_dtensor logs a wrong loss)"
+        )
     degree = parallelism.memory_parallel_degree
     transformer = config.model_spec.model.transformer
     if degree < 1 or world_size % degree:
-        raise ValueError(f"--parallelism.memory_parallel_degree {degree} must be >= 1 and divide "
-                         f"the world size {world_size}")
+        raise ValueError(
+            f"--parallelism.memory_parallel_degree {degree} must be >= 1 and divide "
+            f"the world size {world_size}"
+        )
     if degree > 1:
         if transformer.memory is None:
-            raise ValueError(f"--parallelism.memory_parallel_degree {degree}: model {config.model!r} "
-                             f"has no memory layers")
+            raise ValueError(
+                f"--parallelism.memory_parallel_degree {degree}: model {config.model!r} "
+                f"has no memory layers"
+            )
         if transformer.memory.value_dim % degree:
-            raise ValueError(f"--parallelism.memory_parallel_degree {degree} must divide the value "
-                             f"dim {transformer.memory.value_dim} of {config.model!r}")
-    config.float8.check_supported(compile_enabled=config.compile.enable and "model" in config.compile.components)
+            raise ValueError(
+                f"--parallelism.memory_parallel_degree {degree} must divide the value "
+                f"dim {transformer.memory.value_dim} of {config.model!r}"
+            )
+    config.float8.check_supported(
+        compile_enabled=config.compile.enable and "model" in config.compile.components
+    )
     if not os.path.isdir(config.hf_assets_path):
-        raise FileNotFoundError(f"--hf_assets_path {config.hf_assets_path!r} is not a directory "
-                                f"(expected tokenizer.json and tokenizer_config.json)")
-    if config.checkpoint.initial_load_path and not os.path.isabs(config.checkpoint.initial_load_path):
-        raise ValueError(f"--checkpoint.initial_load_path must be absolute, got "
-                         f"{config.checkpoint.initial_load_path!r}")
+        raise FileNotFoundError(
+            f"--hf_assets_path {config.hf_assets_path!r} is not a directory "
+            f"(expected tokenizer.json and tokenizer_config.json)"
+        )
+    if config.checkpoint.initial_load_path and not os.path.isabs(
+        config.checkpoint.initial_load_path
+    ):
+        raise ValueError(
+            f"--checkpoint.initial_load_path must be absolute, got "
+            f"{config.checkpoint.initial_load_path!r}"
+        )
 
 
 def parse_args(argv: list[str]) -> PretrainTrainer.Config:
@@ -82,8 +100,14 @@ def _set_single_process_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

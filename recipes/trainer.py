@@ -17,6 +17,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
 
 from memcompile.flavors import FlavorName
 from memcompile.optim import MEMORY_VALUES, param_groups
@@ -24,11 +29,6 @@ from recipes import shims
 from recipes.memory_parallel import MemoryParallelismConfig
 from recipes.model import Float8Config, model_spec
 from recipes.parallelize import ActivationCheckpointingConfig, SelectiveAC
-from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.components.optimizer import OptimizersContainer
-from torchtitan.components.optimizer.optimizer import ParamGroupConfig
-from torchtitan.tools.logging import logger
-from torchtitan.trainer import Trainer
 
 DEFAULT_MODEL = "mem_debug"
 
@@ -65,7 +65,9 @@ class MemoryOptimizers(OptimizersContainer):
         super().__init__(config, model_parts=model_parts)
 
     @staticmethod
-    def default_param_groups(config: Config, model_parts: list[torch.nn.Module]) -> list[ParamGroupConfig]:
+    def default_param_groups(
+        config: Config, model_parts: list[torch.nn.Module]
+    ) -> list[ParamGroupConfig]:
         """:func:`memcompile.optim.param_groups` as torchtitan ``ParamGroupConfig``s."""
         names = [name for part in model_parts for name, _ in part.named_parameters()]
         groups = param_groups(
@@ -77,7 +79,9 @@ class MemoryOptimizers(OptimizersContainer):
         )
         adamw = {"betas": config.betas, "eps": config.eps}
         return [
-            ParamGroupConfig(pattern=pattern, optimizer_name="AdamW", optimizer_kwargs={**adamw, **options})
+            ParamGroupConfig(
+                pattern=pattern, optimizer_name="AdamW", optimizer_kwargs={**adamw, **options}
+            )
             for pattern, options in groups
         ]
 
@@ -98,14 +102,29 @@ class ProgressMetrics(MetricsProcessor):
         super().__init__(config, dump_folder=dump_folder, **kwargs)
         self.jsonl_path = os.path.join(dump_folder, "metrics.jsonl")
 
-    def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
-            extra_metrics: dict[str, Any] | None = None) -> None:
+    def log(
+        self,
+        step: int,
+        global_avg_loss: float,
+        global_max_loss: float,
+        grad_norm: float,
+        extra_metrics: dict[str, Any] | None = None,
+    ) -> None:
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if torch.distributed.get_rank() == 0:
             os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
             with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": global_avg_loss, "grad_norm": grad_norm,
-                                    **(extra_metrics or {})}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": global_avg_loss,
+                            "grad_norm": grad_norm,
+                            **(extra_metrics or {}),
+                        }
+                    )
+                    + "\n"
+                )
         now = time.perf_counter()
         if self._first_log is None:  # the first step includes compilation: time from here on
             self._first_log = (step, now)

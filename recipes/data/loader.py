@@ -34,14 +34,20 @@ import torch
 from tensordict import MemoryMappedTensor
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
-
-from recipes.data.knowledge import KnowledgeCorpus
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer, HuggingFaceTokenizer
 from torchtitan.tools.logging import logger
 
+from recipes.data.knowledge import KnowledgeCorpus
+
 BUILTIN_DATASET = "knowledge"
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+_FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+}
 _CACHE_FORMAT_VERSION = 1
 
 
@@ -114,7 +120,9 @@ def _tokenizer_fingerprint(tokenizer: BaseTokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _write_token_stream(documents: Iterable[str], tokenizer: BaseTokenizer, path: Path) -> dict[str, int]:
+def _write_token_stream(
+    documents: Iterable[str], tokenizer: BaseTokenizer, path: Path
+) -> dict[str, int]:
     num_tokens, max_token_id = 0, -1
     with open(path, "wb") as f:
         for text in documents:
@@ -164,7 +172,9 @@ def load_token_stream(
 class PackedWindows(IterableDataset, Stateful):
     """Shuffled ``seq_len``-token windows of a token stream, split over data-parallel ranks."""
 
-    def __init__(self, tokens: torch.Tensor, *, seq_len: int, seed: int, dp_rank: int, dp_world_size: int):
+    def __init__(
+        self, tokens: torch.Tensor, *, seq_len: int, seed: int, dp_rank: int, dp_world_size: int
+    ):
         self.num_windows = (tokens.numel() - 1) // seq_len
         if self.num_windows < dp_world_size:
             raise ValueError(
@@ -178,7 +188,9 @@ class PackedWindows(IterableDataset, Stateful):
 
     def _window_order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_windows, generator=generator)[self.dp_rank :: self.dp_world_size]
+        return torch.randperm(self.num_windows, generator=generator)[
+            self.dp_rank :: self.dp_world_size
+        ]
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
@@ -252,7 +264,9 @@ class CorpusDataLoader(ParallelAwareDataloader):
         def documents(self) -> Iterable[str]:
             if self.dataset == BUILTIN_DATASET:
                 return self.knowledge.train_documents()
-            documents = _hf_documents(self.dataset_path or self.dataset, self.split, self.text_column)
+            documents = _hf_documents(
+                self.dataset_path or self.dataset, self.split, self.text_column
+            )
             if self.max_documents is not None:
                 documents = (d for _, d in zip(range(self.max_documents), documents))
             return documents

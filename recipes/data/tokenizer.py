@@ -25,7 +25,7 @@ VOCAB_SIZE = 2048
 
 def train_builtin_tokenizer(output_dir: Path = BUILTIN_TOKENIZER_DIR) -> None:
     """Train the byte-level BPE on the default knowledge corpus and write it to ``output_dir``."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers, Tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     corpus = KnowledgeCorpus()
     texts = itertools.chain(

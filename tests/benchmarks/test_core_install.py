@@ -13,7 +13,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: pyproject.toml's ``recipes`` extra, and the lm-evaluation-harness.
 NOT_IN_THE_CORE_INSTALL = (
-    "torchtitan", "torchao", "tensordict", "tokenizers", "datasets", "tensorboard", "lm_eval",
+    "torchtitan",
+    "torchao",
+    "tensordict",
+    "tokenizers",
+    "datasets",
+    "tensorboard",
+    "lm_eval",
 )
 
 PROGRAM = """
@@ -40,13 +46,19 @@ def test_lookup_and_models_benchmarks_run_without_the_recipes_extra(tmp_path: Pa
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", program], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", program],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lookup_rows = json.loads(lookup_json.read_text())["results"]
     assert {(row["op"], row["impl"]) for row in lookup_rows} == {
-        ("lookup", "ours"), ("lookup", "aten"), ("product_key_topk", "ours")
+        ("lookup", "ours"),
+        ("lookup", "aten"),
+        ("product_key_topk", "ours"),
     }
     model_rows = json.loads(models_json.read_text())["results"]
     assert [row["flavor"] for row in model_rows] == ["dense_debug", "memplain_debug", "mem_debug"]

@@ -62,11 +62,20 @@ def test_majority_baseline_answers_each_attributes_most_frequent_trained_value()
     def qa(person: str, attribute: str, answer: str) -> QAPair:
         return QAPair(person, attribute, f"{attribute} of {person}?", answer)
 
-    trained = [qa("A", "birth_city", "Oslo"), qa("B", "birth_city", "Oslo"),
-               qa("C", "birth_city", "Lima"), qa("A", "employer", "Acme"),
-               qa("B", "employer", "Bolt"), qa("C", "employer", "Bolt")]
-    heldout = [qa("D", "birth_city", "Oslo"), qa("E", "birth_city", "Lima"),
-               qa("D", "employer", "Bolt"), qa("E", "employer", "Cora")]
+    trained = [
+        qa("A", "birth_city", "Oslo"),
+        qa("B", "birth_city", "Oslo"),
+        qa("C", "birth_city", "Lima"),
+        qa("A", "employer", "Acme"),
+        qa("B", "employer", "Bolt"),
+        qa("C", "employer", "Bolt"),
+    ]
+    heldout = [
+        qa("D", "birth_city", "Oslo"),
+        qa("E", "birth_city", "Lima"),
+        qa("D", "employer", "Bolt"),
+        qa("E", "employer", "Cora"),
+    ]
     corpus = SimpleNamespace(train_qa_pairs=lambda: trained, eval_qa_pairs=lambda: heldout)
     # "Oslo" and "Bolt" for everyone: 2 of 3 right per attribute on the trained people, 1 of 2
     # on the held-out ones.

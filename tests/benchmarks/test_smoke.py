@@ -22,9 +22,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_LOOKUP = [
-    "--device", "cpu", "--num-rows", "100", "--dim", "33", "--tokens", "0", "5",
-    "--rows-per-token", "6", "--heads", "2", "--warmup", "1", "--repeats", "2",
-    "--copy-megabytes", "4",
+    "--device",
+    "cpu",
+    "--num-rows",
+    "100",
+    "--dim",
+    "33",
+    "--tokens",
+    "0",
+    "5",
+    "--rows-per-token",
+    "6",
+    "--heads",
+    "2",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--copy-megabytes",
+    "4",
 ]
 
 
@@ -35,9 +51,9 @@ def _assert_timed(row: dict) -> None:
 
 def test_lookup_writes_json(tmp_path):
     out = tmp_path / "lookup.json"
-    lookup.main([
-        *TINY_LOOKUP, "--impls", "ours", "aten", "naive", "--no-product-key", "--out", str(out)
-    ])
+    lookup.main(
+        [*TINY_LOOKUP, "--impls", "ours", "aten", "naive", "--no-product-key", "--out", str(out)]
+    )
     payload = json.loads(out.read_text())
 
     assert payload["benchmark"] == "lookup"
@@ -51,9 +67,9 @@ def test_lookup_writes_json(tmp_path):
     assert {row["pass"] for row in lookup_rows} == {"forward", "backward", "forward+backward"}
     for row in lookup_rows:
         _assert_timed(row)
-        assert row["bytes"] == lookup.lookup_bytes(lookup.Shape(**{
-            key: row[key] for key in lookup.SHAPE_KEYS
-        }), row["pass"])
+        assert row["bytes"] == lookup.lookup_bytes(
+            lookup.Shape(**{key: row[key] for key in lookup.SHAPE_KEYS}), row["pass"]
+        )
         # T=0 moves nothing in the forward, yet still writes the dense [N, D] value gradient.
         assert (row["gbps"] > 0) == (row["bytes"] > 0)
         assert row["copy_fraction"] == pytest.approx(row["gbps"] / payload["copy_bandwidth_gbps"])
@@ -65,11 +81,23 @@ def test_lookup_writes_json(tmp_path):
 
 def test_lookup_compiled_and_product_key(tmp_path):
     out = tmp_path / "lookup.json"
-    lookup.main([
-        *TINY_LOOKUP, "--tokens", "7", "--impls", "aten", "naive_compiled",
-        "--product-key-impls", "ours", "plain", "--passes", "forward+backward",
-        "--out", str(out),
-    ])
+    lookup.main(
+        [
+            *TINY_LOOKUP,
+            "--tokens",
+            "7",
+            "--impls",
+            "aten",
+            "naive_compiled",
+            "--product-key-impls",
+            "ours",
+            "plain",
+            "--passes",
+            "forward+backward",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["results"]
     for row in rows:
         _assert_timed(row)
@@ -108,8 +136,13 @@ def test_cpu_target_verdict_uses_the_issue_shape():
     shape = dict(num_rows=1 << 20, dim=256, tokens=4096, rows_per_token=128, dtype="fp32")
     rows = [
         {"op": "lookup", "impl": "ours", "pass": "forward+backward", "speedup": 1.7, **shape},
-        {"op": "lookup", "impl": "ours", "pass": "forward+backward", "speedup": 9.0,
-         **{**shape, "dim": 128}},
+        {
+            "op": "lookup",
+            "impl": "ours",
+            "pass": "forward+backward",
+            "speedup": 9.0,
+            **{**shape, "dim": 128},
+        },
     ]
     verdicts = evaluate_targets(lookup.TARGETS, rows, torch.device("cpu"), lookup.SHAPE_KEYS)
     assert [(v["threshold"], v["met"]) for v in verdicts] == [(1.5, True), (2.0, False)]
@@ -122,8 +155,18 @@ def test_lookup_rejects_tables_too_small_for_the_product_key_search():
 
 
 TINY_MODELS = [
-    "--device", "cpu", "--bases", "debug", "--batch-size", "2", "--seq-len", "9",
-    "--warmup", "1", "--repeats", "2",
+    "--device",
+    "cpu",
+    "--bases",
+    "debug",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "9",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
 ]
 
 

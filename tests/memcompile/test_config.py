@@ -36,8 +36,12 @@ def test_memory_dims_default_to_half_and_full_model_dim():
         ({}, {"layers": (-1,)}, r"memory.layers \[-1\] out of range"),
         ({}, {"layers": (1, 1)}, r"memory.layers must be distinct"),
         ({}, {"layers": ()}, r"memory.layers must name at least one block"),
-        ({}, {"num_values": 1_000_001}, r"perfect square .* got 1000001; nearest squares: "
-                                        r"1000\^2 = 1000000 and 1001\^2 = 1002001"),
+        (
+            {},
+            {"num_values": 1_000_001},
+            r"perfect square .* got 1000001; nearest squares: "
+            r"1000\^2 = 1000000 and 1001\^2 = 1002001",
+        ),
         ({}, {"num_values": 0}, r"num_values must be a positive perfect square"),
         ({}, {"topk": 5}, r"memory.topk \(5\) must be <= n_keys = sqrt\(num_values\) = 4"),
         ({}, {"heads": 0}, r"memory.heads must be >= 1, got 0"),
@@ -58,7 +62,9 @@ def test_bad_configuration_fails_at_construction(dense, memory, message):
 
 
 def test_unknown_flavor_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown flavor .mem_2b.; choose one of: dense_134m, mem_134m"):
+    with pytest.raises(
+        ValueError, match=r"unknown flavor .mem_2b.; choose one of: dense_134m, mem_134m"
+    ):
         get_flavor("mem_2b")
 
 

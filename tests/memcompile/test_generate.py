@@ -34,7 +34,9 @@ def _uncached_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: i
 @pytest.mark.parametrize("name", FLAVOR_NAMES)
 def test_cached_greedy_equals_uncached_argmax(name):
     model = _MODELS[name]
-    prompt = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(generate(model, prompt, 9), _uncached_greedy(model, prompt, 9))
 
 
@@ -62,13 +64,18 @@ def test_chunked_cached_logits_match_full_forward(name, chunks, batch):
 
 def test_stop_token_ends_generation_once_every_row_produced_it():
     model = _MODELS["dense_debug"]
-    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2)
+    )
     free_run = generate(model, prompt, 12)
     stop = int(free_run[0, 3])
     stopped = generate(model, prompt, 12, stop_token=stop)
-    first_stop = [(row == stop).nonzero()[0].item() if (row == stop).any() else 11 for row in free_run]
+    first_stop = [
+        (row == stop).nonzero()[0].item() if (row == stop).any() else 11 for row in free_run
+    ]
     assert stopped.shape[1] == max(first_stop) + 1
     assert torch.equal(stopped, free_run[:, : stopped.shape[1]])
+
 
 def test_generate_batched_equals_one_prompt_at_a_time_cut_at_the_stop_token():
     """Prompts of mixed lengths, batched by length (several batches per length), give what
@@ -76,8 +83,10 @@ def test_generate_batched_equals_one_prompt_at_a_time_cut_at_the_stop_token():
     model = _MODELS["mem_debug"]
     generator = torch.Generator().manual_seed(4)
     lengths = [3, 5, 3, 1, 5, 3, 3]
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist()
-               for n in lengths]
+    prompts = [
+        torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist()
+        for n in lengths
+    ]
     alone = [generate(model, torch.tensor([p]), 8)[0].tolist() for p in prompts]
     stop = alone[0][2]
     expected = [ids[: ids.index(stop)] if stop in ids else ids for ids in alone]
@@ -95,11 +104,15 @@ def test_sampling_is_reproducible_and_temperature_zero_is_argmax():
     draw = lambda: sample_next(logits, 1.0, torch.Generator().manual_seed(3))  # noqa: E731
     assert torch.equal(draw(), draw())
     # A very low temperature concentrates all mass on the argmax.
-    assert torch.equal(sample_next(logits, 1e-4, torch.Generator().manual_seed(0)), logits.argmax(-1))
+    assert torch.equal(
+        sample_next(logits, 1e-4, torch.Generator().manual_seed(0)), logits.argmax(-1)
+    )
     model = _MODELS["mem_debug"]
     prompt = torch.zeros(2, 3, dtype=torch.long)
-    sampled = [generate(model, prompt, 6, temperature=0.8, generator=torch.Generator().manual_seed(5))
-               for _ in range(2)]
+    sampled = [
+        generate(model, prompt, 6, temperature=0.8, generator=torch.Generator().manual_seed(5))
+        for _ in range(2)
+    ]
     assert torch.equal(*sampled)
 
 

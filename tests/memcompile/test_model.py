@@ -193,16 +193,51 @@ def test_empty_batch_gives_empty_logits(shape):
 @pytest.mark.parametrize(
     "tokens, positions, error, message",
     [
-        (torch.zeros(8, dtype=torch.long), None, ValueError, r"tokens must be 2-D \[batch, seq_len\], got shape \(8,\)"),
-        (torch.zeros(2, 4), None, TypeError, r"tokens must be int64 or int32 ids, got torch.float32"),
-        (torch.full((1, 4), 256), None, IndexError, r"tokens must lie in \[0, 256\) \(the vocabulary\), found 256"),
+        (
+            torch.zeros(8, dtype=torch.long),
+            None,
+            ValueError,
+            r"tokens must be 2-D \[batch, seq_len\], got shape \(8,\)",
+        ),
+        (
+            torch.zeros(2, 4),
+            None,
+            TypeError,
+            r"tokens must be int64 or int32 ids, got torch.float32",
+        ),
+        (
+            torch.full((1, 4), 256),
+            None,
+            IndexError,
+            r"tokens must lie in \[0, 256\) \(the vocabulary\), found 256",
+        ),
         (torch.full((1, 4), -3), None, IndexError, r"tokens must lie in \[0, 256\) .*found -3"),
-        (torch.zeros(1, 4, dtype=torch.long), torch.tensor([-1, 0, 1, 2]), IndexError, r"positions must lie in \[0, 256\) \(max_seq_len\), found -1"),
-        (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0, 1, 2, 256]), IndexError, r"positions must lie in \[0, 256\) .*found 256"),
-        (torch.zeros(1, 4, dtype=torch.long), torch.arange(3), ValueError, r"positions must have shape \[seq_len\] = \[4\]"),
-        (torch.zeros(1, 4, dtype=torch.long, device="meta"), None, ValueError, r"tokens are on meta but the model is on cpu"),
+        (
+            torch.zeros(1, 4, dtype=torch.long),
+            torch.tensor([-1, 0, 1, 2]),
+            IndexError,
+            r"positions must lie in \[0, 256\) \(max_seq_len\), found -1",
+        ),
+        (
+            torch.zeros(1, 4, dtype=torch.long),
+            torch.tensor([0, 1, 2, 256]),
+            IndexError,
+            r"positions must lie in \[0, 256\) .*found 256",
+        ),
+        (
+            torch.zeros(1, 4, dtype=torch.long),
+            torch.arange(3),
+            ValueError,
+            r"positions must have shape \[seq_len\] = \[4\]",
+        ),
+        (
+            torch.zeros(1, 4, dtype=torch.long, device="meta"),
+            None,
+            ValueError,
+            r"tokens are on meta but the model is on cpu",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_raises_a_clear_error(tokens, positions, error, message):
     model = Transformer(debug_config())
     with pytest.raises(error, match=message):

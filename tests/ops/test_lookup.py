@@ -119,7 +119,9 @@ def test_gradcheck_float64():
 
 
 def test_backward_is_bitwise_deterministic():
-    values, indices, weights = make_inputs(50, 33, 64, 16, torch.float32, torch.int64, "few_rows", 3)
+    values, indices, weights = make_inputs(
+        50, 33, 64, 16, torch.float32, torch.int64, "few_rows", 3
+    )
     grad_out = torch.randn(64, 33)
     grads = []
     for _ in range(2):
@@ -157,8 +159,12 @@ def test_compiled_matches_eager_with_dynamic_tokens():
 
     compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
     for T in (5, 11):
-        values, indices, weights = make_inputs(40, 6, T, 4, torch.float32, torch.int64, "uniform", T)
-        eager_inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (values, indices, weights)]
+        values, indices, weights = make_inputs(
+            40, 6, T, 4, torch.float32, torch.int64, "uniform", T
+        )
+        eager_inputs = [
+            t.detach().clone().requires_grad_(t.requires_grad) for t in (values, indices, weights)
+        ]
         loss = compiled(values, indices, weights)
         loss.backward()
         eager_loss = loss_fn(*eager_inputs)
@@ -179,15 +185,69 @@ def test_meta_device():
 @pytest.mark.parametrize(
     "values, indices, weights, error, match",
     [
-        (torch.randn(4), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), ValueError, r"values must be 2-D \[N, D\], got shape \(4,\)"),
-        (torch.randn(4, 3), torch.zeros(2, dtype=torch.long), torch.ones(2), ValueError, r"indices must be 2-D \[T, B\]"),
-        (torch.randn(4, 3), torch.zeros(2, 2), torch.ones(2, 2), TypeError, r"indices must be int64 or int32, got torch.float32"),
-        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), ValueError, r"weights must have shape \(2, 2\) \(the shape of indices\), got \(2, 3\)"),
-        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long), TypeError, r"weights must be floating point"),
-        (torch.ones(4, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), TypeError, r"values must be float32, bfloat16, float16 or float64"),
-        (torch.randn(4, 3), torch.tensor([[0, 4]]), torch.ones(1, 2), IndexError, r"indices must lie in \[0, 4\) .*found 4"),
-        (torch.randn(4, 3), torch.tensor([[-1, 0]]), torch.ones(1, 2), IndexError, r"indices must lie in \[0, 4\) .*found -1"),
-        (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, device="meta"), ValueError, r"must be on one device"),
+        (
+            torch.randn(4),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 2),
+            ValueError,
+            r"values must be 2-D \[N, D\], got shape \(4,\)",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(2, dtype=torch.long),
+            torch.ones(2),
+            ValueError,
+            r"indices must be 2-D \[T, B\]",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(2, 2),
+            torch.ones(2, 2),
+            TypeError,
+            r"indices must be int64 or int32, got torch.float32",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 3),
+            ValueError,
+            r"weights must have shape \(2, 2\) \(the shape of indices\), got \(2, 3\)",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 2, dtype=torch.long),
+            TypeError,
+            r"weights must be floating point",
+        ),
+        (
+            torch.ones(4, 3, dtype=torch.long),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 2),
+            TypeError,
+            r"values must be float32, bfloat16, float16 or float64",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.tensor([[0, 4]]),
+            torch.ones(1, 2),
+            IndexError,
+            r"indices must lie in \[0, 4\) .*found 4",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.tensor([[-1, 0]]),
+            torch.ones(1, 2),
+            IndexError,
+            r"indices must lie in \[0, 4\) .*found -1",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 2, device="meta"),
+            ValueError,
+            r"must be on one device",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(values, indices, weights, error, match):
@@ -200,18 +260,68 @@ def test_bad_input_raises_clear_error(values, indices, weights, error, match):
     [
         # An unchecked row here used to segfault (too large) or write outside the gradient
         # (negative); short weights or grad_out were read past their end.
-        (lookup_values_grad, (torch.randn(2, 3), torch.tensor([[0, 9], [1, 2]]), torch.ones(2, 2), 4, True), IndexError, r"lookup_values_grad: indices must lie in \[0, 4\) .*found 9"),
-        (lookup_values_grad, (torch.randn(2, 3), torch.tensor([[0, -2], [1, 2]]), torch.ones(2, 2), 4, True), IndexError, r"lookup_values_grad: indices must lie in \[0, 4\) .*found -2"),
-        (lookup_values_grad, (torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(1, 2), 4, True), ValueError, r"lookup_values_grad: weights must have shape \(2, 2\)"),
-        (lookup_values_grad, (torch.randn(1, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), 4, True), ValueError, r"lookup_values_grad: grad_out must have T = indices.shape\[0\] = 2 rows"),
-        (lookup_values_grad, (torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), -1, True), ValueError, r"lookup_values_grad: num_rows must be >= 0, got -1"),
-        (lookup_weights_grad, (torch.randn(2, 3), torch.randn(4, 3), torch.tensor([[0, 4], [1, 2]])), IndexError, r"lookup_weights_grad: indices must lie in \[0, 4\) .*found 4"),
-        (lookup_weights_grad, (torch.randn(1, 3), torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long)), ValueError, r"lookup_weights_grad: grad_out must have shape \(2, 3\)"),
-        (lookup_weights_grad, (torch.randn(2, 5), torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long)), ValueError, r"grad_out must have shape \(2, 3\) \(T of indices, D of values\), got \(2, 5\)"),
-        (torch.ops.memlayer.lookup, (torch.randn(4, 3).to_sparse(), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2)), TypeError, r"lookup: values must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
-        (torch.ops.memlayer.lookup, (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long).to_sparse(), torch.ones(2, 2)), TypeError, r"lookup: indices must be a dense \(strided\) tensor"),
+        (
+            lookup_values_grad,
+            (torch.randn(2, 3), torch.tensor([[0, 9], [1, 2]]), torch.ones(2, 2), 4, True),
+            IndexError,
+            r"lookup_values_grad: indices must lie in \[0, 4\) .*found 9",
+        ),
+        (
+            lookup_values_grad,
+            (torch.randn(2, 3), torch.tensor([[0, -2], [1, 2]]), torch.ones(2, 2), 4, True),
+            IndexError,
+            r"lookup_values_grad: indices must lie in \[0, 4\) .*found -2",
+        ),
+        (
+            lookup_values_grad,
+            (torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(1, 2), 4, True),
+            ValueError,
+            r"lookup_values_grad: weights must have shape \(2, 2\)",
+        ),
+        (
+            lookup_values_grad,
+            (torch.randn(1, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), 4, True),
+            ValueError,
+            r"lookup_values_grad: grad_out must have T = indices.shape\[0\] = 2 rows",
+        ),
+        (
+            lookup_values_grad,
+            (torch.randn(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), -1, True),
+            ValueError,
+            r"lookup_values_grad: num_rows must be >= 0, got -1",
+        ),
+        (
+            lookup_weights_grad,
+            (torch.randn(2, 3), torch.randn(4, 3), torch.tensor([[0, 4], [1, 2]])),
+            IndexError,
+            r"lookup_weights_grad: indices must lie in \[0, 4\) .*found 4",
+        ),
+        (
+            lookup_weights_grad,
+            (torch.randn(1, 3), torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long)),
+            ValueError,
+            r"lookup_weights_grad: grad_out must have shape \(2, 3\)",
+        ),
+        (
+            lookup_weights_grad,
+            (torch.randn(2, 5), torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long)),
+            ValueError,
+            r"grad_out must have shape \(2, 3\) \(T of indices, D of values\), got \(2, 5\)",
+        ),
+        (
+            torch.ops.memlayer.lookup,
+            (torch.randn(4, 3).to_sparse(), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2)),
+            TypeError,
+            r"lookup: values must be a dense \(strided\) tensor, got layout torch.sparse_coo",
+        ),
+        (
+            torch.ops.memlayer.lookup,
+            (torch.randn(4, 3), torch.zeros(2, 2, dtype=torch.long).to_sparse(), torch.ones(2, 2)),
+            TypeError,
+            r"lookup: indices must be a dense \(strided\) tensor",
+        ),
     ],
-)  # fmt: skip
+)
 def test_backward_ops_and_layouts_reject_bad_input(op, args, error, match):
     with pytest.raises(error, match=match):
         op(*args)

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard, distribute_tensor
 
 import ops.lookup  # noqa: F401  (registers torch.ops.memlayer.* and their sharding rules)
@@ -71,7 +71,13 @@ CASES = [
     Case("column_grad_out_replicated", COLUMN_SHARDED, 13, 6, 7, 3, grad_out_placement=Replicate()),
     Case(
         "column_grad_out_partial_compiled",
-        COLUMN_SHARDED, 13, 6, 7, 3, grad_out_placement=Partial(), compiled=True,
+        COLUMN_SHARDED,
+        13,
+        6,
+        7,
+        3,
+        grad_out_placement=Partial(),
+        compiled=True,
     ),
     Case("replicated", REPLICATED, 13, 6, 7, 3, deterministic=True),
     Case("token_sharded_batch_uneven", TOKEN_SHARDED_BATCH, 13, 6, 7, 3),

@@ -139,8 +139,8 @@ def test_weights_grad_matches_reference(case):
 @given(lookup_cases(out_of_range=True))
 def test_out_of_range_indices_contribute_nothing_and_are_never_read(case):
     values, indices, weights, grad_out = case
-    (expected_out, expected_grad_values, expected_grad_weights), magnitudes = (
-        reference_and_bound(*case)
+    (expected_out, expected_grad_values, expected_grad_weights), magnitudes = reference_and_bound(
+        *case
     )
     # Surround the table with NaN rows: any read outside [0, N) would poison the results.
     num_rows, guard = values.shape[0], 2 * values.shape[0] + 3

@@ -71,9 +71,7 @@ def test_matches_brute_force_with_random_floats(problem, dtype, seed):
     num_tokens, num_heads, num_subkeys, key_dim, k = problem
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(num_tokens, num_heads, key_dim, generator=generator, dtype=dtype)
-    subkeys = torch.randn(
-        num_heads, 2, num_subkeys, key_dim // 2, generator=generator, dtype=dtype
-    )
+    subkeys = torch.randn(num_heads, 2, num_subkeys, key_dim // 2, generator=generator, dtype=dtype)
     scores, indices = product_key_topk(query, subkeys, k)
 
     expected_scores, _ = reference_product_key_topk(query, subkeys, k)
@@ -122,9 +120,7 @@ def test_gradcheck(num_tokens, num_heads, num_subkeys, key_dim, k):
     )
     # The search is piecewise constant: finite differences (eps=1e-6) must not cross a tie.
     sums, _ = reference_product_key_topk(query, subkeys, num_subkeys**2)
-    half_scores = torch.einsum(
-        "thcd,hcnd->thcn", query.view(num_tokens, num_heads, 2, -1), subkeys
-    )
+    half_scores = torch.einsum("thcd,hcnd->thcn", query.view(num_tokens, num_heads, 2, -1), subkeys)
     assert min(smallest_gap(sums), smallest_gap(half_scores)) > 1e-4
 
     torch.autograd.gradcheck(
@@ -178,7 +174,13 @@ def bad_inputs():
     query, subkeys = torch.zeros(3, 2, 6), torch.zeros(2, 2, 5, 3)
     yield query[0], subkeys, 2, ValueError, r"query must be 3-D \[T, H, Kd\], got shape \(2, 6\)"
     yield torch.zeros(3, 2, 5), subkeys, 2, ValueError, r"Kd .* must be even, got 5"
-    yield query, subkeys[0], 2, ValueError, r"subkeys must be 4-D \[H, 2, n, Kd // 2\], got shape \(2, 5, 3\)"
+    yield (
+        query,
+        subkeys[0],
+        2,
+        ValueError,
+        r"subkeys must be 4-D \[H, 2, n, Kd // 2\], got shape \(2, 5, 3\)",
+    )
     yield query, torch.zeros(2, 2, 5, 4), 2, ValueError, r"\[2, 2, n, 3\] .* got \(2, 2, 5, 4\)"
     yield query, torch.zeros(3, 2, 5, 3), 2, ValueError, r"got \(3, 2, 5, 3\)"
     yield query, subkeys, 6, ValueError, r"k must lie in \[1, n\] = \[1, 5\] .* got k=6"
@@ -207,7 +209,10 @@ def test_backward_bad_input(device):
 
 
 def test_mismatched_devices():
-    with FakeTensorMode(), pytest.raises(ValueError, match="one device, got query on cuda:0, subkeys on cpu"):
+    with (
+        FakeTensorMode(),
+        pytest.raises(ValueError, match="one device, got query on cuda:0, subkeys on cpu"),
+    ):
         product_key_topk(torch.empty(3, 2, 6, device="cuda"), torch.empty(2, 2, 5, 3), 2)
 
 
@@ -258,7 +263,10 @@ def test_forward_ad_torch_func_and_double_backward():
     grad_scores = torch.randn(5, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     cases = [
         (lambda q, s: product_key_topk(q, s, 3)[0], (query, subkeys)),
-        (lambda g, q, s: product_key_topk_backward(g, q, s, indices), (grad_scores, query, subkeys)),
+        (
+            lambda g, q, s: product_key_topk_backward(g, q, s, indices),
+            (grad_scores, query, subkeys),
+        ),
     ]
     for function, inputs in cases:
         assert torch.autograd.gradcheck(function, inputs, check_forward_ad=True)

@@ -1,4 +1,4 @@
-"""Test doubles for the knowledge evaluation: a byte tokenizer and a model that knows the answers."""
+"""Test doubles for the knowledge evaluation: a byte tokenizer, a model that knows the answers."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ import torch
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
+from torchtitan.components.tokenizer import HuggingFaceTokenizer  # noqa: E402
+
 from recipes.data.knowledge import ATTRIBUTES, KnowledgeCorpus  # noqa: E402
 from recipes.data.loader import (  # noqa: E402
     PackedWindows,
@@ -20,7 +22,6 @@ from recipes.data.loader import (  # noqa: E402
     load_token_stream,
 )
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR  # noqa: E402
-from torchtitan.components.tokenizer import HuggingFaceTokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,9 @@ def test_corpus_is_deterministic_and_seed_dependent():
 
 
 def test_qa_pairs_match_biographies_and_split_people():
-    corpus = KnowledgeCorpus(num_people=21, seed=1, biographies_per_person=2, qa_train_fraction=1 / 3)
+    corpus = KnowledgeCorpus(
+        num_people=21, seed=1, biographies_per_person=2, qa_train_fraction=1 / 3
+    )
     documents = list(corpus.train_documents())
     biographies = documents[: 21 * 2]
     train_qa, eval_qa = list(corpus.train_qa_pairs()), list(corpus.eval_qa_pairs())
@@ -52,7 +55,9 @@ def test_qa_pairs_match_biographies_and_split_people():
     assert len(heldout) == 21 and not set(heldout) & set(documents)
 
 
-@pytest.mark.parametrize("bad", [dict(num_people=0), dict(biographies_per_person=5), dict(qa_train_fraction=1.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(num_people=0), dict(biographies_per_person=5), dict(qa_train_fraction=1.5)]
+)
 def test_corpus_rejects_bad_config(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         KnowledgeCorpus(**bad)
@@ -71,7 +76,9 @@ def test_token_cache_tokenises_once(tmp_path: Path, tokenizer):
     second = load_token_stream(source, documents, tokenizer, str(tmp_path))
     assert len(calls) == 1
     assert torch.equal(first, second) and first.dtype == torch.int32
-    expected = [t for d in corpus.train_documents() for t in tokenizer.encode(d, add_bos=True, add_eos=True)]
+    expected = [
+        t for d in corpus.train_documents() for t in tokenizer.encode(d, add_bos=True, add_eos=True)
+    ]
     assert first.tolist() == expected
     (entry,) = [p for p in tmp_path.iterdir()]
     assert entry.name == cache_key(source, tokenizer)
@@ -83,8 +90,12 @@ def test_every_corpus_parameter_is_part_of_the_cache_key(tokenizer):
     corpus = KnowledgeCorpus(num_people=5)
     key = cache_key(knowledge_source(corpus), tokenizer)
     assert cache_key(knowledge_source(KnowledgeCorpus(num_people=5)), tokenizer) == key
-    changes = [dict(num_people=6), dict(seed=1), dict(biographies_per_person=3),
-               dict(qa_train_fraction=0.25)]
+    changes = [
+        dict(num_people=6),
+        dict(seed=1),
+        dict(biographies_per_person=3),
+        dict(qa_train_fraction=0.25),
+    ]
     assert {name for change in changes for name in change} == set(asdict(corpus))
     for change in changes:
         assert cache_key(knowledge_source(replace(corpus, **change)), tokenizer) != key
@@ -104,7 +115,9 @@ def test_packed_windows_split_ranks_and_resume_exactly():
     replay = PackedWindows(tokens, seq_len=7, seed=1, dp_rank=0, dp_world_size=1)
     _take(replay, 6)
     resumed.load_state_dict(replay.state_dict())
-    assert all(torch.equal(a[0]["input"], b[0]["input"]) for a, b in zip(_take(resumed, 7), samples[6:]))
+    assert all(
+        torch.equal(a[0]["input"], b[0]["input"]) for a, b in zip(_take(resumed, 7), samples[6:])
+    )
 
 
 def _take(dataset: PackedWindows, n: int):
@@ -135,8 +148,12 @@ def test_local_hf_dataset_file_is_tokenised(tmp_path: Path, tokenizer, suffix):
         path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
     else:
         path.write_text("\n".join(texts) + "\n")
-    config = CorpusDataLoader.Config(dataset=str(path), text_column="body" if suffix == ".jsonl" else "text",
-                                     max_documents=2, cache_dir=str(tmp_path / "cache"))
+    config = CorpusDataLoader.Config(
+        dataset=str(path),
+        text_column="body" if suffix == ".jsonl" else "text",
+        max_documents=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     tokens = load_token_stream(config.source(), config.documents, tokenizer, config.cache_dir)
     expected = [t for text in texts[:2] for t in tokenizer.encode(text, add_bos=True, add_eos=True)]
     assert tokens.tolist() == expected

@@ -39,13 +39,31 @@ def tokenizer():
 def seed_checkpoint(tmp_path_factory) -> Path:
     """A real ``recipes.pretrain`` checkpoint (step 0 of a memory model)."""
     dump = tmp_path_factory.mktemp("pretrain")
-    args = ["--model", "mem_debug", "--dump_folder", str(dump), "--dataloader.cache_dir", str(dump / "cache"),
-            "--dataloader.knowledge.num_people", "8", "--training.seq_len", "32",
-            "--training.local_batch_size", "2", "--metrics.no-enable-tensorboard",
-            "--checkpoint.create_seed_checkpoint"]
+    args = [
+        "--model",
+        "mem_debug",
+        "--dump_folder",
+        str(dump),
+        "--dataloader.cache_dir",
+        str(dump / "cache"),
+        "--dataloader.knowledge.num_people",
+        "8",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--metrics.no-enable-tensorboard",
+        "--checkpoint.create_seed_checkpoint",
+    ]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "recipes.pretrain", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.pretrain", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return dump / "checkpoint" / "step-0"
 
@@ -54,8 +72,20 @@ def test_cli_evaluates_a_pretrain_checkpoint(
     seed_checkpoint: Path, tmp_path: Path, capsys, tokenizer
 ):
     output = tmp_path / "eval.json"
-    main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug",
-          "--knowledge.num-people", "8", "--max-people", "2", "--output", str(output)])
+    main(
+        [
+            "--checkpoint",
+            str(seed_checkpoint),
+            "--model",
+            "mem_debug",
+            "--knowledge.num-people",
+            "8",
+            "--max-people",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "fact recall, held-out questions" in printed and "held-out biographies" in printed
     results = json.loads(output.read_text())
@@ -129,12 +159,18 @@ def test_lm_eval_adapter(tokenizer):
 
     # Generation keeps the last max_seq_len - max_new_tokens prompt tokens (max_gen_toks is
     # capped at max_seq_len - 1) and cuts the text at the first stop string.
-    texts = lm.generate_until(_requests(("Question: who?", {"until": ["\n"], "max_gen_toks": 5}),
-                                        ("x" * 200, {"max_gen_toks": 40})))
+    texts = lm.generate_until(
+        _requests(
+            ("Question: who?", {"until": ["\n"], "max_gen_toks": 5}),
+            ("x" * 200, {"max_gen_toks": 40}),
+        )
+    )
 
     def greedy_text(prompt: list[int], max_new_tokens: int) -> str:
         new = generate_batched(model, [prompt], max_new_tokens, stop_token=tokenizer.eos_id)[0]
         return tokenizer.decode(new)
 
-    assert texts == [greedy_text(ids("Question: who?")[-11:], 5).split("\n")[0],
-                     greedy_text(ids("x" * 200)[-1:], 15)]
+    assert texts == [
+        greedy_text(ids("Question: who?")[-11:], 5).split("\n")[0],
+        greedy_text(ids("x" * 200)[-1:], 15),
+    ]

@@ -49,7 +49,8 @@ def test_a_model_that_knows_the_answers_scores_100_percent(tokenizer_and_vocab):
     assert recall["accuracy"] == 1.0 and recall["questions"] == len(qa_pairs) == 4 * 6
     assert recall["per_attribute"] == {a: 1.0 for a in ATTRIBUTES}
     assert recall["examples"][0] == {
-        "question": qa_pairs[0].question, "answer": qa_pairs[0].answer,
+        "question": qa_pairs[0].question,
+        "answer": qa_pairs[0].answer,
         "generated": qa_pairs[0].answer,
     }
     scores = loglikelihoods(oracle, answer_requests(tokenizer, qa_pairs))
@@ -99,7 +100,9 @@ def test_format_table_shows_every_measurement():
         "heldout_biographies": {"nll": 1.5, "perplexity": math.exp(1.5), "tokens": 40},
         "heldout_answers": {"nll": 0.25, "tokens": 12},
         "recall_heldout_questions": {
-            "accuracy": 0.5, "questions": 12, "per_attribute": {"birth_city": 0.75},
+            "accuracy": 0.5,
+            "questions": 12,
+            "per_attribute": {"birth_city": 0.75},
         },
     }
     assert format_table(results).splitlines() == [

@@ -25,7 +25,9 @@ VOCAB, SEQ_LEN, BATCH_PER_RANK = 97, 11, 2  # odd sizes on purpose
 def _worker(rank: int, world_size: int, degree: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         queue.put((rank, _check(rank, world_size, degree)))
     except Exception as error:  # report instead of hanging the other ranks' queue reads
@@ -45,7 +47,9 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     reference = Transformer(config).double()
     sharded = Transformer(config).double()
     sharded.load_state_dict(reference.state_dict())
-    tokens = torch.randint(0, VOCAB, (world_size * BATCH_PER_RANK, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, VOCAB, (world_size * BATCH_PER_RANK, SEQ_LEN), generator=torch.Generator().manual_seed(1)
+    )
 
     reference(tokens).square().mean().backward()
     apply_memory_parallel(sharded, build_memory_mesh("cpu", degree), compute_dtype=torch.float64)
@@ -65,9 +69,15 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     return {
         "local_shape": tuple(values.to_local().shape),
         "logits_error": (logits - expected_logits).abs().max().item(),
-        "values_grad_error": (values.grad.to_local() - reference.memory_values.grad[:, columns]).abs().max().item(),
-        "dense_grad_error": max((p.grad - q.grad).abs().max().item() for (n, p), q in
-                                zip(sharded.named_parameters(), reference.parameters()) if n != "memory_values"),
+        "values_grad_error": (values.grad.to_local() - reference.memory_values.grad[:, columns])
+        .abs()
+        .max()
+        .item(),
+        "dense_grad_error": max(
+            (p.grad - q.grad).abs().max().item()
+            for (n, p), q in zip(sharded.named_parameters(), reference.parameters())
+            if n != "memory_values"
+        ),
     }
 
 
@@ -77,7 +87,10 @@ def _spawn(world_size: int, degree: int) -> dict[int, dict]:
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    processes = [context.Process(target=_worker, args=(r, world_size, degree, port, queue)) for r in range(world_size)]
+    processes = [
+        context.Process(target=_worker, args=(r, world_size, degree, port, queue))
+        for r in range(world_size)
+    ]
     for p in processes:
         p.start()
     results = dict(queue.get(timeout=240) for _ in processes)

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
-from torchao.float8.float8_linear import Float8Linear  # noqa: E402
-
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: E402
     CheckpointWrapper,
 )
+from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
 from memcompile.flavors import FLAVORS  # noqa: E402
 from memcompile.model import Transformer  # noqa: E402
@@ -23,8 +22,9 @@ from recipes.parallelize import FullAC, SelectiveAC  # noqa: E402
 
 
 def _build(**float8) -> TitanTransformer:
-    config = TitanTransformer.Config(transformer=replace(FLAVORS["mem_debug"], vocab_size=112),
-                                     float8=Float8Config(**float8))
+    config = TitanTransformer.Config(
+        transformer=replace(FLAVORS["mem_debug"], vocab_size=112), float8=Float8Config(**float8)
+    )
     model = config.build()
     torch.manual_seed(0)
     model.init_states()
@@ -52,7 +52,9 @@ def test_float8_emulation_converts_dense_linears_only_by_default(include_memory_
         if not isinstance(module, nn.Linear):
             continue
         in_memory_layer = any(name.startswith(f"layers.{i}.feed_forward.") for i in memory_blocks)
-        assert isinstance(module, Float8Linear) == (include_memory_layers or not in_memory_layer), name
+        assert isinstance(module, Float8Linear) == (include_memory_layers or not in_memory_layer), (
+            name
+        )
 
     tokens = torch.randint(0, 112, (2, 16))
     loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())

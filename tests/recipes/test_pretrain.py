@@ -46,8 +46,14 @@ def _env() -> dict[str, str]:
 
 
 def run_pretrain(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recipes.pretrain", *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.pretrain", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 def losses(dump_folder: Path) -> dict[int, float]:
@@ -59,9 +65,16 @@ def losses(dump_folder: Path) -> dict[int, float]:
 def test_help_lists_every_section():
     result = run_pretrain(["--help"])
     assert result.returncode == 0, result.stderr
-    for flag in ("--model", "--training.steps", "--parallelism.memory-parallel-degree",
-                 "--dataloader.dataset", "--optimizer.memory-lr-multiplier", "--checkpoint.interval",
-                 "--compile.enable", "--metrics.enable-tensorboard"):
+    for flag in (
+        "--model",
+        "--training.steps",
+        "--parallelism.memory-parallel-degree",
+        "--dataloader.dataset",
+        "--optimizer.memory-lr-multiplier",
+        "--checkpoint.interval",
+        "--compile.enable",
+        "--metrics.enable-tensorboard",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -70,9 +83,18 @@ def test_help_lists_every_section():
     [
         (["--config", "huge"], "Config function 'huge' not found in recipes.config_registry"),
         (["--parallelism.memory_parallel_degree", "2"], "must be >= 1 and divide the world size 1"),
-        (["--dataloader.dataset", "./no/such/file.jsonl"], "dataset path './no/such/file.jsonl' does not exist"),
-        (["--parallelism.tensor_parallel_degree", "2"], "memcompile models support data parallelism"),
-        (["--hf_assets_path", "/no/such/dir"], "--hf_assets_path '/no/such/dir' is not a directory"),
+        (
+            ["--dataloader.dataset", "./no/such/file.jsonl"],
+            "dataset path './no/such/file.jsonl' does not exist",
+        ),
+        (
+            ["--parallelism.tensor_parallel_degree", "2"],
+            "memcompile models support data parallelism",
+        ),
+        (
+            ["--hf_assets_path", "/no/such/dir"],
+            "--hf_assets_path '/no/such/dir' is not a directory",
+        ),
         (["--float8.enable"], "--float8.enable needs an NVIDIA SM89+ or AMD MI300+ GPU"),
     ],
 )
@@ -104,16 +126,26 @@ def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):
     assert sorted(expected) == list(range(1, steps + 1))
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([sys.executable, "-m", "recipes.pretrain", *tiny_run_args(crashed, steps)],
-                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recipes.pretrain", *tiny_run_args(crashed, steps)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (crashed / "checkpoint" / "step-2" / ".metadata").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "run ended before its first checkpoint"
+        )
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    completed = sorted(int(p.name.split("-")[1]) for p in (crashed / "checkpoint").glob("step-*")
-                       if (p / ".metadata").exists())
+    completed = sorted(
+        int(p.name.split("-")[1])
+        for p in (crashed / "checkpoint").glob("step-*")
+        if (p / ".metadata").exists()
+    )
     assert completed and completed[-1] < steps, "the kill must happen mid-run"
     # What a kill during a save leaves behind: shard files, no .metadata (written last).
     half_written = crashed / "checkpoint" / f"step-{completed[-1] + 1}"
@@ -122,14 +154,28 @@ def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):
 
     result = run_pretrain(tiny_run_args(crashed, steps))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"Loading the checkpoint from {crashed / 'checkpoint' / f'step-{completed[-1]}'}" in result.stdout
+    assert (
+        f"Loading the checkpoint from {crashed / 'checkpoint' / f'step-{completed[-1]}'}"
+        in result.stdout
+    )
     assert losses(crashed) == expected
 
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--standalone", "-m", "recipes.pretrain", *args]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        "-m",
+        "recipes.pretrain",
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
 
 
 def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -148,11 +194,24 @@ def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: P
     from_seed = ["--checkpoint.initial_load_path", str(seed / "checkpoint" / "step-0")]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    _checked(run_pretrain([*tiny_run_args(one, steps), *from_seed, "--training.local_batch_size", "4"]))
-    result = _checked(_torchrun(2, [*tiny_run_args(two, steps), *from_seed,
-                                    "--parallelism.memory_parallel_degree", "2",
-                                    "--compile.enable", "--compile.backend", "aot_eager",
-                                    "activation-checkpoint:selective"]))
+    _checked(
+        run_pretrain([*tiny_run_args(one, steps), *from_seed, "--training.local_batch_size", "4"])
+    )
+    result = _checked(
+        _torchrun(
+            2,
+            [
+                *tiny_run_args(two, steps),
+                *from_seed,
+                "--parallelism.memory_parallel_degree",
+                "2",
+                "--compile.enable",
+                "--compile.backend",
+                "aot_eager",
+                "activation-checkpoint:selective",
+            ],
+        )
+    )
     assert "Column-sharded the memory values over 2 ranks" in result.stdout
     assert "Compiling each TransformerBlock" in result.stdout
     assert "Applied SelectiveAC activation checkpointing" in result.stdout
@@ -163,10 +222,21 @@ def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: P
 
     resharded = tmp_path / "resharded"
     checkpoint = two / "checkpoint" / f"step-{steps}"
-    result = _checked(run_pretrain([*tiny_run_args(resharded, 1), "--training.local_batch_size", "4",
-                                    "--checkpoint.initial_load_path", str(checkpoint)]))
+    result = _checked(
+        run_pretrain(
+            [
+                *tiny_run_args(resharded, 1),
+                "--training.local_batch_size",
+                "4",
+                "--checkpoint.initial_load_path",
+                str(checkpoint),
+            ]
+        )
+    )
     assert f"Loading the checkpoint from {checkpoint}" in result.stdout
-    assert losses(resharded)[1] == pytest.approx(_first_batch_loss(checkpoint, tmp_path, 4), rel=1e-5)
+    assert losses(resharded)[1] == pytest.approx(
+        _first_batch_loss(checkpoint, tmp_path, 4), rel=1e-5
+    )
 
 
 def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> float:
@@ -175,6 +245,7 @@ def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> floa
 
     import torch
     import torch.distributed.checkpoint as dcp
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     import ops  # noqa: F401
     from memcompile.flavors import FLAVORS
@@ -182,7 +253,6 @@ def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> floa
     from recipes.data.knowledge import KnowledgeCorpus
     from recipes.data.loader import PackedWindows, load_token_stream
     from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     tokenizer = HuggingFaceTokenizer(tokenizer_path=str(BUILTIN_TOKENIZER_DIR))
     model = Transformer(replace(FLAVORS["mem_debug"], vocab_size=tokenizer.get_vocab_size()))
@@ -192,11 +262,20 @@ def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> floa
     model.double()
 
     corpus = KnowledgeCorpus(num_people=40)
-    source = {"dataset": "knowledge", "num_people": 40, "seed": 0, "biographies_per_person": 4,
-              "qa_train_fraction": 0.5}
-    tokens = load_token_stream(source, corpus.train_documents, tokenizer, str(tmp_path / "token-cache"))
+    source = {
+        "dataset": "knowledge",
+        "num_people": 40,
+        "seed": 0,
+        "biographies_per_person": 4,
+        "qa_train_fraction": 0.5,
+    }
+    tokens = load_token_stream(
+        source, corpus.train_documents, tokenizer, str(tmp_path / "token-cache")
+    )
     windows = iter(PackedWindows(tokens, seq_len=32, seed=0, dp_rank=0, dp_world_size=1))
     inputs, labels = zip(*(next(windows) for _ in range(batch_size)))
     logits = model(torch.stack([x["input"] for x in inputs]))
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.stack(labels).flatten()).item()
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), torch.stack(labels).flatten()
+        ).item()

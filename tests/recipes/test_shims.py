@@ -58,7 +58,9 @@ print(json.dumps({
     "barrier_device_ids": "barrier(device_ids=" in set_pg_timeouts and raises(
         lambda: dist.barrier(device_ids=[torch.cpu.current_device()])),
     "set_timeout": "set_timeout(" in set_pg_timeouts and not hasattr(dist, "set_timeout"),
-    "premul_sum": raises(lambda: dist.all_reduce(torch.ones(2), op=dist._make_nccl_premul_sum(0.5))),
+    "premul_sum": raises(
+        lambda: dist.all_reduce(torch.ones(2), op=dist._make_nccl_premul_sum(0.5))
+    ),
     "one_clip_for_all": "dist_utils.clip_grad_norm_(" in inspect.getsource(Trainer.train_step),
     "clip_across_meshes": raises(lambda: dist_utils.clip_grad_norm_(two_meshes, 1.0)),
 }))
