@@ -2,6 +2,8 @@
 
     tokens = generate(model, prompt, max_new_tokens=16, stop_token=eos_id)  # [B, S] -> [B, <=16]
     new_ids = generate_batched(model, [[1, 5, 7], [1, 2]], max_new_tokens=16, stop_token=eos_id)
+    for token in generate_tokens(model, prompt, 16, stop_token=eos_id):  # streaming: [B] each
+        ...
 
 The prompt is processed in one forward pass ("prefill"); each new token then costs one forward
 pass over a single position, its queries attending to the cached keys and values of all the
@@ -14,7 +16,7 @@ length instead of padding, which keeps positions and masks trivial.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +115,48 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def _check_prompt(prompt: Tensor, max_new_tokens: int) -> None:
+    if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"prompt must be a non-empty [batch, seq_len] integer tensor, got shape "
+            f"{tuple(prompt.shape)} and dtype {prompt.dtype}"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
 @torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    stop_token: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Continue every row of ``prompt [B, S]`` (int64 token ids), yielding each new token
+    ``[B]`` as soon as it is sampled (for streaming); stops after ``max_new_tokens`` or once
+    every row has produced ``stop_token``. Greedy at ``temperature`` 0 (the default)."""
+    _check_prompt(prompt, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    batch_size, prompt_len = prompt.shape
+    # The last sampled token is never fed back, so the cache needs one position less.
+    cache = KVCache.for_model(model, batch_size, prompt_len + max_new_tokens - 1)
+    logits = model(prompt.long(), kv_cache=cache)[:, -1]
+    stopped = torch.zeros(batch_size, dtype=torch.bool, device=prompt.device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, generator)
+        yield token
+        if stop_token is not None:
+            stopped |= token == stop_token
+            if bool(stopped.all()):
+                return
+        if step + 1 < max_new_tokens:
+            logits = model(token[:, None], kv_cache=cache)[:, -1]
+
+
 def generate(
     model: nn.Module,
     prompt: Tensor,
@@ -129,32 +172,20 @@ def generate(
     row has produced ``stop_token`` (rows that stopped earlier keep generating; cut them at
     their first ``stop_token``). Greedy at ``temperature`` 0 (the default).
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"prompt must be a non-empty [batch, seq_len] integer tensor, got shape "
-            f"{tuple(prompt.shape)} and dtype {prompt.dtype}"
+    _check_prompt(prompt, max_new_tokens)
+    tokens = list(
+        generate_tokens(
+            model,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            stop_token=stop_token,
+            generator=generator,
         )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    batch_size, prompt_len = prompt.shape
-    new_tokens = prompt.new_empty(batch_size, 0, dtype=torch.int64)
-    if max_new_tokens == 0:
-        return new_tokens
-
-    # The last sampled token is never fed back, so the cache needs one position less.
-    cache = KVCache.for_model(model, batch_size, prompt_len + max_new_tokens - 1)
-    logits = model(prompt.long(), kv_cache=cache)[:, -1]
-    stopped = torch.zeros(batch_size, dtype=torch.bool, device=prompt.device)
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, generator)
-        new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
-        if stop_token is not None:
-            stopped |= token == stop_token
-            if bool(stopped.all()):
-                break
-        if step + 1 < max_new_tokens:
-            logits = model(token[:, None], kv_cache=cache)[:, -1]
-    return new_tokens
+    )
+    if not tokens:
+        return prompt.new_empty(prompt.shape[0], 0, dtype=torch.int64)
+    return torch.stack(tokens, dim=1)
 
 
 def generate_batched(

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memcompile.flavors import FLAVORS
-from memcompile.generate import KVCache, generate, generate_batched, sample_next
+from memcompile.generate import KVCache, generate, generate_batched, generate_tokens, sample_next
 from memcompile.model import Transformer
 
 FLAVOR_NAMES = ("dense_debug", "mem_debug", "memplain_debug")
@@ -38,6 +38,24 @@ def test_cached_greedy_equals_uncached_argmax(name):
         0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1)
     )
     assert torch.equal(generate(model, prompt, 9), _uncached_greedy(model, prompt, 9))
+
+
+def test_streamed_tokens_come_one_forward_at_a_time_and_equal_generate():
+    model = _MODELS["mem_debug"]
+    prompt = torch.randint(
+        0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2)
+    )
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        stream = generate_tokens(model, prompt, 6)
+        first = next(stream)
+        assert len(forwards) == 1  # the prefill only: the first token is out before the rest
+        streamed = [first, *stream]
+    finally:
+        handle.remove()
+    assert len(forwards) == 6  # prefill + one per token, the last token never fed back
+    assert torch.equal(torch.stack(streamed, dim=1), generate(model, prompt, 6))
 
 
 @settings(max_examples=10)
