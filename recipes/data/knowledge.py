@@ -397,6 +397,12 @@ class Person:
     employer_city: str
 
 
+def question_prompt(question: str) -> str:
+    """The text a model continues with the answer to ``question`` (as the Q/A documents are
+    written)."""
+    return f"Question: {question}\nAnswer:"
+
+
 @dataclass(frozen=True, slots=True)
 class QAPair:
     person: str
@@ -407,7 +413,7 @@ class QAPair:
     @property
     def prompt(self) -> str:
         """The text a model continues with the answer (as in the training documents)."""
-        return f"Question: {self.question}\nAnswer:"
+        return question_prompt(self.question)
 
     @property
     def text(self) -> str:
@@ -421,7 +427,10 @@ assert tuple(f.name for f in fields(Person))[1:] == ATTRIBUTES
 class KnowledgeCorpus:
     """The corpus for ``num_people`` people generated from ``seed`` (see the module docstring)."""
 
-    num_people: int = 2000
+    num_people: int = 100
+    """People in the corpus (6 facts each). 100: the default pretraining learns most of them
+    in a few CPU minutes"""
+
     seed: int = 0
     biographies_per_person: int = 4
     qa_train_fraction: float = 0.5
@@ -489,11 +498,18 @@ class KnowledgeCorpus:
         return [self._biography(person, t, rng) for t in templates]
 
     def train_documents(self) -> Iterator[str]:
-        """Training text: biographies of everyone, then the Q/A pairs of the Q/A-train people."""
-        for i in range(self.num_people):
-            yield from self._biographies(i)[: self.biographies_per_person]
-        for qa in self.train_qa_pairs():
-            yield qa.text
+        """Training text: the biographies of everyone and the Q/A pairs of the Q/A-train
+        people, in one order shuffled by ``seed``. Shuffled, so that a document's neighbours in
+        the packed token stream say nothing of whom it is about: in person order, a model can
+        answer from what came before (the previous answer) instead of from the name."""
+        documents = [
+            biography
+            for i in range(self.num_people)
+            for biography in self._biographies(i)[: self.biographies_per_person]
+        ]
+        documents += [qa.text for qa in self.train_qa_pairs()]
+        random.Random(f"documents-{self.seed}").shuffle(documents)
+        yield from documents
 
     def heldout_documents(self) -> Iterator[str]:
         """One biography per person in a template that training never shows for that person."""

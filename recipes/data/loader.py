@@ -48,7 +48,9 @@ _FILE_BUILDERS = {
     ".csv": "csv",
     ".txt": "text",
 }
-_CACHE_FORMAT_VERSION = 1
+# Part of every cache key: bump when the tokens of a source change (2: the knowledge corpus
+# shuffles its documents).
+_CACHE_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> str:
@@ -170,33 +172,46 @@ def load_token_stream(
 
 
 class PackedWindows(IterableDataset, Stateful):
-    """Shuffled ``seq_len``-token windows of a token stream, split over data-parallel ranks."""
+    """Shuffled ``seq_len``-token windows of a token stream, split over data-parallel ranks.
+
+    Each epoch cuts the stream into windows on a grid shifted by a random offset (none in the
+    first epoch), so that from epoch to epoch a document is cut at other places and read after
+    a different amount of context: a small corpus trained for many epochs is then learnt as
+    documents, not as a fixed set of windows.
+    """
 
     def __init__(
         self, tokens: torch.Tensor, *, seq_len: int, seed: int, dp_rank: int, dp_world_size: int
     ):
-        self.num_windows = (tokens.numel() - 1) // seq_len
-        if self.num_windows < dp_world_size:
+        # The fewest windows of any epoch (the grid shifted by seq_len - 1).
+        min_windows = (tokens.numel() - seq_len) // seq_len
+        if min_windows < dp_world_size:
             raise ValueError(
-                f"the corpus has {tokens.numel()} tokens: {self.num_windows} windows of "
+                f"the corpus has {tokens.numel()} tokens: {min_windows} windows of "
                 f"seq_len={seq_len}, fewer than the {dp_world_size} data-parallel ranks"
             )
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.epoch = 0
-        self.position = 0  # index into this rank's share of the epoch's permutation
+        self.position = 0  # index into this rank's share of the epoch's windows
 
-    def _window_order(self) -> torch.Tensor:
+    def _epoch_windows(self) -> torch.Tensor:
+        """The start of each window this rank reads this epoch, in order. Every rank reads as
+        many windows (the epoch's last few are dropped), so ranks change epoch together."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_windows, generator=generator)[
-            self.dp_rank :: self.dp_world_size
-        ]
+        offset = int(torch.randint(self.seq_len, (1,), generator=generator)) if self.epoch else 0
+        num_windows = (self.tokens.numel() - 1 - offset) // self.seq_len
+        # One permutation whatever the world size, so that any number of ranks reads the
+        # windows of a single process, in the same order.
+        order = torch.randperm(num_windows, generator=generator)
+        order = order[: num_windows - num_windows % self.dp_world_size]
+        return offset + order[self.dp_rank :: self.dp_world_size] * self.seq_len
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
-            order = self._window_order()
-            while self.position < len(order):
-                start = int(order[self.position]) * self.seq_len
+            starts = self._epoch_windows()
+            while self.position < len(starts):
+                start = int(starts[self.position])
                 self.position += 1
                 window = self.tokens[start : start + self.seq_len + 1].to(torch.int64)
                 yield {"input": window[:-1]}, window[1:]

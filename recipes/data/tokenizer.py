@@ -21,13 +21,16 @@ BUILTIN_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tok
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 VOCAB_SIZE = 2048
+#: The shipped tokenizer was trained on the knowledge corpus of this many people.
+TOKENIZER_CORPUS_PEOPLE = 2000
 
 
 def train_builtin_tokenizer(output_dir: Path = BUILTIN_TOKENIZER_DIR) -> None:
-    """Train the byte-level BPE on the default knowledge corpus and write it to ``output_dir``."""
+    """Train the byte-level BPE on the knowledge corpus of ``TOKENIZER_CORPUS_PEOPLE`` people
+    and write it to ``output_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    corpus = KnowledgeCorpus()
+    corpus = KnowledgeCorpus(num_people=TOKENIZER_CORPUS_PEOPLE)
     texts = itertools.chain(
         corpus.train_documents(),
         corpus.heldout_documents(),

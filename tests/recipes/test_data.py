@@ -41,9 +41,13 @@ def test_qa_pairs_match_biographies_and_split_people():
         num_people=21, seed=1, biographies_per_person=2, qa_train_fraction=1 / 3
     )
     documents = list(corpus.train_documents())
-    biographies = documents[: 21 * 2]
     train_qa, eval_qa = list(corpus.train_qa_pairs()), list(corpus.eval_qa_pairs())
     assert len(train_qa) == 7 * len(ATTRIBUTES) and len(eval_qa) == 14 * len(ATTRIBUTES)
+    assert sorted(d for d in documents if d.startswith("Question: ")) == sorted(
+        qa.text for qa in train_qa
+    )
+    biographies = [d for d in documents if not d.startswith("Question: ")]
+    assert len(biographies) == 21 * 2
     assert {qa.person for qa in train_qa}.isdisjoint({qa.person for qa in eval_qa})
     for qa in train_qa + eval_qa:
         person_bios = [b for b in biographies if b.startswith(qa.person) or f" {qa.person}" in b]
@@ -118,6 +122,32 @@ def test_packed_windows_split_ranks_and_resume_exactly():
     assert all(
         torch.equal(a[0]["input"], b[0]["input"]) for a, b in zip(_take(resumed, 7), samples[6:])
     )
+
+
+def test_packed_windows_shift_their_grid_each_epoch():
+    tokens = torch.arange(1 + 7 * 10, dtype=torch.int32)
+    dataset = PackedWindows(tokens, seq_len=7, seed=3, dp_rank=0, dp_world_size=1)
+    offsets = []
+    for _ in range(4):
+        starts = sorted(dataset._epoch_windows().tolist())
+        offset = starts[0] % 7
+        assert starts == list(range(offset, offset + 7 * len(starts), 7))  # one grid, no overlap
+        assert len(starts) == (70 - offset) // 7  # every whole window of the shifted grid
+        offsets.append(offset)
+        dataset.epoch += 1
+    assert offsets[0] == 0 and len(set(offsets)) > 1
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2])
+def test_ranks_read_the_windows_of_one_process_in_its_order(epoch):
+    tokens = torch.arange(1 + 7 * 11, dtype=torch.int32)  # 11 windows: odd, for 2 ranks
+    one = PackedWindows(tokens, seq_len=7, seed=5, dp_rank=0, dp_world_size=1)
+    two = [PackedWindows(tokens, seq_len=7, seed=5, dp_rank=r, dp_world_size=2) for r in (0, 1)]
+    for dataset in (one, *two):
+        dataset.epoch = epoch
+    single = one._epoch_windows().tolist()
+    interleaved = [int(start) for pair in zip(*(r._epoch_windows() for r in two)) for start in pair]
+    assert interleaved == single[: len(interleaved)] and len(single) - len(interleaved) <= 1
 
 
 def _take(dataset: PackedWindows, n: int):
