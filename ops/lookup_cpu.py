@@ -9,25 +9,37 @@ has already checked, indices in range included.
 from __future__ import annotations
 
 import functools
+import sys
+import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("csrc") / "lookup_cpu.cpp"
+_BUILD_NOTICE = (
+    "memcompile: compiling the CPU kernels of the memory lookup (once per machine, about 30 s; "
+    "cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR)..."
+)
 
 
 @functools.cache
 def _kernels():
     from torch.utils.cpp_extension import load
 
-    load(
-        name="memcompile_lookup_cpu",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    # A cached build loads in well under a second: only a real compile is announced.
+    notice = threading.Timer(2.0, lambda: print(_BUILD_NOTICE, file=sys.stderr, flush=True))
+    notice.start()
+    try:
+        load(
+            name="memcompile_lookup_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    finally:
+        notice.cancel()
     return torch.ops.memlayer_cpu
 
 

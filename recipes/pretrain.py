@@ -113,6 +113,7 @@ def _set_single_process_env() -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     init_logger()
+    shims.apply()  # first: building the config already logs (see shims._quiet_run_log)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         config = parse_args(argv)
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     _set_single_process_env()
-    shims.apply()
 
     trainer = config.build()
     try:

@@ -14,8 +14,10 @@ FlexAttention has no CPU backward (memcompile attends through SDPA), and the def
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
+import warnings
 from datetime import timedelta
 
 import torch
@@ -45,6 +47,7 @@ def apply() -> None:
     if not hasattr(dist, "set_timeout"):
         _polyfill_set_timeout()
     _clip_grad_norm_per_group()
+    _quiet_run_log()
 
 
 def _use_cpu_device() -> None:
@@ -178,3 +181,68 @@ def _clip_grad_norm_per_group() -> None:
         return torch.stack([norm.to(norms[0].device) for norm in norms]).norm()
 
     dist_utils.clip_grad_norm_ = clip_grad_norm_
+
+
+# --------------------------------------------------------------------------- a quiet log
+# Messages of torch, torchtitan and torchao that say nothing a user can act on. Each entry is a
+# message prefix with why it is dropped and when; the test of each checks that upstream still
+# emits it.
+
+#: Logged as torchao imports its CUDA-only libraries (torchtitan imports torchao).
+_TORCHAO_CUDA_LIBRARIES = "Failed to load "
+#: torch 2.13 deprecates ``register_constant`` on Enums; torchao 0.17 still calls it at import.
+_PYTREE_ENUM_DEPRECATION = "is an Enum subclass and is now natively supported"
+#: torchtitan 0.3.0 warns about its own default (``initial_load_model_only=True``) whenever a
+#: checkpoint config without an ``initial_load_path`` is built: on every run.
+_TITAN_OWN_DEFAULT = "initial_load_model_only=True has no effect without an initial_load_path"
+#: torchtitan looks for a GPU model name (``lspci``) and its peak FLOPS for MFU; a CPU has
+#: neither (the recipe logs no MFU on a CPU, see ``recipes.trainer.ProgressMetrics``).
+_TITAN_PEAK_FLOPS = ("Error running lspci", "Peak flops undefined for", "Peak FLOPS used for")
+#: torchdata's StatefulDataLoader calls ``torch.set_vital``, deprecated in torch 2.13.
+_TORCHDATA_SET_VITAL = "'set_vital' is deprecated"
+#: DTensor's RNG tracker does not run on CPU meshes: sharded random init on several CPU ranks
+#: differs from one rank's (the multi-rank tests start from a seed checkpoint). With one rank
+#: every shard is the whole tensor, so the warning means nothing there.
+_DTENSOR_CPU_RNG = "DTensor random operators may not have complete support on cpu device mesh"
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with (or, for ``contains``, holds) one of the given
+    strings, and repeats of any warning already let through."""
+
+    def __init__(self, prefixes: tuple[str, ...] = (), contains: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.prefixes, self.contains = prefixes, contains
+        self.warned: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.prefixes) or any(c in message for c in self.contains):
+            return False
+        if record.levelno >= logging.WARNING:
+            if message in self.warned:
+                return False
+            self.warned.add(message)
+        return True
+
+
+def quiet_import_messages() -> None:
+    """Drop the import-time messages of torchao that mean nothing to a user: its CUDA
+    libraries on a machine without CUDA, and torch 2.13's Enum deprecation.
+    Condition: importing torchtitan (hence torchao) on a CPU machine / on torch 2.13. Called by
+    ``recipes/__init__.py``, before anything imports torchtitan."""
+    if running_on_cpu():
+        logging.getLogger("torchao").addFilter(_DropMessages((_TORCHAO_CUDA_LIBRARIES,)))
+    logging.getLogger("torch.utils._pytree").addFilter(
+        _DropMessages(contains=(_PYTREE_ENUM_DEPRECATION,))
+    )
+
+
+def _quiet_run_log() -> None:
+    """torchtitan logs through the root logger: each warning once, none of the above.
+    Condition: always; the CPU-only entries on a CPU. Upstream: torchtitan 0.3.0, torch 2.13."""
+    drop = (_TITAN_OWN_DEFAULT, *(_TITAN_PEAK_FLOPS if running_on_cpu() else ()))
+    logging.getLogger().addFilter(_DropMessages(drop))
+    warnings.filterwarnings("ignore", message=_TORCHDATA_SET_VITAL, category=UserWarning)
+    if running_on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        warnings.filterwarnings("ignore", message=_DTENSOR_CPU_RNG, category=UserWarning)

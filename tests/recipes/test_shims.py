@@ -7,6 +7,7 @@ upgrade fixes one upstream, its test here fails, and the shim should go.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,24 @@ fsdp_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("fsdp",))
 memory_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replica", "memory"))
 two_meshes = [on_mesh(fsdp_mesh, [Shard(0)]), on_mesh(memory_mesh, [Replicate(), Shard(1)])]
 set_pg_timeouts = inspect.getsource(dist_utils.set_pg_timeouts)
+
+import logging
+from torchtitan.components.checkpoint import CheckpointManager
+
+class Collect(logging.Handler):
+    messages = []
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+logging.getLogger().addHandler(Collect())
+CheckpointManager.Config()  # torchtitan's own defaults
+titan_utils.get_peak_flops("cpu")
+def logged(prefix):
+    return any(message.startswith(prefix) for message in Collect.messages)
+
 print(json.dumps({
+    "own_default_warning": logged("initial_load_model_only=True has no effect"),
+    "cpu_peak_flops_warning": logged("Peak flops undefined for: cpu"),
     "device_type": titan_utils.device_type,
     "memory_monitor": raises(metrics.build_device_memory_monitor),
     "barrier_device_ids": "barrier(device_ids=" in set_pg_timeouts and raises(
@@ -91,6 +109,26 @@ def test_set_timeout_polyfill_is_still_needed(upstream):
 
 def test_gloo_still_rejects_premul_sum(upstream):
     assert upstream["premul_sum"], "allow_fsdp_on_gloo: gloo now supports PREMUL_SUM"
+
+
+def test_log_noise_is_still_emitted_upstream(upstream):
+    assert upstream["own_default_warning"], "torchtitan no longer warns about its own default"
+    assert upstream["cpu_peak_flops_warning"], "torchtitan no longer warns about a CPU's FLOPS"
+
+
+def test_quiet_log_drops_listed_messages_and_repeats_of_a_warning():
+    from recipes.shims import _DropMessages
+
+    drop = _DropMessages(("Peak flops",), contains=("Enum subclass",))
+    logger = logging.getLogger("test_quiet_log")
+
+    def kept(level: int, message: str) -> bool:
+        return drop.filter(logger.makeRecord(logger.name, level, __file__, 0, message, (), None))
+
+    assert not kept(logging.WARNING, "Peak flops undefined for: cpu")
+    assert not kept(logging.WARNING, "<enum 'X'> is an Enum subclass and is now ...")
+    assert kept(logging.WARNING, "Ran out of data") and not kept(logging.WARNING, "Ran out of data")
+    assert kept(logging.INFO, "step 1") and kept(logging.INFO, "step 1")  # info is never deduped
 
 
 def test_per_group_clipping_is_still_needed(upstream):
