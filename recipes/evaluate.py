@@ -1,6 +1,6 @@
 """Evaluate a pretrained checkpoint on the synthetic knowledge corpus.
 
-    python -m recipes.evaluate --checkpoint outputs/mem_debug/checkpoint/step-200 --model mem_debug
+    python -m recipes.evaluate --checkpoint outputs/mem_debug/checkpoint/step-400 --model mem_debug
     python -m recipes.evaluate --checkpoint ... --lm-eval-tasks hellaswag --lm-eval-limit 100
 
 Reports, for the corpus the checkpoint was trained on (``--knowledge.*`` as in pretraining):
@@ -20,7 +20,7 @@ It prints a table and writes JSON (``--output``, default ``<checkpoint>/eval.jso
 From Python, for a trained model (the measurements, and ``generate_texts``, are
 :mod:`recipes.knowledge_eval`'s)::
 
-    model = load_checkpoint("outputs/mem_debug/checkpoint/step-200", "mem_debug")
+    model = load_checkpoint("outputs/mem_debug/checkpoint/step-400", "mem_debug")
     tokenizer = load_tokenizer()
     generate_texts(model, tokenizer, ["Question: When was Ivojes Corgar born?\\nAnswer:"])
 """
@@ -74,7 +74,7 @@ def load_checkpoint(
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(
             f"checkpoint {str(checkpoint)!r} is not a DCP checkpoint folder (no .metadata); "
-            f"pass a step-N folder such as outputs/<model>/checkpoint/step-200"
+            f"pass a step-N folder such as outputs/<model>/checkpoint/step-400"
         )
     if vocab_size is None:
         vocab_size = load_tokenizer().get_vocab_size()

@@ -11,9 +11,13 @@ The run configurations are in ``recipes/config_registry.py``; the entry point is
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -26,6 +30,9 @@ from torchtitan.trainer import Trainer
 from memcompile.flavors import FlavorName
 from memcompile.optim import MEMORY_VALUES, param_groups
 from recipes import shims
+from recipes.data.knowledge import KnowledgeCorpus, QAPair
+from recipes.data.loader import BUILTIN_DATASET
+from recipes.knowledge_eval import TextTokenizer, evaluate_knowledge, format_table, generate_texts
 from recipes.memory_parallel import MemoryParallelismConfig
 from recipes.model import Float8Config, model_spec
 from recipes.parallelize import ActivationCheckpointingConfig, SelectiveAC
@@ -89,7 +96,10 @@ class MemoryOptimizers(OptimizersContainer):
 class ProgressMetrics(MetricsProcessor):
     """torchtitan's metrics (console, TensorBoard, wandb) plus progress (step k/N, ETA) and,
     on rank 0, one exact JSON line per logged step in ``<dump_folder>/metrics.jsonl``
-    (appended across restarts; the reliability tests compare these losses bitwise)."""
+    (appended across restarts; the reliability tests compare these losses bitwise).
+
+    On a CPU the console shows one line per logged step, without torchtitan's MFU (computed
+    against an A100's peak FLOPS, as a CPU has no entry in its table)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(MetricsProcessor.Config):
@@ -101,6 +111,7 @@ class ProgressMetrics(MetricsProcessor):
     def __init__(self, config: Config, *, dump_folder: str = "./outputs", **kwargs) -> None:
         super().__init__(config, dump_folder=dump_folder, **kwargs)
         self.jsonl_path = os.path.join(dump_folder, "metrics.jsonl")
+        self.on_cpu = shims.running_on_cpu()
 
     def log(
         self,
@@ -110,32 +121,66 @@ class ProgressMetrics(MetricsProcessor):
         grad_norm: float,
         extra_metrics: dict[str, Any] | None = None,
     ) -> None:
-        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+        tokens, seconds = self.ntokens_since_last_log, time.perf_counter() - self.time_last_log
+        if self.on_cpu:
+            with _console_step_line_dropped():
+                super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+        else:
+            super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if torch.distributed.get_rank() == 0:
-            os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
-            with open(self.jsonl_path, "a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "loss": global_avg_loss,
-                            "grad_norm": grad_norm,
-                            **(extra_metrics or {}),
-                        }
-                    )
-                    + "\n"
-                )
+            self._append_jsonl(step, global_avg_loss, grad_norm, extra_metrics)
+        logger.info(self._progress(step, global_avg_loss, grad_norm, tokens / seconds))
+
+    def _append_jsonl(
+        self, step: int, loss: float, grad_norm: float, extra_metrics: dict[str, Any] | None
+    ) -> None:
+        os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
+        with open(self.jsonl_path, "a") as f:
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm, **(extra_metrics or {})}
+            f.write(json.dumps(record) + "\n")
+
+    def _progress(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> str:
+        line = f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"
+        line += f"  loss {loss:.4f}"
+        if self.on_cpu:  # torchtitan's line, which has these, is not shown on a CPU
+            memory = self.device_memory_monitor.get_peak_stats().max_reserved_gib
+            line += f"  grad_norm {grad_norm:.4f}  {tokens_per_s:,.0f} tokens/s  {memory:.2f}GiB"
         now = time.perf_counter()
         if self._first_log is None:  # the first step includes compilation: time from here on
             self._first_log = (step, now)
-            return
+            return line
         first_step, first_time = self._first_log
         seconds_per_step = (now - first_time) / (step - first_step)
         eta = seconds_per_step * (self.total_steps - step)
-        logger.info(
-            f"progress: step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)  "
-            f"loss {global_avg_loss:.4f}  {seconds_per_step:.2f}s/step  ETA {_clock(eta)}"
-        )
+        return line + f"  {seconds_per_step:.2f}s/step  ETA {_clock(eta)}"
+
+
+def _a_question_it_answers(
+    model: torch.nn.Module, tokenizer: TextTokenizer, corpus: KnowledgeCorpus
+) -> QAPair:
+    """A trained birth-city question the model answers right (the first one if none of the
+    first few), for the command line the run suggests."""
+    candidates = [qa for qa in corpus.train_qa_pairs() if qa.attribute == "birth_city"][:16]
+    answers = generate_texts(model, tokenizer, [qa.prompt for qa in candidates], 8)
+    return next(
+        (qa for qa, answer in zip(candidates, answers) if answer.strip() == qa.answer),
+        candidates[0],
+    )
+
+
+@contextmanager
+def _console_step_line_dropped() -> Iterator[None]:
+    """Drops torchtitan's per-step console line (the one with ``mfu:``) while in the block."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "mfu: " not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _clock(seconds: float) -> str:
@@ -163,6 +208,11 @@ class PretrainTrainer(Trainer):
         """Before building anything, refuse a run whose estimated memory per rank exceeds what
         this rank's device has (see recipes/preflight.py)"""
 
+        final_eval: bool = True
+        """After training on the built-in knowledge corpus in one process, measure fact recall
+        and held-out perplexity (seconds) and print them, with the commands to evaluate and
+        to question the checkpoint"""
+
         def __post_init__(self) -> None:
             # The model spec follows --model (a registry config may bring its own spec of the
             # same flavor, e.g. with a modified architecture).
@@ -179,6 +229,66 @@ class PretrainTrainer(Trainer):
         memory_values = getattr(self.model_parts[0], MEMORY_VALUES, None)
         if memory_values is not None:
             shims.clip_separately(memory_values, config.optimizer.memory_max_norm)
+        self._first_step: int | None = None
+
+    def should_continue_training(self) -> bool:
+        more = super().should_continue_training()
+        if self._first_step is None:  # first call: the checkpoint (if any) is loaded
+            self._first_step = self.step
+            if not more and self.step > 0:
+                self._say_already_finished()
+        return more
+
+    def _say_already_finished(self) -> None:
+        steps = self.config.training.steps
+        checkpoints = os.path.join(self.config.dump_folder, self.config.checkpoint.folder)
+        logger.info(
+            f"This run had already finished: {checkpoints} holds step {self.step} of {steps}. "
+            f"To train longer, rerun with --training.steps N (N > {steps}; it resumes from step "
+            f"{self.step}); to start afresh, pass another --dump_folder or delete {checkpoints}."
+        )
+
+    def train(self) -> None:
+        super().train()
+        config = self.config
+        single_process = not torch.distributed.is_initialized() or (
+            torch.distributed.get_world_size() == 1
+        )
+        if config.final_eval and config.dataloader.dataset == BUILTIN_DATASET and single_process:
+            self._final_report()
+
+    @torch.no_grad()
+    def _final_report(self) -> None:
+        """What the trained model knows of its corpus, and how to use the checkpoint."""
+        config = self.config
+        corpus = config.dataloader.knowledge
+        model = self.model_parts[0]
+        model.eval()
+        started = time.perf_counter()
+        results = evaluate_knowledge(model, self.tokenizer, corpus, batch_size=64)
+        trained = results["recall_trained_questions"]["accuracy"]
+        logger.info(
+            f"What the model knows after {self.step} steps "
+            f"({time.perf_counter() - started:.0f}s to measure):\n{format_table(results)}\n"
+            f"It recalls {100 * trained:.1f}% of the facts it was trained on."
+        )
+        if not config.checkpoint.enable:
+            return
+        checkpoint = os.path.join(config.dump_folder, config.checkpoint.folder, f"step-{self.step}")
+        flags = f"--checkpoint {shlex.quote(os.path.abspath(checkpoint))} --model {config.model}"
+        if config.training.seq_len > model.config.max_seq_len:
+            flags += f" --seq-len {config.training.seq_len}"
+        corpus_flags = "".join(
+            f" --knowledge.{f.name.replace('_', '-')} {getattr(corpus, f.name)}"
+            for f in fields(corpus)
+            if getattr(corpus, f.name) != f.default
+        )
+        question = _a_question_it_answers(model, self.tokenizer, corpus)
+        ask = f"{flags} --question {shlex.quote(question.question)}"
+        logger.info(
+            f"Evaluate it:  python -m recipes.evaluate {flags}{corpus_flags}\n"
+            f"Ask it:       python -m recipes.generate {ask}"
+        )
 
     def close(self) -> None:
         super().close()

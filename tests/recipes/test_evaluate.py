@@ -6,8 +6,6 @@ generation in ``tests/memcompile``.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,39 +31,6 @@ CORPUS = KnowledgeCorpus(num_people=8, seed=3)
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def seed_checkpoint(tmp_path_factory) -> Path:
-    """A real ``recipes.pretrain`` checkpoint (step 0 of a memory model)."""
-    dump = tmp_path_factory.mktemp("pretrain")
-    args = [
-        "--model",
-        "mem_debug",
-        "--dump_folder",
-        str(dump),
-        "--dataloader.cache_dir",
-        str(dump / "cache"),
-        "--dataloader.knowledge.num_people",
-        "8",
-        "--training.seq_len",
-        "32",
-        "--training.local_batch_size",
-        "2",
-        "--metrics.no-enable-tensorboard",
-        "--checkpoint.create_seed_checkpoint",
-    ]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "recipes.pretrain", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dump / "checkpoint" / "step-0"
 
 
 def test_cli_evaluates_a_pretrain_checkpoint(

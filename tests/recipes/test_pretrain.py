@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -113,6 +114,42 @@ def test_unknown_flag_or_model_is_rejected(args, message, capsys):
         main(args)
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def test_a_run_reports_what_it_learnt_and_a_rerun_says_it_had_finished(tmp_path: Path):
+    """The end of a run on the built-in corpus: the knowledge table, the commands to evaluate
+    and to question the checkpoint (which work), a log without the noise of CPU runs; a rerun
+    of the finished run says so and how to go on."""
+    dump = tmp_path / "run"
+    result = run_pretrain(tiny_run_args(dump, 4))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "What the model knows after 4 steps" in log
+    assert "| fact recall, trained questions |" in log
+    assert "It recalls " in log
+    checkpoint = shlex.quote(str(dump / "checkpoint" / "step-4"))
+    evaluate = f"python -m recipes.evaluate --checkpoint {checkpoint} --model mem_debug"
+    assert f"Evaluate it:  {evaluate} --knowledge.num-people 40" in log
+    ask = re.search(r"Ask it: +python -m recipes\.generate (.*)", log).group(1)
+    assert ask.startswith(f"--checkpoint {checkpoint} --model mem_debug --question ")
+    for noise in ("mfu", "Peak flops", "lspci", "initial_load_model_only", "Failed to load"):
+        assert noise not in log, noise
+    asked = subprocess.run(
+        [sys.executable, "-m", "recipes.generate", *shlex.split(ask), "--max-new-tokens", "4"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert asked.returncode == 0 and "\nAnswer:" in asked.stdout, asked.stderr[-3000:]
+
+    rerun = run_pretrain(tiny_run_args(dump, 4))
+    assert rerun.returncode == 0
+    assert "This run had already finished" in rerun.stderr + rerun.stdout
+    assert "holds step 4 of 4. To train longer, rerun with --training.steps N" in (
+        rerun.stderr + rerun.stdout
+    )
 
 
 def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):

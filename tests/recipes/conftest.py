@@ -1,0 +1,46 @@
+"""Fixtures shared by the recipes tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def seed_checkpoint(tmp_path_factory) -> Path:
+    """A real ``recipes.pretrain`` checkpoint (step 0 of a memory model)."""
+    dump = tmp_path_factory.mktemp("pretrain")
+    args = [
+        "--model",
+        "mem_debug",
+        "--dump_folder",
+        str(dump),
+        "--dataloader.cache_dir",
+        str(dump / "cache"),
+        "--dataloader.knowledge.num_people",
+        "8",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--metrics.no-enable-tensorboard",
+        "--checkpoint.create_seed_checkpoint",
+        "--debug.seed",
+        "0",
+    ]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.pretrain", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dump / "checkpoint" / "step-0"
