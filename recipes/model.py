@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.tools.logging import logger
@@ -125,15 +127,34 @@ class TitanTransformer(Transformer, BaseModel):
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
         # memcompile initialises every parameter and buffer in one place (paper/reference init).
-        Transformer.init_weights(self)
+        self.init_weights()
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        Transformer.init_weights(self)
+        if not any(_is_cpu_dtensor(p) for p in self.parameters()):
+            Transformer.init_weights(self)
+            return
+        # DTensor's random ops keep shards apart with an RNG tracker that does not run on CPU
+        # meshes: there every rank draws its shard from the same seeded stream, so the shards
+        # of a parameter would be copies of each other. Initialise an unsharded copy instead
+        # (drawing what one process draws) and keep each rank's shard of it.
+        with torch.device("meta"):
+            full = Transformer(self.config)
+        full.to_empty(device="cpu")
+        full.init_weights()
+        with torch.random.fork_rng(devices=[]):
+            Transformer.init_weights(self)  # the buffers; the parameters are replaced below
+        set_model_state_dict(
+            self, full.state_dict(), options=StateDictOptions(full_state_dict=True)
+        )
 
     def verify_module_protocol(self) -> None:
         """memcompile layers are plain ``nn.Module``s by design (readable outside torchtitan);
         torchtitan's per-module protocol (param_init dicts, sharding configs) is not used here:
         ``init_states`` and ``parallelize_memory_transformer`` cover the whole model."""
+
+
+def _is_cpu_dtensor(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor) and tensor.device_mesh.device_type == "cpu"
 
 
 def model_spec(name: str) -> ModelSpec:

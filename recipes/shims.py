@@ -200,9 +200,9 @@ _TITAN_OWN_DEFAULT = "initial_load_model_only=True has no effect without an init
 _TITAN_PEAK_FLOPS = ("Error running lspci", "Peak flops undefined for", "Peak FLOPS used for")
 #: torchdata's StatefulDataLoader calls ``torch.set_vital``, deprecated in torch 2.13.
 _TORCHDATA_SET_VITAL = "'set_vital' is deprecated"
-#: DTensor's RNG tracker does not run on CPU meshes: sharded random init on several CPU ranks
-#: differs from one rank's (the multi-rank tests start from a seed checkpoint). With one rank
-#: every shard is the whole tensor, so the warning means nothing there.
+#: DTensor's RNG tracker does not run on CPU meshes, so sharded random init would repeat one
+#: shard on every rank; ``recipes.model.TitanTransformer.init_weights`` initialises sharded
+#: parameters from an unsharded copy instead, so the warning no longer applies.
 _DTENSOR_CPU_RNG = "DTensor random operators may not have complete support on cpu device mesh"
 
 
@@ -244,5 +244,5 @@ def _quiet_run_log() -> None:
     drop = (_TITAN_OWN_DEFAULT, *(_TITAN_PEAK_FLOPS if running_on_cpu() else ()))
     logging.getLogger().addFilter(_DropMessages(drop))
     warnings.filterwarnings("ignore", message=_TORCHDATA_SET_VITAL, category=UserWarning)
-    if running_on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if running_on_cpu():
         warnings.filterwarnings("ignore", message=_DTENSOR_CPU_RNG, category=UserWarning)
