@@ -299,36 +299,17 @@ def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: P
 
 def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> float:
     """The loss of a DCP checkpoint's weights on the first batch of a fresh 1-rank run."""
-    from dataclasses import replace
-
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
-    import ops  # noqa: F401
-    from memcompile.flavors import FLAVORS
-    from memcompile.model import Transformer
     from recipes.data.knowledge import KnowledgeCorpus
-    from recipes.data.loader import PackedWindows, load_token_stream
-    from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
+    from recipes.data.loader import PackedWindows, knowledge_source, load_token_stream
+    from recipes.evaluate import load_checkpoint, load_tokenizer
 
-    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(BUILTIN_TOKENIZER_DIR))
-    model = Transformer(replace(FLAVORS["mem_debug"], vocab_size=tokenizer.get_vocab_size()))
-    state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    model.load_state_dict(state)
-    model.double()
-
+    tokenizer = load_tokenizer()
+    model = load_checkpoint(checkpoint, "mem_debug", tokenizer.get_vocab_size()).train().double()
     corpus = KnowledgeCorpus(num_people=40)
-    source = {
-        "dataset": "knowledge",
-        "num_people": 40,
-        "seed": 0,
-        "biographies_per_person": 4,
-        "qa_train_fraction": 0.5,
-    }
     tokens = load_token_stream(
-        source, corpus.train_documents, tokenizer, str(tmp_path / "token-cache")
+        knowledge_source(corpus), corpus.train_documents, tokenizer, str(tmp_path / "token-cache")
     )
     windows = iter(PackedWindows(tokens, seq_len=32, seed=0, dp_rank=0, dp_world_size=1))
     inputs, labels = zip(*(next(windows) for _ in range(batch_size)))
