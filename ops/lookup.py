@@ -17,7 +17,8 @@ all three are differentiable to any order, in reverse and forward mode, and unde
 gives bitwise identical gradients run to run; False allows the faster atomic-add kernel.
 
 This file holds the policy: argument checks (``ops/checks.py``), which kernel runs where, the
-fake kernels (meta device, torch.compile), autograd, the float64 reference and the DTensor rules.
+fake kernels (meta device, torch.compile), vmap batching rules, autograd, the float64 reference
+and the DTensor rules.
 Kernels: CPU in ``ops/lookup_cpu.py`` (C++), CUDA in ``ops/lookup_triton.py`` (Triton).
 """
 
@@ -180,6 +181,73 @@ def _lookup_values_grad_fake(grad_out, indices, weights, num_rows, deterministic
 def _lookup_weights_grad_fake(grad_out, values, indices):
     _check_weights_grad(grad_out, values, indices)
     return grad_out.new_empty(indices.shape, dtype=accumulation_dtype(values.dtype))
+
+
+# --------------------------------------------------------------------------- vmap
+#
+# A batch of lookups is one lookup: batch b's tokens become more tokens, and a batched table
+# is one tall table whose batch b starts at row b * N (its indices offset by that, after they
+# are checked against N). One kernel call instead of torch.vmap's one call per batch element.
+
+
+def _batch_first(tensor: Tensor, dim: int | None, batch_size: int) -> Tensor:
+    """``tensor`` with its batch dimension first (broadcast to ``batch_size`` if it has none)."""
+    if dim is None:
+        return tensor.expand(batch_size, *tensor.shape)
+    return tensor.movedim(dim, 0)
+
+
+def _rows_of_tall_table(op: str, indices: Tensor, num_rows: int) -> Tensor:
+    """Batched ``indices [B, T, K]`` into per-batch tables of ``num_rows`` rows, as rows of
+    the ``[B * num_rows, D]`` table that stacks them (checked against ``num_rows`` first)."""
+    _check_rows(op, indices, num_rows)
+    offsets = torch.arange(indices.shape[0], device=indices.device, dtype=indices.dtype)
+    return indices + (offsets * num_rows).view(-1, 1, 1)
+
+
+@torch.library.register_vmap("memlayer::lookup")
+def _lookup_vmap(info, in_dims, values, indices, weights, deterministic=True):
+    size = info.batch_size
+    values_dim, indices_dim, weights_dim = in_dims[:3]
+    indices = _batch_first(indices, indices_dim, size)
+    weights = _batch_first(weights, weights_dim, size)
+    if values_dim is not None:
+        values = values.movedim(values_dim, 0)
+        indices = _rows_of_tall_table("lookup", indices, values.shape[1])
+        values = values.flatten(0, 1)
+    out = lookup(values, indices.flatten(0, 1), weights.flatten(0, 1), deterministic)
+    return out.unflatten(0, (size, -1)), 0
+
+
+@torch.library.register_vmap("memlayer::lookup_values_grad")
+def _lookup_values_grad_vmap(info, in_dims, grad_out, indices, weights, num_rows, deterministic):
+    size = info.batch_size
+    grad_out, indices, weights = (
+        _batch_first(t, d, size) for t, d in zip((grad_out, indices, weights), in_dims[:3])
+    )
+    rows = _rows_of_tall_table("lookup_values_grad", indices, num_rows)
+    grad = lookup_values_grad(
+        grad_out.flatten(0, 1),
+        rows.flatten(0, 1),
+        weights.flatten(0, 1),
+        size * num_rows,
+        deterministic,
+    )
+    return grad.unflatten(0, (size, num_rows)), 0
+
+
+@torch.library.register_vmap("memlayer::lookup_weights_grad")
+def _lookup_weights_grad_vmap(info, in_dims, grad_out, values, indices):
+    size = info.batch_size
+    grad_out_dim, values_dim, indices_dim = in_dims
+    grad_out = _batch_first(grad_out, grad_out_dim, size)
+    indices = _batch_first(indices, indices_dim, size)
+    if values_dim is not None:
+        values = values.movedim(values_dim, 0)
+        indices = _rows_of_tall_table("lookup_weights_grad", indices, values.shape[1])
+        values = values.flatten(0, 1)
+    grad = lookup_weights_grad(grad_out.flatten(0, 1), values, indices.flatten(0, 1))
+    return grad.unflatten(0, (size, -1)), 0
 
 
 # --------------------------------------------------------------------------- autograd

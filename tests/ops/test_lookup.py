@@ -364,7 +364,7 @@ def test_forward_mode_ad_matches_the_reference():
     torch.testing.assert_close(tangent, reference(tangents[0], weights))
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's loop fallback
+@pytest.mark.filterwarnings("error:There is a performance drop")  # no vmap loop fallback
 def test_torch_func_transforms_match_autograd():
     values, indices, weights = float64_inputs()
 
@@ -379,6 +379,53 @@ def test_torch_func_transforms_match_autograd():
         values.detach(), weights.detach().unsqueeze(1), indices.unsqueeze(1)
     )
     torch.testing.assert_close(per_token.squeeze(1), expected[1])
+
+
+def _batch_of(tensor: torch.Tensor, batched: bool, size: int, seed: int) -> torch.Tensor:
+    """``size`` different copies of ``tensor`` stacked on dim 1 (or ``tensor`` itself)."""
+    if not batched:
+        return tensor
+    generator = torch.Generator().manual_seed(seed)
+    if tensor.is_floating_point():
+        copies = [tensor + torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)]
+    else:
+        copies = [torch.randint(0, 9, tensor.shape, generator=generator)]
+    return torch.stack([tensor, *copies * (size - 1)], dim=1)
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")  # a real batching rule
+@pytest.mark.parametrize("batched", [(1, 1, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0), (0, 0, 1)])
+@pytest.mark.parametrize("op", ["lookup", "lookup_values_grad", "lookup_weights_grad"])
+def test_vmap_of_each_op_equals_one_call_per_batch_element(op, batched):
+    """Batched over dim 1, on any subset of the tensor arguments (the table included)."""
+    values, indices, weights = (t.detach() for t in float64_inputs())
+    grad_out = torch.randn(6, 4, dtype=torch.float64)
+    function, tensors = {
+        "lookup": (torch.ops.memlayer.lookup, (values, indices, weights)),
+        "lookup_values_grad": (
+            lambda g, i, w: lookup_values_grad(g, i, w, 9, True),
+            (grad_out, indices, weights),
+        ),
+        "lookup_weights_grad": (lookup_weights_grad, (grad_out, values, indices)),
+    }[op]
+    args = [_batch_of(t, b, 3, seed) for seed, (t, b) in enumerate(zip(tensors, batched))]
+    in_dims = tuple(1 if b else None for b in batched)
+    actual = torch.func.vmap(function, in_dims=in_dims)(*args)
+    expected = torch.stack(
+        [function(*(a.select(1, k) if b else a for a, b in zip(args, batched))) for k in range(3)]
+    )
+    torch.testing.assert_close(actual, expected)
+
+
+def test_vmap_over_tables_checks_indices_against_one_table():
+    """A batch of tables is read as one tall table: row N of batch 0 would be row 0 of batch 1,
+    so indices are checked against N first."""
+    values, indices, weights = (t.detach() for t in float64_inputs())
+    tables = torch.stack([values, values])
+    bad = indices.clone()
+    bad[0, 0] = values.shape[0]
+    with pytest.raises(IndexError, match=r"lookup: indices must lie in \[0, 9\)"):
+        torch.func.vmap(torch.ops.memlayer.lookup, in_dims=(0, None, None))(tables, bad, weights)
 
 
 def test_every_lookup_op_is_twice_differentiable():
