@@ -172,7 +172,6 @@ def generate(
     row has produced ``stop_token`` (rows that stopped earlier keep generating; cut them at
     their first ``stop_token``). Greedy at ``temperature`` 0 (the default).
     """
-    _check_prompt(prompt, max_new_tokens)
     tokens = list(
         generate_tokens(
             model,

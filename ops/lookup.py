@@ -205,16 +205,22 @@ def _rows_of_tall_table(op: str, indices: Tensor, num_rows: int) -> Tensor:
     return indices + (offsets * num_rows).view(-1, 1, 1)
 
 
+def _one_table(op: str, values: Tensor, values_dim: int | None, indices: Tensor):
+    """``values`` (batched on ``values_dim``, or shared) as one table, and batch-first
+    ``indices`` as its rows."""
+    if values_dim is None:
+        return values, indices
+    values = values.movedim(values_dim, 0)
+    return values.flatten(0, 1), _rows_of_tall_table(op, indices, values.shape[1])
+
+
 @torch.library.register_vmap("memlayer::lookup")
 def _lookup_vmap(info, in_dims, values, indices, weights, deterministic=True):
     size = info.batch_size
     values_dim, indices_dim, weights_dim = in_dims[:3]
     indices = _batch_first(indices, indices_dim, size)
     weights = _batch_first(weights, weights_dim, size)
-    if values_dim is not None:
-        values = values.movedim(values_dim, 0)
-        indices = _rows_of_tall_table("lookup", indices, values.shape[1])
-        values = values.flatten(0, 1)
+    values, indices = _one_table("lookup", values, values_dim, indices)
     out = lookup(values, indices.flatten(0, 1), weights.flatten(0, 1), deterministic)
     return out.unflatten(0, (size, -1)), 0
 
@@ -242,10 +248,7 @@ def _lookup_weights_grad_vmap(info, in_dims, grad_out, values, indices):
     grad_out_dim, values_dim, indices_dim = in_dims
     grad_out = _batch_first(grad_out, grad_out_dim, size)
     indices = _batch_first(indices, indices_dim, size)
-    if values_dim is not None:
-        values = values.movedim(values_dim, 0)
-        indices = _rows_of_tall_table("lookup_weights_grad", indices, values.shape[1])
-        values = values.flatten(0, 1)
+    values, indices = _one_table("lookup_weights_grad", values, values_dim, indices)
     grad = lookup_weights_grad(grad_out.flatten(0, 1), values, indices.flatten(0, 1))
     return grad.unflatten(0, (size, -1)), 0
 

@@ -196,8 +196,10 @@ _PYTREE_ENUM_DEPRECATION = "is an Enum subclass and is now natively supported"
 #: checkpoint config without an ``initial_load_path`` is built: on every run.
 _TITAN_OWN_DEFAULT = "initial_load_model_only=True has no effect without an initial_load_path"
 #: torchtitan looks for a GPU model name (``lspci``) and its peak FLOPS for MFU; a CPU has
-#: neither (the recipe logs no MFU on a CPU, see ``recipes.trainer.ProgressMetrics``).
+#: neither, so its per-step line reports MFU against an A100 (``recipes.trainer.ProgressMetrics``
+#: logs its own step line on a CPU).
 _TITAN_PEAK_FLOPS = ("Error running lspci", "Peak flops undefined for", "Peak FLOPS used for")
+_TITAN_STEP_LINE = "mfu: "
 #: torchdata's StatefulDataLoader calls ``torch.set_vital``, deprecated in torch 2.13.
 _TORCHDATA_SET_VITAL = "'set_vital' is deprecated"
 #: DTensor's RNG tracker does not run on CPU meshes, so sharded random init would repeat one
@@ -241,8 +243,10 @@ def quiet_import_messages() -> None:
 def _quiet_run_log() -> None:
     """torchtitan logs through the root logger: each warning once, none of the above.
     Condition: always; the CPU-only entries on a CPU. Upstream: torchtitan 0.3.0, torch 2.13."""
-    drop = (_TITAN_OWN_DEFAULT, *(_TITAN_PEAK_FLOPS if running_on_cpu() else ()))
-    logging.getLogger().addFilter(_DropMessages(drop))
+    on_cpu = running_on_cpu()
+    drop = (_TITAN_OWN_DEFAULT, *(_TITAN_PEAK_FLOPS if on_cpu else ()))
+    contains = (_TITAN_STEP_LINE,) if on_cpu else ()
+    logging.getLogger().addFilter(_DropMessages(drop, contains))
     warnings.filterwarnings("ignore", message=_TORCHDATA_SET_VITAL, category=UserWarning)
     if running_on_cpu():
         warnings.filterwarnings("ignore", message=_DTENSOR_CPU_RNG, category=UserWarning)
