@@ -35,17 +35,27 @@ from torch import Tensor, nn
 import ops  # noqa: F401  (registers torch.ops.memlayer.*)
 from memcompile.config import MemoryConfig, MemoryKind
 from memcompile.telemetry import UsageCounter
+from ops.row_sparse import ValueGradLog, lookup_recording_grads
 
 
 class ValueLookup(nn.Module):
     """The read of a value table: ``out[t] = Σ_b weights[t, b] · values[indices[t, b]]``.
 
     ``forward(values [N, D], indices [T, B], weights [T, B]) -> [T, D]`` is the op
-    ``torch.ops.memlayer.lookup``; this module holds nothing. It is a module so that a parallel
-    style can be applied to the read and seen in ``print(model)``.
+    ``torch.ops.memlayer.lookup``; this module holds no parameters. It is a module so that a
+    parallel style can be applied to the read and seen in ``print(model)``.
+
+    With a ``grad_log`` (set by ``memcompile.sparse_optim.RowSparseOptimizer``) the backward
+    records the value gradient's inputs there instead of forming a ``[N, D]`` gradient.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_log: ValueGradLog | None = None
+
     def forward(self, values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        if self.grad_log is not None:
+            return lookup_recording_grads(values, indices, weights, self.grad_log)
         return torch.ops.memlayer.lookup(values, indices, weights)
 
 

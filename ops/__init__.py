@@ -1,7 +1,8 @@
 """memcompile's custom ops: ``torch.ops.memlayer.*``.
 
 Importing this package registers the ops: ``lookup`` (the weighted bag over a value table),
-``product_key_topk`` (the product-key search), their backward ops, and ``checked_indices`` (the
+``product_key_topk`` (the product-key search), their backward ops, the row-sparse table update
+(``record_value_grads``, ``row_sq_norms``, ``update_rows``), and ``checked_indices`` (the
 index-range check of model inputs), with their CPU, CUDA (Triton) and fake kernels, autograd
 and DTensor sharding rules.
 """
@@ -9,6 +10,7 @@ and DTensor sharding rules.
 from ops.checks import checked_indices
 from ops.lookup import lookup, reference_lookup
 from ops.product_key import product_key_topk, reference_product_key_topk
+from ops.row_sparse import ValueGradLog, lookup_recording_grads
 
 __all__ = [
     "checked_indices",
@@ -16,4 +18,6 @@ __all__ = [
     "reference_lookup",
     "product_key_topk",
     "reference_product_key_topk",
+    "ValueGradLog",
+    "lookup_recording_grads",
 ]

@@ -1,0 +1,200 @@
+"""Row-sparse training of the shared value table: :class:`RowSparseOptimizer`.
+
+A step reads a few hundred thousand of the table's ``N`` rows, yet the dense path writes a
+``[N, D]`` gradient and runs AdamW over all ``N`` rows (two ``[N, D]`` states). This optimizer
+owns the table instead: the model's lookups record what the value gradient is made of (``[T, D]``
+per lookup, see ``ops/row_sparse.py``), and :meth:`step` updates only the touched rows, of the
+table and of the optimizer state::
+
+    model = Transformer(config)
+    values_optimizer = RowSparseOptimizer(model, "rowwise_adagrad", lr=0.1)
+    optimizer = torch.optim.AdamW(torch_param_groups(model, lr=3e-3, weight_decay=0.1))
+    for tokens, labels in batches:
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten())
+        loss.backward()
+        values_optimizer.clip_grad_norm_(1.0)   # optional: the table's own norm
+        values_optimizer.step()
+        optimizer.step()
+        values_optimizer.zero_grad()
+        optimizer.zero_grad()
+
+The table stays a parameter (checkpoints, ``state_dict``, DCP) but no longer requires grad, so
+``torch_param_groups`` and every other optimizer leave it alone. It is a ``torch.optim.Optimizer``:
+LR schedulers, ``state_dict`` / ``load_state_dict`` and torchtitan's optimizer container work.
+
+Rules (hyperparameters per param group, as in ``torch.optim``):
+
+- ``"sgd"``: ``w -= lr * (g + weight_decay * w)`` on touched rows. No state.
+- ``"rowwise_adagrad"``: FBGEMM's row-wise AdaGrad (one fp32 accumulator per row, the mean of
+  the row's squared gradient; L2 weight decay as its ``weight_decay_mode=1``). State: ``sum [N]``.
+- ``"adam"``: AdamW applied lazily. A touched row gets exactly ``torch.optim.AdamW``'s update, with
+  the bias corrections of the global step count (steps taken by this optimizer, touched or not,
+  as ``torch.optim.SparseAdam``); its moments are those of the steps that touched it. A row not
+  touched is not read or written: its moments do not decay and weight decay does not shrink it.
+  State: ``exp_avg``, ``exp_avg_sq`` ``[N, D]`` fp32.
+
+Optimizer state is fp32 whatever the table's dtype (a bf16 table is updated in fp32 and rounded
+once). Every step is bitwise deterministic run to run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from memcompile.memory import ValueLookup
+from memcompile.optim import MEMORY_VALUES
+from ops.row_sparse import RULES, ValueGradLog, row_sq_norms, update_rows
+
+#: Optimizer names that train a table densely (from an autograd gradient), not row-sparsely.
+DENSE_OPTIMIZERS = ("adamw", "adam_dense", "sgd_dense", "adagrad", "sparseadam")
+
+
+class RowSparseOptimizer(Optimizer):
+    """Trains ``model.memory_values`` by updating only the rows each step touched.
+
+    Args:
+        model: a ``memcompile.model.Transformer`` (or any module with a ``memory_values``
+            parameter read through ``ValueLookup`` modules). Its lookups are switched to
+            recording and the table stops requiring grad.
+        rule: ``"sgd"``, ``"rowwise_adagrad"`` or ``"adam"`` (see the module doc).
+        lr, eps, betas, weight_decay: as in ``torch.optim`` (``betas`` only for ``"adam"``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: str = "rowwise_adagrad",
+        *,
+        lr: float = 1e-2,
+        eps: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+    ) -> None:
+        if rule not in RULES:
+            dense = " (a dense optimizer: leave the table to it instead)"
+            hint = dense if rule.lower() in DENSE_OPTIMIZERS else ""
+            raise ValueError(
+                f"RowSparseOptimizer: rule must be one of {', '.join(RULES)}, got {rule!r}{hint}"
+            )
+        table = getattr(model, MEMORY_VALUES, None)
+        if not isinstance(table, nn.Parameter):
+            raise ValueError(
+                f"RowSparseOptimizer: model has no {MEMORY_VALUES} parameter (a model with "
+                "memory layers has one)"
+            )
+        if isinstance(table, torch.distributed.tensor.DTensor):
+            raise NotImplementedError(
+                "RowSparseOptimizer: a sharded value table (FSDP or memory parallelism) is not "
+                "supported yet; train it on one rank, or with the dense optimizer"
+            )
+        eps = {"sgd": 0.0, "rowwise_adagrad": 1e-10, "adam": 1e-8}[rule] if eps is None else eps
+        _check_hyperparameters(lr, eps, betas, weight_decay)
+        self.rule = rule
+        self.log = ValueGradLog(table.shape[0], table.shape[1], table.device)
+        lookups = [m for m in model.modules() if isinstance(m, ValueLookup)]
+        for lookup in lookups:
+            lookup.grad_log = self.log
+        table.requires_grad_(False)
+        defaults = {"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}
+        group = {"params": [table], "param_names": [MEMORY_VALUES]}
+        super().__init__([group], defaults)
+        self.table = table
+        self.state[table] = self._fresh_state(table)
+        self._grad_scale = 1.0
+
+    def _fresh_state(self, table: Tensor) -> dict[str, Tensor]:
+        """Created up front (not on the first step), so checkpoints always hold it."""
+        state = {"step": torch.zeros((), dtype=torch.float32)}
+        fp32 = {"dtype": torch.float32, "device": table.device}
+        if self.rule == "rowwise_adagrad":
+            state["sum"] = torch.zeros(table.shape[0], **fp32)
+        elif self.rule == "adam":
+            state["exp_avg"] = torch.zeros(table.shape, **fp32)
+            state["exp_avg_sq"] = torch.zeros(table.shape, **fp32)
+        return state
+
+    def _state_tensors(self) -> list[Tensor]:
+        names = {"sgd": [], "rowwise_adagrad": ["sum"], "adam": ["exp_avg", "exp_avg_sq"]}
+        return [self.state[self.table][name] for name in names[self.rule]]
+
+    def _touched_sq_norms(self) -> Tensor:
+        grad_out, _, weights = self.log.bags()
+        return row_sq_norms(grad_out, weights, self.log.row_groups())
+
+    @torch.no_grad()
+    def grad_norm(self) -> Tensor:
+        """The 2-norm of the table's gradient since the last ``zero_grad`` (that of the dense
+        gradient: untouched rows contribute nothing)."""
+        return self._touched_sq_norms().sum().sqrt().float()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the next :meth:`step`'s gradient as ``torch.nn.utils.clip_grad_norm_`` would
+        (by ``max_norm / (norm + 1e-6)`` when that is below 1); returns the norm before."""
+        norm = self.grad_norm()
+        self._grad_scale = min(1.0, max_norm / (norm.item() + 1e-6))
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = closure() if closure is not None else None
+        if len(self.log) == 0:
+            return loss
+        group = self.param_groups[0]
+        state = self.state[self.table]
+        state["step"] += 1
+        grad_out, _, weights = self.log.bags()
+        update_rows(
+            self.table.data,
+            self._state_tensors(),
+            grad_out,
+            weights,
+            self.log.row_groups(),
+            rule=self.rule,
+            lr=_as_float(group["lr"]),
+            eps=group["eps"],
+            betas=group["betas"],
+            weight_decay=group["weight_decay"],
+            grad_scale=self._grad_scale,
+            step=int(state["step"].item()),
+        )
+        self._grad_scale = 1.0
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget what the lookups recorded (the table's gradient) since the last call."""
+        self.log.clear()
+        self._grad_scale = 1.0
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype; this state
+        # stays fp32 (a bf16 table keeps fp32 state), so it is copied over afterwards.
+        saved = dict(next(iter(state_dict["state"].values()), {}))
+        super().load_state_dict(state_dict)
+        state = self.state[self.table]
+        for name, value in saved.items():
+            state[name] = value.to(torch.float32, copy=True).contiguous()
+            if name != "step":
+                state[name] = state[name].to(self.table.device)
+
+
+def _as_float(value: float | Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def _check_hyperparameters(
+    lr: float, eps: float, betas: tuple[float, float], weight_decay: float
+) -> None:
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"RowSparseOptimizer: lr must be a finite number > 0, got {lr!r}")
+    if not eps >= 0:
+        raise ValueError(f"RowSparseOptimizer: eps must be >= 0, got {eps!r}")
+    if not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"RowSparseOptimizer: betas must lie in [0, 1), got {betas!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"RowSparseOptimizer: weight_decay must be >= 0, got {weight_decay!r}")

@@ -1,0 +1,421 @@
+"""Row-sparse training of a value table: update only the rows a step touched.
+
+The dense path differentiates ``lookup`` into a ``[N, D]`` value gradient and lets the optimizer
+walk all ``N`` rows. A step touches few of them (each token reads ``heads * topk`` rows), so this
+path never forms that gradient:
+
+1. **Backward records, it does not scatter.** :func:`lookup_recording_grads` is ``lookup`` whose
+   backward appends the inputs of the value gradient, ``(grad_out [T, D], indices [T, B],
+   weights [T, B])``, to a :class:`ValueGradLog` (op ``memlayer::record_value_grads``):
+   ``T * (D + 2B)`` numbers per lookup instead of ``N * D``. The weight gradient (to the scores
+   and queries) flows as usual. Micro-batches of one step append to the same log, which is
+   gradient accumulation.
+2. **The step groups and updates.** :meth:`ValueGradLog.row_groups` lists the touched rows
+   (sorted, unique) with their recorded positions in a fixed order. ``memlayer::row_sq_norms``
+   gives each touched row's squared gradient norm (their sum is the dense gradient's squared norm:
+   the other rows' gradients are zero), for clipping. ``memlayer::update_rows`` applies SGD,
+   row-wise AdaGrad or lazy Adam to those rows of the table and of its optimizer state, in place,
+   summing each row's gradient in a scratch row as it goes: the only ``[*, D]`` memory touched is
+   the touched rows'.
+
+Every sum runs in a fixed order (positions grouped by a stable sort), so a step is bitwise
+deterministic run to run. The optimizer over these ops is ``memcompile.sparse_optim``.
+
+Kernels: CPU in ``ops/row_sparse_cpu.py`` (C++), CUDA in ``ops/row_sparse_triton.py`` (Triton).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ops import row_sparse_cpu, row_sparse_triton
+from ops.checks import (
+    INDEX_DTYPES,
+    check_indices_in_range,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from ops.lookup import lookup
+
+#: The update rules of ``memlayer::update_rows`` (see :func:`update_rows`).
+RULES = ("sgd", "rowwise_adagrad", "adam")
+
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+torch.library.define(
+    "memlayer::record_value_grads",
+    "(Tensor grad_out, Tensor indices, Tensor weights, Tensor(a!) recorded_tokens, int log_id)"
+    " -> ()",
+    tags=_TAGS,
+)
+torch.library.define(
+    "memlayer::row_sq_norms",
+    "(Tensor grad_out, Tensor weights, Tensor row_starts, Tensor positions) -> Tensor",
+    tags=_TAGS,
+)
+torch.library.define(
+    "memlayer::update_rows",
+    "(Tensor(a!) table, Tensor(b!)[] state, Tensor grad_out, Tensor weights, Tensor rows,"
+    " Tensor row_starts, Tensor positions, Tensor? row_sq_norms, str rule, float lr, float eps,"
+    " float beta1, float beta2, float weight_decay, float grad_scale, int step) -> ()",
+    tags=_TAGS,
+)
+
+
+# --------------------------------------------------------------------------- the log
+
+_LOGS: weakref.WeakValueDictionary[int, ValueGradLog] = weakref.WeakValueDictionary()
+_LOG_IDS = itertools.count()
+
+
+class RowGroups(NamedTuple):
+    """The recorded bag positions grouped by table row: touched row ``rows[u]`` was read at the
+    flat positions ``positions[row_starts[u]:row_starts[u + 1]]`` of the ``[M, B]`` bags (in
+    increasing order)."""
+
+    rows: Tensor  # [U] int64, sorted, unique
+    row_starts: Tensor  # [U + 1] int64
+    positions: Tensor  # [M * B] int64
+
+
+class ValueGradLog:
+    """The inputs of a value table's gradient, recorded by the backward of every
+    :func:`lookup_recording_grads` since the last :meth:`clear`.
+
+    ``bags()`` are the recorded ``(grad_out [M, D] fp32, indices [M, B] int64, weights [M, B]
+    fp32)`` of all ``M`` recorded tokens, in the order the backward recorded them; the value
+    gradient they stand for is ``lookup_values_grad(grad_out, indices, weights, num_rows)``.
+    """
+
+    def __init__(self, num_rows: int, dim: int, device: torch.device | str = "cpu") -> None:
+        self.num_rows, self.dim = num_rows, dim
+        self.id = next(_LOG_IDS)
+        #: Tokens recorded since the last clear (``memlayer::record_value_grads`` mutates it,
+        #: which is also what keeps the op in a compiled backward graph).
+        self.recorded_tokens = torch.zeros(1, dtype=torch.int64, device=device)
+        self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._bags: tuple[Tensor, Tensor, Tensor] | None = None
+        self._groups: RowGroups | None = None
+        _LOGS[self.id] = self
+
+    def __len__(self) -> int:
+        """The number of recorded tokens."""
+        return sum(entry[0].shape[0] for entry in self._entries)
+
+    def append(self, grad_out: Tensor, indices: Tensor, weights: Tensor) -> None:
+        if grad_out.shape[1] != self.dim:
+            raise ValueError(
+                f"ValueGradLog: grad_out must be [T, {self.dim}] (the table's columns), "
+                f"got {tuple(grad_out.shape)}"
+            )
+        if self._entries and indices.shape[1] != self._entries[0][1].shape[1]:
+            raise ValueError(
+                "ValueGradLog: every lookup of one table must read the same number of rows per "
+                f"token, got {indices.shape[1]} after {self._entries[0][1].shape[1]}"
+            )
+        # Copies: a compiled backward may reuse the buffers of its arguments once the op returns.
+        entry = (grad_out.float().clone(), indices.long().clone(), weights.float().clone())
+        self._entries.append(entry)
+        self._bags = self._groups = None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.recorded_tokens.zero_()
+        self._bags = self._groups = None
+
+    def bags(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All recorded ``(grad_out, indices, weights)``, concatenated over lookups."""
+        if self._bags is None:
+            if not self._entries:
+                device = self.recorded_tokens.device
+                return (
+                    torch.zeros(0, self.dim, device=device),
+                    torch.zeros(0, 0, dtype=torch.int64, device=device),
+                    torch.zeros(0, 0, device=device),
+                )
+            self._bags = tuple(torch.cat(parts) for parts in zip(*self._entries))
+        return self._bags
+
+    def row_groups(self) -> RowGroups:
+        """The touched rows and their positions (computed once per recorded step)."""
+        if self._groups is None:
+            self._groups = group_by_row(self.bags()[1])
+        return self._groups
+
+
+def group_by_row(indices: Tensor) -> RowGroups:
+    """Group the flat positions of ``indices [M, B]`` by the row they read. A stable sort keeps
+    each row's positions in increasing order, so every sum over them has one fixed order."""
+    flat = indices.reshape(-1).long()
+    positions = torch.argsort(flat, stable=True)
+    rows, counts = torch.unique_consecutive(flat[positions], return_counts=True)
+    row_starts = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=row_starts[1:])
+    return RowGroups(rows, row_starts, positions)
+
+
+# --------------------------------------------------------------------------- recording lookup
+
+
+class _RecordValueGrads(torch.autograd.Function):
+    """Identity on the lookup's output whose backward records the value gradient's inputs."""
+
+    @staticmethod
+    def forward(ctx, out, indices, weights, recorded_tokens, log_id):
+        ctx.save_for_backward(indices, weights)
+        # Not saved for backward: every recording backward bumps its version counter.
+        ctx.recorded_tokens, ctx.log_id = recorded_tokens, log_id
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, weights = ctx.saved_tensors
+        torch.ops.memlayer.record_value_grads(
+            grad_out, indices, weights.detach(), ctx.recorded_tokens, ctx.log_id
+        )
+        return grad_out, None, None, None, None
+
+
+def lookup_recording_grads(
+    values: Tensor, indices: Tensor, weights: Tensor, log: ValueGradLog
+) -> Tensor:
+    """``lookup(values, indices, weights)`` whose backward records the value gradient's inputs in
+    ``log`` instead of computing a value gradient (``values`` gets none; ``weights`` does)."""
+    out = lookup(values.detach(), indices, weights)
+    return _RecordValueGrads.apply(out, indices, weights, log.recorded_tokens, log.id)
+
+
+@torch.library.impl("memlayer::record_value_grads", "default")
+def _record_value_grads_kernel(grad_out, indices, weights, recorded_tokens, log_id):
+    _check_recorded(grad_out, indices, weights)
+    log = _LOGS.get(log_id)
+    if log is None:
+        raise RuntimeError(
+            f"record_value_grads: no ValueGradLog with id {log_id} (it was garbage-collected "
+            "while a backward still recorded into it)"
+        )
+    log.append(grad_out, indices, weights)
+    recorded_tokens.add_(indices.shape[0])
+
+
+@torch.library.register_fake("memlayer::record_value_grads")
+def _record_value_grads_fake(grad_out, indices, weights, recorded_tokens, log_id):
+    _check_recorded(grad_out, indices, weights)
+
+
+def _check_recorded(grad_out: Tensor, indices: Tensor, weights: Tensor) -> None:
+    op = "record_value_grads"
+    check_tensor(op, "grad_out", grad_out, "[T, D]")
+    check_tensor(op, "indices", indices, "[T, B]", INDEX_DTYPES)
+    check_tensor(op, "weights", weights, "[T, B]")
+    check_shape(op, "weights", weights, indices.shape, "the shape of indices")
+    if grad_out.shape[0] != indices.shape[0]:
+        raise ValueError(
+            f"{op}: grad_out must have T = indices.shape[0] = {indices.shape[0]} rows, "
+            f"got shape {tuple(grad_out.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------- the step ops
+
+
+def row_sq_norms(grad_out: Tensor, weights: Tensor, groups: RowGroups) -> Tensor:
+    """``||g_u||²`` (fp64 ``[U]``) of each touched row's gradient
+    ``g_u = sum over its positions p of weights[p] * grad_out[p // B]``."""
+    return torch.ops.memlayer.row_sq_norms(grad_out, weights, groups.row_starts, groups.positions)
+
+
+def update_rows(
+    table: Tensor,
+    state: list[Tensor],
+    grad_out: Tensor,
+    weights: Tensor,
+    groups: RowGroups,
+    *,
+    rule: str,
+    lr: float,
+    eps: float = 1e-8,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    grad_scale: float = 1.0,
+    step: int = 1,
+    row_sq_norms: Tensor | None = None,
+) -> None:
+    """Apply ``rule`` in place to the touched rows of ``table`` and its ``state``, with each
+    row's gradient ``grad_scale * g_u`` (``g_u`` as in :func:`row_sq_norms`):
+
+    - ``"sgd"`` (no state): ``w -= lr * (g + weight_decay * w)``.
+    - ``"rowwise_adagrad"`` (state ``[sum [N] fp32]``), FBGEMM's row-wise AdaGrad with L2 decay:
+      ``g' = g + weight_decay * w``; ``sum += mean(g'²)``; ``m = lr / (sqrt(sum) + eps)``;
+      ``w = (1 - m * weight_decay) * w - m * g``. ``row_sq_norms`` (of the unscaled ``g``, e.g.
+      summed over a column-sharded table's ranks) replaces the local ``||g||²`` when
+      ``weight_decay`` is 0.
+    - ``"adam"`` (state ``[exp_avg, exp_avg_sq]``, ``[N, D]`` fp32): ``torch.optim.AdamW``'s
+      update of the row at global step ``step`` (its bias corrections), with decoupled decay.
+
+    Rows not touched are not read or written.
+    """
+    torch.ops.memlayer.update_rows(
+        table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions,
+        row_sq_norms, rule, lr, eps, betas[0], betas[1], weight_decay, grad_scale, step,
+    )  # fmt: skip
+
+
+def _check_groups(
+    op: str, grad_out: Tensor, weights: Tensor, row_starts: Tensor, positions: Tensor
+):
+    check_tensor(op, "grad_out", grad_out, "[M, D]", (torch.float32,))
+    check_tensor(op, "weights", weights, "[M, B]", (torch.float32,))
+    check_tensor(op, "row_starts", row_starts, "[U + 1]", (torch.int64,))
+    check_tensor(op, "positions", positions, "[M * B]", (torch.int64,))
+    if weights.shape[0] != grad_out.shape[0]:
+        raise ValueError(
+            f"{op}: weights must have M = grad_out.shape[0] = {grad_out.shape[0]} rows, "
+            f"got shape {tuple(weights.shape)}"
+        )
+    check_shape(op, "positions", positions, (weights.numel(),), "one per bag entry")
+    if row_starts.shape[0] < 1:
+        raise ValueError(f"{op}: row_starts must have at least one entry, got none")
+    check_same_device(
+        op, grad_out=grad_out, weights=weights, row_starts=row_starts, positions=positions
+    )
+    if positions.numel():
+        check_indices_in_range(positions, positions.numel(), f"{op}: positions", "the bags")
+
+
+@torch.library.impl("memlayer::row_sq_norms", "default")
+def _row_sq_norms_kernel(grad_out, weights, row_starts, positions):
+    _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
+    if grad_out.device.type == "cuda":
+        return row_sparse_triton.row_sq_norms(grad_out, weights, row_starts, positions)
+    return row_sparse_cpu.row_sq_norms(grad_out, weights, row_starts, positions)
+
+
+@torch.library.register_fake("memlayer::row_sq_norms")
+def _row_sq_norms_fake(grad_out, weights, row_starts, positions):
+    _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
+    return grad_out.new_empty((row_starts.shape[0] - 1,), dtype=torch.float64)
+
+
+def _expected_state(rule: str, table: Tensor) -> list[tuple[tuple[int, ...], str]]:
+    num_rows, dim = table.shape
+    return {
+        "sgd": [],
+        "rowwise_adagrad": [((num_rows,), "sum [N]")],
+        "adam": [((num_rows, dim), "exp_avg [N, D]"), ((num_rows, dim), "exp_avg_sq [N, D]")],
+    }[rule]
+
+
+def _check_update(
+    table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms, rule, lr, eps
+):
+    op = "update_rows"
+    check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
+    if rule not in RULES:
+        raise ValueError(f"{op}: rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if not lr > 0:
+        raise ValueError(f"{op}: lr must be > 0, got {lr}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    _check_groups(op, grad_out, weights, row_starts, positions)
+    check_shape(op, "grad_out", grad_out, (grad_out.shape[0], table.shape[1]), "D of table")
+    check_tensor(op, "rows", rows, "[U]", (torch.int64,))
+    check_shape(op, "rows", rows, (row_starts.shape[0] - 1,), "one per row_starts interval")
+    expected = _expected_state(rule, table)
+    if len(state) != len(expected):
+        names = ", ".join(name for _, name in expected) or "none"
+        raise ValueError(f"{op}: rule {rule!r} takes state [{names}], got {len(state)} tensors")
+    for tensor, (shape, name) in zip(state, expected):
+        check_tensor(op, f"state {name}", tensor, name.split(" ", 1)[1], (torch.float32,))
+        check_shape(
+            op, f"state {name}", tensor, shape, f"for a table of shape {tuple(table.shape)}"
+        )
+        if not tensor.is_contiguous():
+            raise ValueError(f"{op}: state {name} must be contiguous")
+    if not table.is_contiguous():
+        raise ValueError(f"{op}: table must be contiguous, got strides {table.stride()}")
+    if row_sq_norms is not None:
+        check_tensor(op, "row_sq_norms", row_sq_norms, "[U]", (torch.float64,))
+        check_shape(op, "row_sq_norms", row_sq_norms, rows.shape, "one per touched row")
+    states = {f"state_{i}": tensor for i, tensor in enumerate(state)}
+    check_same_device(op, table=table, grad_out=grad_out, rows=rows, **states)
+    check_indices_in_range(rows, table.shape[0], f"{op}: rows", "the rows of table")
+
+
+@torch.library.impl("memlayer::update_rows", "default")
+def _update_rows_kernel(
+    table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms,
+    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+):  # fmt: skip
+    _check_update(
+        table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms, rule, lr, eps
+    )
+    if rows.numel() == 0 or table.shape[1] == 0:
+        return
+    kernels = row_sparse_triton if table.device.type == "cuda" else row_sparse_cpu
+    kernels.update_rows(
+        table, list(state), grad_out, weights, rows, row_starts, positions, row_sq_norms,
+        rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+    )  # fmt: skip
+
+
+@torch.library.register_fake("memlayer::update_rows")
+def _update_rows_fake(
+    table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms,
+    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+):  # fmt: skip
+    _check_update(
+        table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms, rule, lr, eps
+    )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_update_rows(
+    table: Tensor,
+    state: list[Tensor],
+    grad_out: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    *,
+    rule: str,
+    lr: float,
+    eps: float = 1e-8,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    grad_scale: float = 1.0,
+    step: int = 1,
+) -> tuple[Tensor, list[Tensor]]:
+    """The textbook float64 update (dense gradient, then the rule on the rows it touched):
+    returns the new ``(table, state)``, both float64."""
+    w = table.double().clone()
+    state = [s.double().clone() for s in state]
+    grad = torch.zeros_like(w)
+    flat = indices.reshape(-1).long()
+    rows_of_tokens = grad_out.double().repeat_interleave(indices.shape[1], dim=0)
+    grad.index_add_(0, flat, weights.double().reshape(-1, 1) * rows_of_tokens)
+    grad *= grad_scale
+    touched = torch.unique(flat)
+    g, wt = grad[touched], w[touched]
+    if rule == "sgd":
+        w[touched] = wt - lr * (g + weight_decay * wt)
+    elif rule == "rowwise_adagrad":
+        state[0][touched] += (g + weight_decay * wt).square().mean(dim=1)
+        multiplier = (lr / (state[0][touched].sqrt() + eps)).unsqueeze(1)
+        w[touched] = (1 - multiplier * weight_decay) * wt - multiplier * g
+    else:
+        beta1, beta2 = betas
+        exp_avg, exp_avg_sq = state
+        exp_avg[touched] = beta1 * exp_avg[touched] + (1 - beta1) * g
+        exp_avg_sq[touched] = beta2 * exp_avg_sq[touched] + (1 - beta2) * g.square()
+        denom = exp_avg_sq[touched].sqrt() / (1 - beta2**step) ** 0.5 + eps
+        w[touched] = (
+            wt * (1 - lr * weight_decay) - lr / (1 - beta1**step) * exp_avg[touched] / denom
+        )
+    return w, state

@@ -1,0 +1,54 @@
+"""CPU kernels of the row-sparse table update (the CPU side of ``ops/row_sparse.py``):
+``ops/csrc/row_sparse_cpu.cpp``, compiled on first use (``ops/_cpu_build.py``). These launchers
+take arguments that ``ops/row_sparse.py`` has already checked, rows in range included.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ops._cpu_build import build
+
+#: Rule codes of the C++ kernel.
+RULES = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
+
+
+@functools.cache
+def _kernels():
+    build("row_sparse_cpu", "the row-sparse table update")
+    return torch.ops.memlayer_row_sparse_cpu
+
+
+def row_sq_norms(
+    grad_out: Tensor, weights: Tensor, row_starts: Tensor, positions: Tensor
+) -> Tensor:
+    """Each touched row's squared gradient norm, fp64 ``[U]``."""
+    return _kernels().row_sq_norms(grad_out, weights, row_starts, positions)
+
+
+def update_rows(
+    table: Tensor,
+    state: list[Tensor],
+    grad_out: Tensor,
+    weights: Tensor,
+    rows: Tensor,
+    row_starts: Tensor,
+    positions: Tensor,
+    row_sq_norms: Tensor | None,
+    rule: str,
+    lr: float,
+    eps: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    grad_scale: float,
+    step: int,
+) -> None:
+    """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
+    _kernels().row_update(
+        table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms,
+        RULES[rule], lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+    )  # fmt: skip

@@ -1,0 +1,133 @@
+"""Triton kernels of the row-sparse table update (the CUDA kernels of ``ops/row_sparse.py``).
+
+One program per touched row holds the whole row (``BLOCK_D`` = D rounded up to a power of two,
+as FBGEMM's row-wise kernels hold a row per warp group): it sums the row's gradient over its
+recorded positions in their fixed order (bitwise deterministic, no atomics: rows are unique),
+then updates the row and its optimizer state. A row outside ``[0, N)`` is masked, so a bad row
+is never written. A hot row's positions are summed serially by its program.
+
+The launchers take plain tensors of any device Triton runs on: CUDA, or CPU tensors under
+``TRITON_INTERPRET=1`` (how the tests run them without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ops.lookup_triton import _jit, tl, triton
+
+_RULES = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
+
+
+@_jit
+def _row_sq_norms_kernel(
+    grad_out_ptr, weights_ptr, row_starts_ptr, positions_ptr, out_ptr, bag_size, dim,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    u = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < dim
+    g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(tl.load(row_starts_ptr + u), tl.load(row_starts_ptr + u + 1)):
+        p = tl.load(positions_ptr + i)
+        token = grad_out_ptr + (p // bag_size) * dim
+        g += tl.load(weights_ptr + p) * tl.load(token + offs, mask=mask, other=0.0)
+    g64 = g.to(tl.float64)
+    tl.store(out_ptr + u, tl.sum(g64 * g64, axis=0))
+
+
+@_jit
+def _update_rows_kernel(
+    table_ptr, state0_ptr, state1_ptr, grad_out_ptr, weights_ptr, rows_ptr, row_starts_ptr,
+    positions_ptr, norms_ptr, num_rows, bag_size, dim,
+    lr, eps, beta1, beta2, weight_decay, grad_scale, bias1, bias2_sqrt,
+    RULE: tl.constexpr, HAS_NORMS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    u = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(tl.load(row_starts_ptr + u), tl.load(row_starts_ptr + u + 1)):
+        p = tl.load(positions_ptr + i)
+        token = grad_out_ptr + (p // bag_size) * dim
+        g += tl.load(weights_ptr + p) * tl.load(token + offs, mask=offs < dim, other=0.0)
+    g = g * grad_scale
+
+    row = tl.load(rows_ptr + u)
+    valid = (row >= 0) & (row < num_rows)
+    row_of_lanes = offs * 0 + row  # the row test as a vector mask
+    row_valid = (row_of_lanes >= 0) & (row_of_lanes < num_rows)
+    mask = (offs < dim) & row_valid
+    at = row.to(tl.int64) * dim + offs
+    w = tl.load(table_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    if RULE == 0:  # SGD
+        new = w - lr * (g + weight_decay * w)
+    elif RULE == 1:  # FBGEMM's row-wise AdaGrad, L2 decay
+        if HAS_NORMS:
+            sum_sq = tl.load(norms_ptr + u).to(tl.float32) * grad_scale * grad_scale
+        else:
+            decayed = tl.where(mask, g + weight_decay * w, 0.0)
+            sum_sq = tl.sum(decayed * decayed, axis=0)
+        safe_row = tl.where(valid, row, 0)  # read in bounds, written only if valid
+        accumulator = tl.load(state0_ptr + safe_row) + sum_sq / dim
+        lane0 = row_valid & (offs == 0)
+        tl.store(state0_ptr + row + offs, accumulator + offs * 0.0, mask=lane0)
+        multiplier = lr / (tl.sqrt(accumulator) + eps)
+        new = (1.0 - multiplier * weight_decay) * w - multiplier * g
+    else:  # lazy AdamW
+        m = beta1 * tl.load(state0_ptr + at, mask=mask, other=0.0) + (1.0 - beta1) * g
+        v = beta2 * tl.load(state1_ptr + at, mask=mask, other=0.0) + (1.0 - beta2) * g * g
+        tl.store(state0_ptr + at, m, mask=mask)
+        tl.store(state1_ptr + at, v, mask=mask)
+        new = w * (1.0 - lr * weight_decay) - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    tl.store(table_ptr + at, new.to(table_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_d(dim: int) -> int:
+    return triton.next_power_of_2(max(dim, 1))
+
+
+def row_sq_norms(
+    grad_out: Tensor, weights: Tensor, row_starts: Tensor, positions: Tensor
+) -> Tensor:
+    """Each touched row's squared gradient norm, fp64 ``[U]``."""
+    num_touched = row_starts.shape[0] - 1
+    out = grad_out.new_empty(num_touched, dtype=torch.float64)
+    if num_touched:
+        _row_sq_norms_kernel[(num_touched,)](
+            grad_out, weights, row_starts, positions, out, weights.shape[1], grad_out.shape[1],
+            BLOCK_D=_block_d(grad_out.shape[1]),
+        )  # fmt: skip
+    return out
+
+
+def update_rows(
+    table: Tensor,
+    state: list[Tensor],
+    grad_out: Tensor,
+    weights: Tensor,
+    rows: Tensor,
+    row_starts: Tensor,
+    positions: Tensor,
+    row_sq_norms: Tensor | None,
+    rule: str,
+    lr: float,
+    eps: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    grad_scale: float,
+    step: int,
+) -> None:
+    """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
+    state0, state1 = (list(state) + [table, table])[:2]  # unused pointers for stateless rules
+    use_norms = row_sq_norms is not None and weight_decay == 0.0
+    _update_rows_kernel[(rows.shape[0],)](
+        table, state0, state1, grad_out, weights, rows, row_starts, positions,
+        row_sq_norms if use_norms else rows, table.shape[0], weights.shape[1], table.shape[1],
+        lr, eps, beta1, beta2, weight_decay, grad_scale,
+        1.0 - beta1**step, math.sqrt(1.0 - beta2**step),
+        RULE=_RULES[rule], HAS_NORMS=use_norms, BLOCK_D=_block_d(table.shape[1]),
+    )  # fmt: skip
