@@ -44,6 +44,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from memcompile.memory import ValueLookup
@@ -87,10 +88,10 @@ class RowSparseOptimizer(Optimizer):
                 f"RowSparseOptimizer: model has no {MEMORY_VALUES} parameter (a model with "
                 "memory layers has one)"
             )
-        if isinstance(table, torch.distributed.tensor.DTensor):
+        if _is_sharded(table):
             raise NotImplementedError(
-                "RowSparseOptimizer: a sharded value table (FSDP or memory parallelism) is not "
-                "supported yet; train it on one rank, or with the dense optimizer"
+                "RowSparseOptimizer: a value table sharded over several ranks (FSDP or memory "
+                "parallelism) is not supported yet; train it on one rank, or with dense AdamW"
             )
         eps = {"sgd": 0.0, "rowwise_adagrad": 1e-10, "adam": 1e-8}[rule] if eps is None else eps
         _check_hyperparameters(lr, eps, betas, weight_decay)
@@ -150,7 +151,7 @@ class RowSparseOptimizer(Optimizer):
         state["step"] += 1
         grad_out, _, weights = self.log.bags()
         update_rows(
-            self.table.data,
+            _local(self.table),
             self._state_tensors(),
             grad_out,
             weights,
@@ -181,6 +182,15 @@ class RowSparseOptimizer(Optimizer):
             state[name] = value.to(torch.float32, copy=True).contiguous()
             if name != "step":
                 state[name] = state[name].to(self.table.device)
+
+
+def _is_sharded(table: Tensor) -> bool:
+    return isinstance(table, DTensor) and table.device_mesh.size() > 1
+
+
+def _local(table: Tensor) -> Tensor:
+    """The table's storage: a one-rank DTensor (FSDP on one rank) holds all of it locally."""
+    return table.to_local() if isinstance(table, DTensor) else table.data
 
 
 def _as_float(value: float | Tensor) -> float:

@@ -69,6 +69,18 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
                 f"--parallelism.memory_parallel_degree {degree} must divide the value "
                 f"dim {transformer.memory.value_dim} of {config.model!r}"
             )
+    table_optimizer = config.optimizer.memory_optimizer
+    if table_optimizer != "adamw":
+        if transformer.memory is None:
+            raise ValueError(
+                f"--optimizer.memory_optimizer {table_optimizer}: model {config.model!r} has no "
+                "memory layers"
+            )
+        if world_size > 1:
+            raise ValueError(
+                f"--optimizer.memory_optimizer {table_optimizer} (row-sparse) runs on one rank "
+                f"for now, got a world of {world_size}; use adamw with several ranks"
+            )
     config.float8.check_supported(
         compile_enabled=config.compile.enable and "model" in config.compile.components
     )

@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -25,8 +26,8 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 _applied = False
-#: Parameters whose gradients are clipped on their own, to their own max norm.
-_SEPARATE_MAX_NORM = WeakIdKeyDictionary()
+#: Parameters whose gradients are clipped on their own: parameter -> clip(max_norm) -> norm.
+_SEPARATE_CLIP = WeakIdKeyDictionary()
 
 
 def running_on_cpu() -> bool:
@@ -148,10 +149,16 @@ def allow_fsdp_on_gloo(model: torch.nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def clip_separately(parameter: torch.Tensor, max_norm: float) -> None:
+def clip_separately(
+    parameter: torch.Tensor,
+    max_norm: float,
+    clip: Callable[[float], torch.Tensor] | None = None,
+) -> None:
     """Clip ``parameter``'s gradient on its own, to ``max_norm`` (see
-    :func:`_clip_grad_norm_per_group`); the recipe does it for the memory value table."""
-    _SEPARATE_MAX_NORM[parameter] = max_norm
+    :func:`_clip_grad_norm_per_group`); the recipe does it for the memory value table. ``clip``
+    clips a gradient that is not ``parameter.grad`` (a row-sparse table's optimizer clips the
+    gradient it recorded) and returns its norm; by default ``parameter.grad`` is clipped."""
+    _SEPARATE_CLIP[parameter] = (max_norm, clip)
 
 
 def _clip_grad_norm_per_group() -> None:
@@ -172,12 +179,15 @@ def _clip_grad_norm_per_group() -> None:
     def clip_grad_norm_(parameters, max_norm: float, **kwargs) -> torch.Tensor:
         shared, separate = [], []
         for parameter in parameters:
-            if parameter in _SEPARATE_MAX_NORM:
-                separate.append(parameter)
+            if parameter in _SEPARATE_CLIP:
+                separate.append((parameter, *_SEPARATE_CLIP[parameter]))
             else:
                 shared.append(parameter)
         norms = [clip_all(shared, max_norm, **kwargs)]
-        norms += [clip_all([p], _SEPARATE_MAX_NORM[p], **kwargs) for p in separate]
+        norms += [
+            clip(own_max_norm) if clip is not None else clip_all([p], own_max_norm, **kwargs)
+            for p, own_max_norm, clip in separate
+        ]
         return torch.stack([norm.to(norms[0].device) for norm in norms]).norm()
 
     dist_utils.clip_grad_norm_ = clip_grad_norm_

@@ -15,7 +15,7 @@ import os
 import shlex
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torchtitan.components.metrics import MetricsProcessor
@@ -26,6 +26,7 @@ from torchtitan.trainer import Trainer
 
 from memcompile.flavors import FlavorName
 from memcompile.optim import MEMORY_VALUES, param_groups
+from memcompile.sparse_optim import RowSparseOptimizer
 from recipes import shims
 from recipes.data.knowledge import KnowledgeCorpus, QAPair
 from recipes.data.loader import BUILTIN_DATASET
@@ -39,7 +40,11 @@ DEFAULT_MODEL = "mem_debug"
 
 class MemoryOptimizers(OptimizersContainer):
     """AdamW with the shared value table in its own group (own learning rate and weight decay,
-    why in :mod:`memcompile.optim`). Set ``param_groups`` explicitly to take full control instead.
+    why in :mod:`memcompile.optim`), or, with ``--optimizer.memory_optimizer`` sgd /
+    rowwise_adagrad / adam, the table trained row-sparsely by
+    :class:`memcompile.sparse_optim.RowSparseOptimizer` (only the rows a step touched are
+    updated; no ``[N, D]`` gradient). Set ``param_groups`` explicitly to take full control of the
+    other parameters' groups.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -63,17 +68,49 @@ class MemoryOptimizers(OptimizersContainer):
         """Gradient-norm clipping of the memory value table, applied separately from the
         other parameters (clipped to training.max_norm)"""
 
+        memory_optimizer: Literal["adamw", "sgd", "rowwise_adagrad", "adam"] = "adamw"
+        """Optimizer of the memory value table. adamw: dense AdamW over the whole table, from
+        its autograd gradient. sgd, rowwise_adagrad (FBGEMM's), adam (lazy AdamW): row-sparse,
+        only the rows a step read are updated (one rank only, for now)"""
+
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
+        # Built first: it takes the table over (the table stops requiring grad), so the groups
+        # below, and torchtitan's check that every trainable parameter has an optimizer, skip it.
+        row_sparse = self.build_row_sparse(config, model_parts)
         if not config.param_groups:
             config = replace(config, param_groups=self.default_param_groups(config, model_parts))
         super().__init__(config, model_parts=model_parts)
+        if row_sparse is not None:
+            self.optimizers.append(row_sparse)
+
+    @staticmethod
+    def build_row_sparse(
+        config: Config, model_parts: list[torch.nn.Module]
+    ) -> RowSparseOptimizer | None:
+        """The table's row-sparse optimizer, if ``memory_optimizer`` asks for one."""
+        if config.memory_optimizer == "adamw":
+            return None
+        if len(model_parts) != 1 or getattr(model_parts[0], MEMORY_VALUES, None) is None:
+            raise ValueError(
+                f"--optimizer.memory_optimizer {config.memory_optimizer} trains a memory value "
+                "table; this model has none (pick a mem_* flavor, or leave it at adamw)"
+            )
+        return RowSparseOptimizer(
+            model_parts[0],
+            config.memory_optimizer,
+            lr=config.lr * config.memory_lr_multiplier,
+            betas=config.betas,
+            weight_decay=config.memory_weight_decay,
+        )
 
     @staticmethod
     def default_param_groups(
         config: Config, model_parts: list[torch.nn.Module]
     ) -> list[ParamGroupConfig]:
         """:func:`memcompile.optim.param_groups` as torchtitan ``ParamGroupConfig``s."""
-        names = [name for part in model_parts for name, _ in part.named_parameters()]
+        names = [
+            name for part in model_parts for name, p in part.named_parameters() if p.requires_grad
+        ]
         groups = param_groups(
             names,
             lr=config.lr,
@@ -207,7 +244,9 @@ class PretrainTrainer(Trainer):
         self.metrics_processor.total_steps = config.training.steps
         memory_values = getattr(self.model_parts[0], MEMORY_VALUES, None)
         if memory_values is not None:
-            shims.clip_separately(memory_values, config.optimizer.memory_max_norm)
+            row_sparse = [o for o in self.optimizers if isinstance(o, RowSparseOptimizer)]
+            clip = row_sparse[0].clip_grad_norm_ if row_sparse else None
+            shims.clip_separately(memory_values, config.optimizer.memory_max_norm, clip)
         self._first_step: int | None = None
 
     def should_continue_training(self) -> bool:

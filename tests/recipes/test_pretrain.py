@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
-from recipes.pretrain import main  # noqa: E402
+from recipes.pretrain import main, parse_args, validate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 240
@@ -72,6 +72,7 @@ def test_help_lists_every_section():
         "--parallelism.memory-parallel-degree",
         "--dataloader.dataset",
         "--optimizer.memory-lr-multiplier",
+        "--optimizer.memory-optimizer",
         "--checkpoint.interval",
         "--compile.enable",
         "--metrics.enable-tensorboard",
@@ -97,12 +98,22 @@ def test_help_lists_every_section():
             "--hf_assets_path '/no/such/dir' is not a directory",
         ),
         (["--float8.enable"], "--float8.enable needs an NVIDIA SM89+ or AMD MI300+ GPU"),
+        (
+            ["--model", "dense_debug", "--optimizer.memory_optimizer", "sgd"],
+            "--optimizer.memory_optimizer sgd: model 'dense_debug' has no memory layers",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_any_work(args, message, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(args)
+
+
+def test_row_sparse_table_training_refuses_several_ranks():
+    config = parse_args(["--optimizer.memory_optimizer", "rowwise_adagrad"])
+    with pytest.raises(ValueError, match="runs on one rank for now, got a world of 2"):
+        validate(config, world_size=2)
 
 
 @pytest.mark.parametrize(
@@ -152,19 +163,22 @@ def test_a_run_reports_what_it_learnt_and_a_rerun_says_it_had_finished(tmp_path:
     )
 
 
-def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):
+@pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad", "adam"])
+def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path, table_optimizer: str):
     """A run killed with SIGKILL restarts from its last complete checkpoint (never from a
-    half-written one) and then logs bitwise the losses of an uninterrupted run."""
+    half-written one) and then logs bitwise the losses of an uninterrupted run, with the table
+    trained densely or row-sparsely (its optimizer state in the checkpoint)."""
     steps = 8
     reference = tmp_path / "reference"
-    result = run_pretrain(tiny_run_args(reference, steps))
+    args = ["--optimizer.memory_optimizer", table_optimizer]
+    result = run_pretrain(tiny_run_args(reference, steps) + args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected = losses(reference)
     assert sorted(expected) == list(range(1, steps + 1))
 
     crashed = tmp_path / "crashed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "recipes.pretrain", *tiny_run_args(crashed, steps)],
+        [sys.executable, "-m", "recipes.pretrain", *tiny_run_args(crashed, steps), *args],
         cwd=REPO,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -189,7 +203,7 @@ def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path):
     half_written.mkdir(exist_ok=True)
     (half_written / "__0_0.distcp").write_bytes(b"\0" * 64)
 
-    result = run_pretrain(tiny_run_args(crashed, steps))
+    result = run_pretrain(tiny_run_args(crashed, steps) + args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (
         f"Loading the checkpoint from {crashed / 'checkpoint' / f'step-{completed[-1]}'}"
