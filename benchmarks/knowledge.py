@@ -22,7 +22,7 @@ held-out biography perplexity. Writes ``knowledge.json``, ``knowledge.md`` and `
 A plain PyTorch loop (not ``recipes.pretrain``) keeps a CPU run free of process groups and
 checkpoints; it reuses the recipe's corpus, tokenizer and memory-mapped token cache, and the
 recipe's optimiser split (the value table in its own AdamW group, larger learning rate, no
-weight decay, clipped separately).
+weight decay, clipped separately), or ``--table-optimizer`` to train the table row-sparsely.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ import tyro
 from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig, llama_ffn_hidden_dim
 from memcompile.model import Transformer
 from memcompile.optim import torch_param_groups
+from memcompile.sparse_optim import RowSparseOptimizer
 from memcompile.stats import model_stats
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.loader import (
@@ -86,6 +87,14 @@ class KnowledgeBenchmarkConfig:
 
     memory_lr_multiplier: float = 10.0
     """Learning rate of the value table as a multiple of lr (as recipes.pretrain)"""
+
+    table_optimizer: Literal["adamw", "sgd", "rowwise_adagrad", "adam"] = "adamw"
+    """Optimizer of the memory twins' value table: adamw (dense, in the AdamW groups) or a
+    row-sparse rule of memcompile.sparse_optim.RowSparseOptimizer (as recipes.pretrain's
+    --optimizer.memory_optimizer)"""
+
+    models: tuple[Literal["dense", "memory", "memory+"], ...] = MODEL_NAMES
+    """Which twins to train"""
 
     warmup_steps: int = 50
     evals: int = 4
@@ -183,7 +192,14 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = Transformer(model_config)
+    table_optimizer = None
+    if config.table_optimizer != "adamw" and model.memory_values is not None:
+        # Built first: it takes the table out of the AdamW groups.
+        table_lr = config.lr * config.memory_lr_multiplier
+        table_optimizer = RowSparseOptimizer(model, config.table_optimizer, lr=table_lr)
+        table_optimizer.param_groups[0]["initial_lr"] = table_lr
     optimizer = _optimizer(model, config)
+    optimizers = [optimizer] if table_optimizer is None else [optimizer, table_optimizer]
     # As recipes.pretrain: the sparse, high-LR table gradients are clipped on their own.
     clip_groups = [group["params"] for group in optimizer.param_groups]
     windows = iter(
@@ -198,13 +214,17 @@ def train_and_evaluate(
         inputs, labels = zip(*(next(windows) for _ in range(config.batch_size)))
         logits = model(torch.stack([x["input"] for x in inputs]))
         loss = F.cross_entropy(logits.flatten(0, 1), torch.stack(labels).flatten())
-        optimizer.zero_grad(set_to_none=True)
+        for each in optimizers:
+            each.zero_grad(set_to_none=True)
         loss.backward()
         for params in clip_groups:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * _lr_factor(step, config)
-        optimizer.step()
+        if table_optimizer is not None:
+            table_optimizer.clip_grad_norm_(1.0)
+        for each in optimizers:
+            for group in each.param_groups:
+                group["lr"] = group["initial_lr"] * _lr_factor(step, config)
+            each.step()
         losses.append(loss.item())
         if step + 1 in eval_steps:
             model.eval()
@@ -253,8 +273,12 @@ def train_and_evaluate(
     }
 
 
+def _vs_dense(flops: float, dense: dict[str, Any] | None) -> str:
+    return "" if dense is None else f" ({flops / dense['train_flops_per_token']:.2f}x)"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
-    dense_flops = report["models"]["dense"]["train_flops_per_token"]
+    dense = report["models"].get("dense")
     lines = [
         "| model | params (dense + memory) | train FLOPs/token (vs dense) "
         "| recall, held-out questions | recall, trained questions | answer NLL "
@@ -266,7 +290,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         flops = result["train_flops_per_token"]
         lines.append(
             f"| {name} | {params['dense'] / 1e3:.0f}K + {params['memory'] / 1e3:.0f}K "
-            f"| {flops / 1e6:.2f}M ({flops / dense_flops:.2f}x) "
+            f"| {flops / 1e6:.2f}M{_vs_dense(flops, dense)} "
             f"| {100 * final['recall_heldout']:.1f}% | {100 * final['recall_trained']:.1f}% "
             f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} "
             f"| {result['final_train_loss']:.3f} | {result['train_seconds']:.0f}s |"
@@ -331,6 +355,8 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
         "models": {},
     }
     for name, model_config in twin_configs(config, tokenizer.get_vocab_size()).items():
+        if name not in config.models:
+            continue
         print(f"training {name}", flush=True)
         report["models"][name] = train_and_evaluate(
             name, model_config, tokens, config, corpus, tokenizer
