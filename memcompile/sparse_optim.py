@@ -35,21 +35,38 @@ Rules (hyperparameters per param group, as in ``torch.optim``):
 
 Optimizer state is fp32 whatever the table's dtype (a bf16 table is updated in fp32 and rounded
 once). Every step is bitwise deterministic run to run.
+
+Sharded tables (DTensors): column-sharded (``Shard(1)``, memory parallelism) and replicated
+placements. Each rank updates its columns of the touched rows; row norms (clipping, row-wise
+AdaGrad) are all-reduced over the column shards, and replicas all-gather what their lookups
+recorded (``[T, D/G]`` per lookup), so every replica applies the same update. The state is
+sharded like the table (AdaGrad's per-row sums replicated), so DCP saves and reshards it. A
+row-sharded table (FSDP over several ranks) is refused.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
 from memcompile.memory import ValueLookup
 from memcompile.optim import MEMORY_VALUES
-from ops.row_sparse import RULES, ValueGradLog, row_sq_norms, update_rows
+from ops.row_sparse import (
+    RULES,
+    RowGroups,
+    ValueGradLog,
+    group_by_row,
+    row_sq_norms,
+    update_rows,
+)
 
 #: Optimizer names that train a table densely (from an autograd gradient), not row-sparsely.
 DENSE_OPTIMIZERS = ("adamw", "adam_dense", "sgd_dense", "adagrad", "sparseadam")
@@ -88,15 +105,17 @@ class RowSparseOptimizer(Optimizer):
                 f"RowSparseOptimizer: model has no {MEMORY_VALUES} parameter (a model with "
                 "memory layers has one)"
             )
-        if _is_sharded(table):
-            raise NotImplementedError(
-                "RowSparseOptimizer: a value table sharded over several ranks (FSDP or memory "
-                "parallelism) is not supported yet; train it on one rank, or with dense AdamW"
-            )
         eps = {"sgd": 0.0, "rowwise_adagrad": 1e-10, "adam": 1e-8}[rule] if eps is None else eps
         _check_hyperparameters(lr, eps, betas, weight_decay)
+        self.layout = _TableLayout.of(table)
+        if self.layout.column_groups and rule == "rowwise_adagrad" and weight_decay:
+            raise NotImplementedError(
+                "RowSparseOptimizer: rowwise_adagrad with weight_decay on a column-sharded table "
+                "is not supported (its row norm would need the other ranks' columns)"
+            )
         self.rule = rule
-        self.log = ValueGradLog(table.shape[0], table.shape[1], table.device)
+        local = _local(table)
+        self.log = ValueGradLog(local.shape[0], local.shape[1], local.device)
         lookups = [m for m in model.modules() if isinstance(m, ValueLookup)]
         for lookup in lookups:
             lookup.grad_log = self.log
@@ -107,31 +126,47 @@ class RowSparseOptimizer(Optimizer):
         self.table = table
         self.state[table] = self._fresh_state(table)
         self._grad_scale = 1.0
+        self._step_inputs: _StepInputs | None = None
 
     def _fresh_state(self, table: Tensor) -> dict[str, Tensor]:
-        """Created up front (not on the first step), so checkpoints always hold it."""
+        """Created up front (not on the first step), so checkpoints always hold it. A sharded
+        table's state is sharded alike (its per-row AdaGrad sums replicated), as DTensors that
+        DCP saves and reshards."""
+        local = _local(table)
+        fp32 = {"dtype": torch.float32, "device": local.device}
         state = {"step": torch.zeros((), dtype=torch.float32)}
-        fp32 = {"dtype": torch.float32, "device": table.device}
         if self.rule == "rowwise_adagrad":
-            state["sum"] = torch.zeros(table.shape[0], **fp32)
+            state["sum"] = self.layout.replicated(torch.zeros(local.shape[0], **fp32))
         elif self.rule == "adam":
-            state["exp_avg"] = torch.zeros(table.shape, **fp32)
-            state["exp_avg_sq"] = torch.zeros(table.shape, **fp32)
+            state["exp_avg"] = self.layout.like_table(torch.zeros(local.shape, **fp32))
+            state["exp_avg_sq"] = self.layout.like_table(torch.zeros(local.shape, **fp32))
         return state
 
     def _state_tensors(self) -> list[Tensor]:
         names = {"sgd": [], "rowwise_adagrad": ["sum"], "adam": ["exp_avg", "exp_avg_sq"]}
-        return [self.state[self.table][name] for name in names[self.rule]]
+        return [_local(self.state[self.table][name]) for name in names[self.rule]]
 
-    def _touched_sq_norms(self) -> Tensor:
-        grad_out, _, weights = self.log.bags()
-        return row_sq_norms(grad_out, weights, self.log.row_groups())
+    def _inputs(self) -> _StepInputs:
+        """This step's recorded gradient (gathered over replicas), its rows and their squared
+        norms (summed over column shards), computed once per step."""
+        if self._step_inputs is None:
+            grad_out, indices, weights = self.log.bags()
+            for group in self.layout.replica_groups:
+                grad_out, indices, weights = (
+                    _all_gather_rows(t, group) for t in (grad_out, indices, weights)
+                )
+            groups = group_by_row(indices) if self.layout.replica_groups else self.log.row_groups()
+            norms = row_sq_norms(grad_out, weights, groups)
+            for group in self.layout.column_groups:
+                dist.all_reduce(norms, group=group)
+            self._step_inputs = _StepInputs(grad_out, weights, groups, norms)
+        return self._step_inputs
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """The 2-norm of the table's gradient since the last ``zero_grad`` (that of the dense
         gradient: untouched rows contribute nothing)."""
-        return self._touched_sq_norms().sum().sqrt().float()
+        return self._inputs().row_sq_norms.sum().sqrt().float()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -144,18 +179,19 @@ class RowSparseOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = closure() if closure is not None else None
-        if len(self.log) == 0:
+        inputs = self._inputs()
+        if inputs.groups.rows.numel() == 0:
             return loss
         group = self.param_groups[0]
         state = self.state[self.table]
         state["step"] += 1
-        grad_out, _, weights = self.log.bags()
         update_rows(
             _local(self.table),
             self._state_tensors(),
-            grad_out,
-            weights,
-            self.log.row_groups(),
+            inputs.grad_out,
+            inputs.weights,
+            inputs.groups,
+            row_mean_sq=inputs.row_sq_norms / self.table.shape[1],
             rule=self.rule,
             lr=_as_float(group["lr"]),
             eps=group["eps"],
@@ -171,6 +207,7 @@ class RowSparseOptimizer(Optimizer):
         """Forget what the lookups recorded (the table's gradient) since the last call."""
         self.log.clear()
         self._grad_scale = 1.0
+        self._step_inputs = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Optimizer.load_state_dict casts floating state to the parameter's dtype; this state
@@ -184,13 +221,78 @@ class RowSparseOptimizer(Optimizer):
                 state[name] = state[name].to(self.table.device)
 
 
-def _is_sharded(table: Tensor) -> bool:
-    return isinstance(table, DTensor) and table.device_mesh.size() > 1
+class _StepInputs(NamedTuple):
+    grad_out: Tensor
+    weights: Tensor
+    groups: RowGroups
+    row_sq_norms: Tensor
 
 
-def _local(table: Tensor) -> Tensor:
-    """The table's storage: a one-rank DTensor (FSDP on one rank) holds all of it locally."""
-    return table.to_local() if isinstance(table, DTensor) else table.data
+@dataclass
+class _TableLayout:
+    """How the table is spread over ranks: the process groups its columns are sharded over
+    (``Shard(1)``, memory parallelism: row norms are summed over them) and those that hold
+    replicas (``Replicate()``: each saw other tokens, so their recorded gradients are gathered
+    and every replica applies the same update). A plain tensor has neither."""
+
+    table: Tensor
+    column_groups: list[dist.ProcessGroup]
+    replica_groups: list[dist.ProcessGroup]
+
+    @classmethod
+    def of(cls, table: Tensor) -> _TableLayout:
+        if not isinstance(table, DTensor):
+            return cls(table, [], [])
+        mesh, columns, replicas = table.device_mesh, [], []
+        for dim, placement in enumerate(table.placements):
+            if mesh.size(dim) == 1:
+                continue  # e.g. FSDP on one rank: all rows are local
+            if placement == Shard(1):
+                columns.append(mesh.get_group(dim))
+            elif placement.is_replicate():
+                replicas.append(mesh.get_group(dim))
+            else:
+                raise NotImplementedError(
+                    f"RowSparseOptimizer: the table is placed {table.placements} on "
+                    f"{mesh}; it supports replicated and column-sharded (Shard(1)) tables. "
+                    "FSDP shards its rows: use memory parallelism "
+                    "(--parallelism.memory_parallel_degree) to keep it out of FSDP"
+                )
+        return cls(table, columns, replicas)
+
+    def like_table(self, local: Tensor) -> Tensor:
+        """``local`` (this rank's ``[N, D_local]``) placed as the table."""
+        if not isinstance(self.table, DTensor):
+            return local
+        table = self.table
+        return DTensor.from_local(local, table.device_mesh, table.placements, run_check=False)
+
+    def replicated(self, local: Tensor) -> Tensor:
+        """``local``, the same on every rank, as a replicated DTensor on the table's mesh."""
+        if not isinstance(self.table, DTensor):
+            return local
+        mesh = self.table.device_mesh
+        return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _all_gather_rows(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The ``tensor``s of every rank of ``group`` concatenated on dim 0, in rank order (so
+    every rank gets the same result, whatever each rank's row count)."""
+    world = dist.get_world_size(group)
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([piece[:c] for piece, c in zip(pieces, counts)])
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a table or of its state (a plain tensor is all of it)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor.data
 
 
 def _as_float(value: float | Tensor) -> float:

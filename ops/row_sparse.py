@@ -61,7 +61,7 @@ torch.library.define(
 torch.library.define(
     "memlayer::update_rows",
     "(Tensor(a!) table, Tensor(b!)[] state, Tensor grad_out, Tensor weights, Tensor rows,"
-    " Tensor row_starts, Tensor positions, Tensor? row_sq_norms, str rule, float lr, float eps,"
+    " Tensor row_starts, Tensor positions, Tensor? row_mean_sq, str rule, float lr, float eps,"
     " float beta1, float beta2, float weight_decay, float grad_scale, int step) -> ()",
     tags=_TAGS,
 )
@@ -170,13 +170,20 @@ class _RecordValueGrads(torch.autograd.Function):
         ctx.save_for_backward(indices, weights)
         # Not saved for backward: every recording backward bumps its version counter.
         ctx.recorded_tokens, ctx.log_id = recorded_tokens, log_id
+        ctx.out_placements = getattr(out, "placements", None)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         indices, weights = ctx.saved_tensors
+        recorded = grad_out
+        if ctx.out_placements is not None:
+            # A column-sharded table (DTensor Shard(1) reads, replicated indices and weights):
+            # each rank records its own columns of every token's output gradient.
+            recorded = grad_out.redistribute(placements=ctx.out_placements).to_local()
+            indices, weights = indices.to_local(), weights.to_local()
         torch.ops.memlayer.record_value_grads(
-            grad_out, indices, weights.detach(), ctx.recorded_tokens, ctx.log_id
+            recorded, indices, weights.detach(), ctx.recorded_tokens, ctx.log_id
         )
         return grad_out, None, None, None, None
 
@@ -244,7 +251,7 @@ def update_rows(
     weight_decay: float = 0.0,
     grad_scale: float = 1.0,
     step: int = 1,
-    row_sq_norms: Tensor | None = None,
+    row_mean_sq: Tensor | None = None,
 ) -> None:
     """Apply ``rule`` in place to the touched rows of ``table`` and its ``state``, with each
     row's gradient ``grad_scale * g_u`` (``g_u`` as in :func:`row_sq_norms`):
@@ -252,9 +259,9 @@ def update_rows(
     - ``"sgd"`` (no state): ``w -= lr * (g + weight_decay * w)``.
     - ``"rowwise_adagrad"`` (state ``[sum [N] fp32]``), FBGEMM's row-wise AdaGrad with L2 decay:
       ``g' = g + weight_decay * w``; ``sum += mean(g'²)``; ``m = lr / (sqrt(sum) + eps)``;
-      ``w = (1 - m * weight_decay) * w - m * g``. ``row_sq_norms`` (of the unscaled ``g``, e.g.
-      summed over a column-sharded table's ranks) replaces the local ``||g||²`` when
-      ``weight_decay`` is 0.
+      ``w = (1 - m * weight_decay) * w - m * g``. ``row_mean_sq`` (fp64 ``[U]``, each row's
+      mean squared unscaled ``g`` over its full width: a column-sharded table's ranks hold a
+      slice of the row) replaces the local ``mean(g²)`` when ``weight_decay`` is 0.
     - ``"adam"`` (state ``[exp_avg, exp_avg_sq]``, ``[N, D]`` fp32): ``torch.optim.AdamW``'s
       update of the row at global step ``step`` (its bias corrections), with decoupled decay.
 
@@ -262,7 +269,7 @@ def update_rows(
     """
     torch.ops.memlayer.update_rows(
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions,
-        row_sq_norms, rule, lr, eps, betas[0], betas[1], weight_decay, grad_scale, step,
+        row_mean_sq, rule, lr, eps, betas[0], betas[1], weight_decay, grad_scale, step,
     )  # fmt: skip
 
 
@@ -312,7 +319,7 @@ def _expected_state(rule: str, table: Tensor) -> list[tuple[tuple[int, ...], str
 
 
 def _check_update(
-    table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms, rule, lr, eps
+    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps
 ):
     op = "update_rows"
     check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
@@ -339,9 +346,9 @@ def _check_update(
             raise ValueError(f"{op}: state {name} must be contiguous")
     if not table.is_contiguous():
         raise ValueError(f"{op}: table must be contiguous, got strides {table.stride()}")
-    if row_sq_norms is not None:
-        check_tensor(op, "row_sq_norms", row_sq_norms, "[U]", (torch.float64,))
-        check_shape(op, "row_sq_norms", row_sq_norms, rows.shape, "one per touched row")
+    if row_mean_sq is not None:
+        check_tensor(op, "row_mean_sq", row_mean_sq, "[U]", (torch.float64,))
+        check_shape(op, "row_mean_sq", row_mean_sq, rows.shape, "one per touched row")
     states = {f"state_{i}": tensor for i, tensor in enumerate(state)}
     check_same_device(op, table=table, grad_out=grad_out, rows=rows, **states)
     check_indices_in_range(rows, table.shape[0], f"{op}: rows", "the rows of table")
@@ -349,28 +356,28 @@ def _check_update(
 
 @torch.library.impl("memlayer::update_rows", "default")
 def _update_rows_kernel(
-    table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms,
+    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
     rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
 ):  # fmt: skip
     _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms, rule, lr, eps
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps
     )
     if rows.numel() == 0 or table.shape[1] == 0:
         return
     kernels = row_sparse_triton if table.device.type == "cuda" else row_sparse_cpu
     kernels.update_rows(
-        table, list(state), grad_out, weights, rows, row_starts, positions, row_sq_norms,
+        table, list(state), grad_out, weights, rows, row_starts, positions, row_mean_sq,
         rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
     )  # fmt: skip
 
 
 @torch.library.register_fake("memlayer::update_rows")
 def _update_rows_fake(
-    table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms,
+    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
     rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
 ):  # fmt: skip
     _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms, rule, lr, eps
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps
     )
 
 

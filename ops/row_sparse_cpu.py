@@ -37,7 +37,7 @@ def update_rows(
     rows: Tensor,
     row_starts: Tensor,
     positions: Tensor,
-    row_sq_norms: Tensor | None,
+    row_mean_sq: Tensor | None,
     rule: str,
     lr: float,
     eps: float,
@@ -49,6 +49,6 @@ def update_rows(
 ) -> None:
     """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
     _kernels().row_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_sq_norms,
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
         RULES[rule], lr, eps, beta1, beta2, weight_decay, grad_scale, step,
     )  # fmt: skip

@@ -42,9 +42,9 @@ def _row_sq_norms_kernel(
 @_jit
 def _update_rows_kernel(
     table_ptr, state0_ptr, state1_ptr, grad_out_ptr, weights_ptr, rows_ptr, row_starts_ptr,
-    positions_ptr, norms_ptr, num_rows, bag_size, dim,
+    positions_ptr, mean_sq_ptr, num_rows, bag_size, dim,
     lr, eps, beta1, beta2, weight_decay, grad_scale, bias1, bias2_sqrt,
-    RULE: tl.constexpr, HAS_NORMS: tl.constexpr, BLOCK_D: tl.constexpr,
+    RULE: tl.constexpr, HAS_MEAN_SQ: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     u = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
@@ -65,13 +65,13 @@ def _update_rows_kernel(
     if RULE == 0:  # SGD
         new = w - lr * (g + weight_decay * w)
     elif RULE == 1:  # FBGEMM's row-wise AdaGrad, L2 decay
-        if HAS_NORMS:
-            sum_sq = tl.load(norms_ptr + u).to(tl.float32) * grad_scale * grad_scale
+        if HAS_MEAN_SQ:
+            mean_sq = tl.load(mean_sq_ptr + u).to(tl.float32) * grad_scale * grad_scale
         else:
             decayed = tl.where(mask, g + weight_decay * w, 0.0)
-            sum_sq = tl.sum(decayed * decayed, axis=0)
+            mean_sq = tl.sum(decayed * decayed, axis=0) / dim
         safe_row = tl.where(valid, row, 0)  # read in bounds, written only if valid
-        accumulator = tl.load(state0_ptr + safe_row) + sum_sq / dim
+        accumulator = tl.load(state0_ptr + safe_row) + mean_sq
         lane0 = row_valid & (offs == 0)
         tl.store(state0_ptr + row + offs, accumulator + offs * 0.0, mask=lane0)
         multiplier = lr / (tl.sqrt(accumulator) + eps)
@@ -111,7 +111,7 @@ def update_rows(
     rows: Tensor,
     row_starts: Tensor,
     positions: Tensor,
-    row_sq_norms: Tensor | None,
+    row_mean_sq: Tensor | None,
     rule: str,
     lr: float,
     eps: float,
@@ -123,11 +123,11 @@ def update_rows(
 ) -> None:
     """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
     state0, state1 = (list(state) + [table, table])[:2]  # unused pointers for stateless rules
-    use_norms = row_sq_norms is not None and weight_decay == 0.0
+    use_mean_sq = row_mean_sq is not None and weight_decay == 0.0
     _update_rows_kernel[(rows.shape[0],)](
         table, state0, state1, grad_out, weights, rows, row_starts, positions,
-        row_sq_norms if use_norms else rows, table.shape[0], weights.shape[1], table.shape[1],
+        row_mean_sq if use_mean_sq else rows, table.shape[0], weights.shape[1], table.shape[1],
         lr, eps, beta1, beta2, weight_decay, grad_scale,
         1.0 - beta1**step, math.sqrt(1.0 - beta2**step),
-        RULE=_RULES[rule], HAS_NORMS=use_norms, BLOCK_D=_block_d(table.shape[1]),
+        RULE=_RULES[rule], HAS_MEAN_SQ=use_mean_sq, BLOCK_D=_block_d(table.shape[1]),
     )  # fmt: skip

@@ -76,10 +76,11 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
                 f"--optimizer.memory_optimizer {table_optimizer}: model {config.model!r} has no "
                 "memory layers"
             )
-        if world_size > 1:
+        if world_size > 1 and degree == 1:
             raise ValueError(
-                f"--optimizer.memory_optimizer {table_optimizer} (row-sparse) runs on one rank "
-                f"for now, got a world of {world_size}; use adamw with several ranks"
+                f"--optimizer.memory_optimizer {table_optimizer} (row-sparse) on {world_size} "
+                "ranks needs the table out of FSDP, which shards its rows: add "
+                "--parallelism.memory_parallel_degree G (G > 1 divides the world size)"
             )
     config.float8.check_supported(
         compile_enabled=config.compile.enable and "model" in config.compile.components

@@ -71,7 +71,7 @@ class MemoryOptimizers(OptimizersContainer):
         memory_optimizer: Literal["adamw", "sgd", "rowwise_adagrad", "adam"] = "adamw"
         """Optimizer of the memory value table. adamw: dense AdamW over the whole table, from
         its autograd gradient. sgd, rowwise_adagrad (FBGEMM's), adam (lazy AdamW): row-sparse,
-        only the rows a step read are updated (one rank only, for now)"""
+        only the rows a step read are updated (on several ranks: with memory parallelism)"""
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
         # Built first: it takes the table over (the table stops requiring grad), so the groups

@@ -104,7 +104,7 @@ struct Hyper {
 
 template <typename scalar_t>
 void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
-                   const int64_t* rows, const double* row_sq_norms, int64_t U, Rule rule,
+                   const int64_t* rows, const double* row_mean_sq, int64_t U, Rule rule,
                    const Hyper& h) {
   const int64_t D = bags.D;
   // torch.optim.AdamW's bias corrections, from the global step (see ops/row_sparse.py).
@@ -128,18 +128,18 @@ void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
           break;
         case Rule::kRowwiseAdagrad: {
           // FBGEMM's row-wise AdaGrad with L2 weight decay (its weight_decay_mode 1).
-          double sum_sq;
-          if (h.weight_decay != 0.0f || row_sq_norms == nullptr) {
+          double mean_sq;
+          if (h.weight_decay != 0.0f || row_mean_sq == nullptr) {
             std::vector<float> decayed(g);
             for (int64_t d = 0; d < D; ++d) {
               decayed[d] += h.weight_decay * float(w[d]);
             }
-            sum_sq = sum_of_squares(decayed.data(), D);
+            mean_sq = sum_of_squares(decayed.data(), D) / double(D);
           } else {
-            sum_sq = row_sq_norms[u] * double(h.grad_scale) * double(h.grad_scale);
+            mean_sq = row_mean_sq[u] * double(h.grad_scale) * double(h.grad_scale);
           }
           float& accumulator = state[0][r];
-          accumulator += float(sum_sq / double(D));
+          accumulator += float(mean_sq);
           const float multiplier = h.lr / (std::sqrt(accumulator) + h.eps);
           const float correction = 1.0f - multiplier * h.weight_decay;
           for (int64_t d = 0; d < D; ++d) {
@@ -167,7 +167,7 @@ void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
 
 void row_update(const at::Tensor& table, at::TensorList state, const at::Tensor& grad_out,
                 const at::Tensor& weights, const at::Tensor& rows, const at::Tensor& row_starts,
-                const at::Tensor& positions, const std::optional<at::Tensor>& row_sq_norms,
+                const at::Tensor& positions, const std::optional<at::Tensor>& row_mean_sq,
                 int64_t rule, double lr, double eps, double beta1, double beta2,
                 double weight_decay, double grad_scale, int64_t step) {
   const Bags bags = bags_of(grad_out, weights, row_starts, positions);
@@ -175,12 +175,12 @@ void row_update(const at::Tensor& table, at::TensorList state, const at::Tensor&
   for (const auto& s : state) {
     state_ptrs.push_back(s.data_ptr<float>());
   }
-  const double* norms = row_sq_norms.has_value() ? row_sq_norms->const_data_ptr<double>() : nullptr;
+  const double* mean_sq = row_mean_sq.has_value() ? row_mean_sq->const_data_ptr<double>() : nullptr;
   const Hyper hyper{float(lr), float(eps), float(beta1), float(beta2), float(weight_decay),
                     float(grad_scale), step};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "row_update", [&] {
     update_kernel<scalar_t>(table.data_ptr<scalar_t>(), state_ptrs, bags,
-                            rows.const_data_ptr<int64_t>(), norms, rows.size(0), Rule(rule), hyper);
+                            rows.const_data_ptr<int64_t>(), mean_sq, rows.size(0), Rule(rule), hyper);
   });
 }
 
@@ -191,7 +191,7 @@ TORCH_LIBRARY(memlayer_row_sparse_cpu, m) {
         &row_sq_norms);
   m.def(
       "row_update(Tensor(a!) table, Tensor(b!)[] state, Tensor grad_out, Tensor weights, Tensor rows, "
-      "Tensor row_starts, Tensor positions, Tensor? row_sq_norms, int rule, float lr, float eps, "
+      "Tensor row_starts, Tensor positions, Tensor? row_mean_sq, int rule, float lr, float eps, "
       "float beta1, float beta2, float weight_decay, float grad_scale, int step) -> ()",
       &row_update);
 }

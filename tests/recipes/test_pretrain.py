@@ -110,9 +110,9 @@ def test_bad_configuration_fails_before_any_work(args, message, monkeypatch):
         main(args)
 
 
-def test_row_sparse_table_training_refuses_several_ranks():
+def test_row_sparse_table_training_on_several_ranks_needs_memory_parallelism():
     config = parse_args(["--optimizer.memory_optimizer", "rowwise_adagrad"])
-    with pytest.raises(ValueError, match="runs on one rank for now, got a world of 2"):
+    with pytest.raises(ValueError, match="needs the table out of FSDP"):
         validate(config, world_size=2)
 
 

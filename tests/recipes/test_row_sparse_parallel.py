@@ -1,0 +1,126 @@
+"""Row-sparse table training on real gloo process groups: a column-sharded table (memory
+parallelism, G = 2) and a replicated one (R = 2) match one process on all ranks' tokens after
+several steps, and the 2-rank optimizer state loads (DCP) into a 1-rank optimizer.
+
+One spawn runs every check per layout (process start-up dominates).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
+
+VOCAB, SEQ_LEN, BATCH_PER_RANK, STEPS = 97, 11, 2, 3
+RULES = ("rowwise_adagrad", "adam")
+
+
+def _worker(rank: int, layout: tuple[int, int], port: int, checkpoint: str, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(60))
+    try:
+        queue.put((rank, {rule: _train(rank, layout, rule, checkpoint) for rule in RULES}))
+    except Exception as error:  # report instead of hanging the other rank's queue read
+        queue.put((rank, repr(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _model_and_tokens():
+    from memcompile.flavors import FLAVORS
+    from memcompile.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(replace(FLAVORS["mem_debug"], vocab_size=VOCAB))
+    tokens = torch.randint(
+        0, VOCAB, (STEPS, 2 * BATCH_PER_RANK, SEQ_LEN), generator=torch.Generator().manual_seed(1)
+    )
+    return model, tokens
+
+
+def _step(model, optimizer, tokens, num_tokens: int) -> None:
+    # Normalised by the global token count, as the trainer does: the ranks' gradients sum.
+    (model(tokens).square().sum() / (num_tokens * VOCAB)).backward()
+    optimizer.clip_grad_norm_(1e-3)  # small enough to clip: the scale must agree too
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _train(rank: int, layout: tuple[int, int], rule: str, checkpoint: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from memcompile.sparse_optim import RowSparseOptimizer
+    from recipes.memory_parallel import MEMORY_DIM, REPLICA_DIM, apply_memory_parallel
+
+    reference, tokens = _model_and_tokens()
+    sharded, _ = _model_and_tokens()
+    mesh = init_device_mesh("cpu", layout, mesh_dim_names=(REPLICA_DIM, MEMORY_DIM))
+    apply_memory_parallel(sharded, mesh, compute_dtype=torch.float32)
+    reference_optimizer = RowSparseOptimizer(reference, rule, lr=0.05)
+    optimizer = RowSparseOptimizer(sharded, rule, lr=0.05)
+    for batch in tokens:
+        _step(reference, reference_optimizer, batch, batch.numel())
+        # Each rank feeds its half of the batch, as the data loader does (a column shard then
+        # reads the tokens of its whole group, a replica only its own).
+        _step(sharded, optimizer, batch.chunk(2)[rank], batch.numel())
+
+    folder = os.path.join(checkpoint, rule)
+    dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=folder)
+    dist.barrier()
+    result = {"table_error": (sharded.memory_values.full_tensor() - reference.memory_values)}
+    if rank == 0:  # reshard 2 -> 1: a plain single-process optimizer loads the 2-rank state
+        single, _ = _model_and_tokens()
+        loaded = RowSparseOptimizer(single, rule, lr=0.05)
+        state_dict = {"optimizer": loaded.state_dict()}
+        dcp.load(state_dict, checkpoint_id=folder, no_dist=True)
+        loaded.load_state_dict(state_dict["optimizer"])
+        expected = reference_optimizer.state[reference.memory_values]
+        actual = loaded.state[single.memory_values]
+        result["state_error"] = {name: actual[name] - expected[name] for name in expected}
+        result["state_is_fp32_local"] = all(
+            type(t) is torch.Tensor and t.dtype == torch.float32 for t in actual.values()
+        )
+    result["table_error"] = result["table_error"].abs().max().item()
+    if "state_error" in result:
+        result["state_error"] = {k: v.abs().max().item() for k, v in result["state_error"].items()}
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("layout", [(1, 2), (2, 1)], ids=["column-sharded G=2", "replicated R=2"])
+def test_two_ranks_match_one_process_and_reshard_to_one(layout, tmp_path):
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    workers = [
+        context.Process(target=_worker, args=(rank, layout, port, str(tmp_path), queue))
+        for rank in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    results = dict(queue.get(timeout=300) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    for rank, result in results.items():
+        assert isinstance(result, dict), f"rank {rank}: {result}"
+        for rule, checks in result.items():
+            assert checks["table_error"] < 1e-5, (rank, rule, checks)  # fp32, lr 0.05
+    for rule, checks in results[0].items():
+        assert checks["state_is_fp32_local"], rule
+        for name, error in checks["state_error"].items():
+            assert error < 1e-6, (rule, name, error)
