@@ -127,6 +127,7 @@ class RowSparseOptimizer(Optimizer):
         self.state[table] = self._fresh_state(table)
         self._grad_scale = 1.0
         self._step_inputs: _StepInputs | None = None
+        self._step_inputs_version = -1
 
     def _fresh_state(self, table: Tensor) -> dict[str, Tensor]:
         """Created up front (not on the first step), so checkpoints always hold it. A sharded
@@ -149,7 +150,7 @@ class RowSparseOptimizer(Optimizer):
     def _inputs(self) -> _StepInputs:
         """This step's recorded gradient (gathered over replicas), its rows and their squared
         norms (summed over column shards), computed once per step."""
-        if self._step_inputs is None:
+        if self._step_inputs is None or self._step_inputs_version != self.log.version:
             grad_out, indices, weights = self.log.bags()
             for group in self.layout.replica_groups:
                 grad_out, indices, weights = (
@@ -160,6 +161,7 @@ class RowSparseOptimizer(Optimizer):
             for group in self.layout.column_groups:
                 dist.all_reduce(norms, group=group)
             self._step_inputs = _StepInputs(grad_out, weights, groups, norms)
+            self._step_inputs_version = self.log.version
         return self._step_inputs
 
     @torch.no_grad()

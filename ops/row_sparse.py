@@ -40,6 +40,7 @@ from ops.checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    index_checks_enabled,
 )
 from ops.lookup import lookup
 
@@ -99,6 +100,8 @@ class ValueGradLog:
         #: which is also what keeps the op in a compiled backward graph).
         self.recorded_tokens = torch.zeros(1, dtype=torch.int64, device=device)
         self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
+        #: Bumped by every append and clear: what was computed from the log is stale after.
+        self.version = 0
         self._bags: tuple[Tensor, Tensor, Tensor] | None = None
         self._groups: RowGroups | None = None
         _LOGS[self.id] = self
@@ -122,11 +125,13 @@ class ValueGradLog:
         entry = (grad_out.float().clone(), indices.long().clone(), weights.float().clone())
         self._entries.append(entry)
         self._bags = self._groups = None
+        self.version += 1
 
     def clear(self) -> None:
         self._entries.clear()
         self.recorded_tokens.zero_()
         self._bags = self._groups = None
+        self.version += 1
 
     def bags(self) -> tuple[Tensor, Tensor, Tensor]:
         """All recorded ``(grad_out, indices, weights)``, concatenated over lookups."""
@@ -138,8 +143,18 @@ class ValueGradLog:
                     torch.zeros(0, 0, dtype=torch.int64, device=device),
                     torch.zeros(0, 0, device=device),
                 )
-            self._bags = tuple(torch.cat(parts) for parts in zip(*self._entries))
+            if len(self._entries) == 1:
+                self._bags = self._entries[0]
+            else:
+                self._bags = tuple(torch.cat(parts) for parts in zip(*self._entries))
         return self._bags
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the log holds (what was recorded and what was derived from it), e.g.
+        to count its memory."""
+        held = [t for entry in self._entries for t in entry]
+        derived = (*(self._bags or ()), *(self._groups or ()))
+        return held + [t for t in derived if all(t is not h for h in held)]
 
     def row_groups(self) -> RowGroups:
         """The touched rows and their positions (computed once per recorded step)."""
@@ -152,11 +167,12 @@ def group_by_row(indices: Tensor) -> RowGroups:
     """Group the flat positions of ``indices [M, B]`` by the row they read. A stable sort keeps
     each row's positions in increasing order, so every sum over them has one fixed order."""
     flat = indices.reshape(-1).long()
-    positions = torch.argsort(flat, stable=True)
-    rows, counts = torch.unique_consecutive(flat[positions], return_counts=True)
-    row_starts = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=row_starts[1:])
-    return RowGroups(rows, row_starts, positions)
+    sorted_rows, positions = torch.sort(flat, stable=True)
+    first_of_row = torch.ones_like(sorted_rows, dtype=torch.bool)
+    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=first_of_row[1:])
+    starts = first_of_row.nonzero().squeeze(1)
+    end = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+    return RowGroups(sorted_rows[starts], torch.cat([starts, end]), positions)
 
 
 # --------------------------------------------------------------------------- recording lookup
@@ -199,12 +215,17 @@ def lookup_recording_grads(
 
 @torch.library.impl("memlayer::record_value_grads", "default")
 def _record_value_grads_kernel(grad_out, indices, weights, recorded_tokens, log_id):
-    _check_recorded(grad_out, indices, weights)
+    _check_recorded(grad_out, indices, weights, recorded_tokens)
     log = _LOGS.get(log_id)
     if log is None:
-        raise RuntimeError(
-            f"record_value_grads: no ValueGradLog with id {log_id} (it was garbage-collected "
-            "while a backward still recorded into it)"
+        raise ValueError(
+            f"record_value_grads: log_id {log_id} names no live ValueGradLog (was it "
+            "garbage-collected while a backward still recorded into it?)"
+        )
+    if grad_out.shape[1] != log.dim:
+        raise ValueError(
+            f"record_value_grads: grad_out must be [T, {log.dim}] (the log's columns), got "
+            f"{tuple(grad_out.shape)}"
         )
     log.append(grad_out, indices, weights)
     recorded_tokens.add_(indices.shape[0])
@@ -212,11 +233,15 @@ def _record_value_grads_kernel(grad_out, indices, weights, recorded_tokens, log_
 
 @torch.library.register_fake("memlayer::record_value_grads")
 def _record_value_grads_fake(grad_out, indices, weights, recorded_tokens, log_id):
-    _check_recorded(grad_out, indices, weights)
+    _check_recorded(grad_out, indices, weights, recorded_tokens)
 
 
-def _check_recorded(grad_out: Tensor, indices: Tensor, weights: Tensor) -> None:
+def _check_recorded(
+    grad_out: Tensor, indices: Tensor, weights: Tensor, recorded_tokens: Tensor
+) -> None:
     op = "record_value_grads"
+    check_tensor(op, "recorded_tokens", recorded_tokens, "[1]", (torch.int64,))
+    check_shape(op, "recorded_tokens", recorded_tokens, (1,), "a counter")
     check_tensor(op, "grad_out", grad_out, "[T, D]")
     check_tensor(op, "indices", indices, "[T, B]", INDEX_DTYPES)
     check_tensor(op, "weights", weights, "[T, B]")
@@ -226,6 +251,9 @@ def _check_recorded(grad_out: Tensor, indices: Tensor, weights: Tensor) -> None:
             f"{op}: grad_out must have T = indices.shape[0] = {indices.shape[0]} rows, "
             f"got shape {tuple(grad_out.shape)}"
         )
+    check_same_device(
+        op, grad_out=grad_out, indices=indices, weights=weights, recorded_tokens=recorded_tokens
+    )
 
 
 # --------------------------------------------------------------------------- the step ops
@@ -291,16 +319,25 @@ def _check_groups(
     check_same_device(
         op, grad_out=grad_out, weights=weights, row_starts=row_starts, positions=positions
     )
-    if positions.numel():
-        check_indices_in_range(positions, positions.numel(), f"{op}: positions", "the bags")
+
+
+def _check_group_data(op: str, row_starts: Tensor, positions: Tensor) -> None:
+    """What a kernel reads through: positions in range and row starts non-decreasing within
+    ``[0, len(positions)]`` (real kernels only: reads the data)."""
+    size = positions.numel()
+    check_indices_in_range(positions, size, f"{op}: positions", "the bag entries")
+    check_indices_in_range(row_starts, size + 1, f"{op}: row_starts", "offsets into positions")
+    if index_checks_enabled(row_starts.device) and bool((row_starts.diff() < 0).any()):
+        raise ValueError(f"{op}: row_starts must be non-decreasing")
 
 
 @torch.library.impl("memlayer::row_sq_norms", "default")
 def _row_sq_norms_kernel(grad_out, weights, row_starts, positions):
     _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
-    if grad_out.device.type == "cuda":
-        return row_sparse_triton.row_sq_norms(grad_out, weights, row_starts, positions)
-    return row_sparse_cpu.row_sq_norms(grad_out, weights, row_starts, positions)
+    _check_group_data("row_sq_norms", row_starts, positions)
+    kernels = row_sparse_triton if grad_out.device.type == "cuda" else row_sparse_cpu
+    inputs = (t.contiguous() for t in (grad_out, weights, row_starts, positions))
+    return kernels.row_sq_norms(*inputs)
 
 
 @torch.library.register_fake("memlayer::row_sq_norms")
@@ -319,7 +356,7 @@ def _expected_state(rule: str, table: Tensor) -> list[tuple[tuple[int, ...], str
 
 
 def _check_update(
-    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps
+    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps, step
 ):
     op = "update_rows"
     check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
@@ -329,6 +366,10 @@ def _check_update(
         raise ValueError(f"{op}: lr must be > 0, got {lr}")
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    if step < 1:
+        raise ValueError(
+            f"{op}: step must be >= 1 (the steps taken, this one included), got {step}"
+        )
     _check_groups(op, grad_out, weights, row_starts, positions)
     check_shape(op, "grad_out", grad_out, (grad_out.shape[0], table.shape[1]), "D of table")
     check_tensor(op, "rows", rows, "[U]", (torch.int64,))
@@ -349,9 +390,10 @@ def _check_update(
     if row_mean_sq is not None:
         check_tensor(op, "row_mean_sq", row_mean_sq, "[U]", (torch.float64,))
         check_shape(op, "row_mean_sq", row_mean_sq, rows.shape, "one per touched row")
-    states = {f"state_{i}": tensor for i, tensor in enumerate(state)}
-    check_same_device(op, table=table, grad_out=grad_out, rows=rows, **states)
-    check_indices_in_range(rows, table.shape[0], f"{op}: rows", "the rows of table")
+    others = {f"state_{i}": tensor for i, tensor in enumerate(state)}
+    if row_mean_sq is not None:
+        others["row_mean_sq"] = row_mean_sq
+    check_same_device(op, table=table, grad_out=grad_out, rows=rows, **others)
 
 
 @torch.library.impl("memlayer::update_rows", "default")
@@ -360,11 +402,18 @@ def _update_rows_kernel(
     rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
 ):  # fmt: skip
     _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps
-    )
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps,
+        step,
+    )  # fmt: skip
+    _check_group_data("update_rows", row_starts, positions)
+    check_indices_in_range(rows, table.shape[0], "update_rows: rows", "the rows of table")
     if rows.numel() == 0 or table.shape[1] == 0:
         return
     kernels = row_sparse_triton if table.device.type == "cuda" else row_sparse_cpu
+    grad_out, weights, rows, row_starts, positions = (
+        t.contiguous() for t in (grad_out, weights, rows, row_starts, positions)
+    )
+    row_mean_sq = None if row_mean_sq is None else row_mean_sq.contiguous()
     kernels.update_rows(
         table, list(state), grad_out, weights, rows, row_starts, positions, row_mean_sq,
         rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
@@ -377,8 +426,9 @@ def _update_rows_fake(
     rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
 ):  # fmt: skip
     _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps
-    )
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps,
+        step,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- reference

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ops
-from benchmarks import lookup, models
+from benchmarks import lookup, models, value_step
 from benchmarks.common import evaluate_targets
 from memcompile.model import Transformer
 from memcompile.stats import model_stats
@@ -208,3 +208,76 @@ def test_models_memory_values_override():
     assert config.memory.layers == models.flavor_config("debug", "mem", None).memory.layers
     with pytest.raises(ValueError, match="perfect square"):
         models.flavor_config("debug", "mem", memory_values=1000)
+
+
+TINY_VALUE_STEP = [
+    "--device",
+    "cpu",
+    "--rows",
+    "50",
+    "200",
+    "--dim",
+    "8",
+    "--tokens",
+    "6",
+    "--rows-per-token",
+    "4",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--copy-megabytes",
+    "4",
+]
+
+
+def test_value_step_writes_json(tmp_path, capsys):
+    out = tmp_path / "value_step.json"
+    value_step.main([*TINY_VALUE_STEP, "--out", str(out)])
+    payload = json.loads(out.read_text())
+
+    assert payload["benchmark"] == "value_step"
+    assert payload["environment"]["command"].startswith("python -m benchmarks.value_step")
+    assert "environment_variables" in payload["environment"]
+    assert isinstance(payload["transparent_hugepage"], dict)
+    assert payload["copy_bandwidth_gbps"] > 0
+    assert payload["skipped"] == []
+    rows = payload["results"]
+    # Every method at both table sizes, in one process on the same inputs.
+    assert [(row["num_rows"], row["method"]) for row in rows] == [
+        (num_rows, method) for num_rows in (50, 200) for method in value_step.METHODS
+    ]
+    for num_rows in (50, 200):
+        same = [row for row in rows if row["num_rows"] == num_rows]
+        (touched,) = {row["touched_rows"] for row in same}
+        assert 0 < touched <= min(num_rows, 6 * 4)
+        assert payload["baselines"][str(num_rows)] in value_step.ATEN_METHODS
+        assert max(row["speedup"] for row in same if row["method"] in value_step.ATEN_METHODS) == 1
+    for row in rows:
+        _assert_timed(row)
+        shape = value_step.Shape(row["num_rows"], 8, 6, 4)
+        assert row["bytes"] == value_step.step_bytes(row["method"], shape, row["touched_rows"])
+        assert row["copy_fraction"] == pytest.approx(row["gbps"] / payload["copy_bandwidth_gbps"])
+        assert isinstance(row["speedup"], float) and row["speedup"] > 0
+        assert row["peak_memory_mb"] > 0
+        # The table, plus what each method keeps: a dense gradient and two moments for AdamW.
+        table_mb = row["num_rows"] * 8 * 4 / 2**20
+        dense = "adamw" in row["method"]
+        assert row["state_mb"] >= (4 if dense else 1) * table_mb
+        if row["method"] == "ours_row_sparse_sgd":
+            # No [N, D] gradient or state: the table and a log of [T, D] + [T, B] numbers.
+            assert row["state_mb"] < 2 * table_mb + 0.01
+    printed = capsys.readouterr().out
+    assert all(method in printed for method in value_step.METHODS)
+
+
+def test_value_step_skips_what_does_not_fit(monkeypatch):
+    monkeypatch.setattr(value_step, "available_bytes", lambda device: 0)
+    payload = value_step.main(
+        [*TINY_VALUE_STEP, "--rows", "50", "--methods", "ours_row_sparse_sgd", "aten_adamw_fused"]
+    )
+    assert [row["method"] for row in payload["results"]] == []
+    assert [row["method"] for row in payload["skipped"]] == [
+        "ours_row_sparse_sgd",
+        "aten_adamw_fused",
+    ]

@@ -255,15 +255,24 @@ def test_two_cpu_ranks_from_scratch_initialise_as_one_process(tmp_path: Path):
         assert actual[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
-def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(tmp_path: Path):
+@pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
+def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(
+    tmp_path: Path, table_optimizer: str
+):
     """From the same seed checkpoint, 2 ranks with the table column-sharded over both (each
     rank half of the global batch; blocks compiled, dense ones checkpointed) log the eager
-    1-rank losses; the 2-rank checkpoint then loads into a 1-rank model whose first loss is
-    what the checkpointed weights give in float64."""
+    1-rank losses, with the table trained densely or row-sparsely; the 2-rank checkpoint then
+    loads into a 1-rank model whose first loss is what the checkpointed weights give in
+    float64."""
     steps = 3
     seed = tmp_path / "seed"
     _checked(run_pretrain([*tiny_run_args(seed, steps), "--checkpoint.create_seed_checkpoint"]))
-    from_seed = ["--checkpoint.initial_load_path", str(seed / "checkpoint" / "step-0")]
+    from_seed = [
+        "--checkpoint.initial_load_path",
+        str(seed / "checkpoint" / "step-0"),
+        "--optimizer.memory_optimizer",
+        table_optimizer,
+    ]
 
     one, two = tmp_path / "one", tmp_path / "two"
     _checked(
