@@ -12,7 +12,10 @@ per token, :func:`memcompile.stats.model_stats`), and peak memory: CUDA allocato
 process's peak RSS on a Linux CPU (which includes earlier variants' memory the allocator kept).
 
 ``--memory-values`` overrides the table size of the memory flavors (e.g. 4194304 = 2048² for
-the 4M study); ``--precision bf16`` runs the step under bf16 autocast with fp32 parameters.
+the 4M study); ``--precision bf16`` runs the step under bf16 autocast with fp32 parameters;
+``--table-optimizers adamw rowwise_adagrad`` times each memory flavor with its table trained
+densely and row-sparsely (:mod:`memcompile.sparse_optim`; column ``x adamw table``). For peak
+memory per variant on a CPU run one variant per process: RSS peaks only grow.
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ from benchmarks.common import (
 from memcompile.config import TransformerConfig
 from memcompile.flavors import get_flavor
 from memcompile.model import Transformer
+from memcompile.sparse_optim import RowSparseOptimizer
 from memcompile.stats import model_stats
 
 Architecture = Literal["dense", "memplain", "mem"]
 Mode = Literal["eager", "compiled"]
 
 ARCHITECTURES: tuple[Architecture, ...] = ("dense", "memplain", "mem")
+TableOptimizer = Literal["adamw", "sgd", "rowwise_adagrad", "adam"]
 MODES: tuple[Mode, ...] = ("eager", "compiled")
 
 
@@ -75,6 +80,10 @@ class ModelBenchmark:
     precision: Literal["fp32", "bf16"] | None = None
     """fp32, or bf16 autocast with fp32 parameters (default: fp32 on CPU, bf16 on CUDA)."""
     lr: float = 1e-3
+    table_optimizers: tuple[TableOptimizer, ...] = ("adamw",)
+    """How the memory value table trains: adamw (dense, fused, with the other parameters) and/or
+    a row-sparse rule of memcompile.sparse_optim (sgd, rowwise_adagrad, adam); each memory
+    flavor runs once per entry."""
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
@@ -101,11 +110,17 @@ def _make_step(
     targets: torch.Tensor,
     mode: Mode,
     config: ModelBenchmark,
+    table_optimizer: TableOptimizer,
 ) -> Callable[[], torch.Tensor]:
     """One training step of ``model`` on fixed tokens, returning the (detached) loss."""
     device_type = tokens.device.type
-    # fused AdamW where the device has it: what a real CUDA training loop would use.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=device_type == "cuda")
+    optimizers = []
+    if table_optimizer != "adamw" and model.memory_values is not None:
+        # Built first: it takes the table out of the AdamW parameters.
+        optimizers.append(RowSparseOptimizer(model, table_optimizer, lr=10 * config.lr))
+    # Fused AdamW (CUDA, and CPU since torch 2.4): what a real training loop would use.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizers.append(torch.optim.AdamW(trainable, lr=config.lr, fused=True))
 
     def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
@@ -119,8 +134,9 @@ def _make_step(
     def step() -> torch.Tensor:
         loss = forward_loss(tokens, targets)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step
@@ -132,6 +148,7 @@ def benchmark_flavor(
     mode: Mode,
     config: ModelBenchmark,
     device: torch.device,
+    table_optimizer: TableOptimizer = "adamw",
 ) -> dict[str, Any]:
     model_config = flavor_config(base, architecture, config.memory_values)
     stats = model_stats(model_config, seq_len=config.seq_len)
@@ -139,13 +156,14 @@ def benchmark_flavor(
         "base": base,
         "architecture": architecture,
         "mode": mode,
+        "table_optimizer": table_optimizer,
         "flavor": f"{architecture}_{base}",
         "memory_values": None if model_config.memory is None else model_config.memory.num_values,
         "total_params": stats.total_params,
         "active_params": stats.active_params,
         "tokens_per_step": config.batch_size * config.seq_len,
     }
-    print(f"{row['flavor']} {mode}", file=sys.stderr)
+    print(f"{row['flavor']} {mode} {table_optimizer}", file=sys.stderr)
     torch.manual_seed(config.seed)
     try:
         with torch.device(device):
@@ -158,7 +176,7 @@ def benchmark_flavor(
     shape = (config.batch_size, config.seq_len)
     tokens = torch.randint(model_config.vocab_size, shape, device=device, generator=generator)
     targets = torch.randint(model_config.vocab_size, shape, device=device, generator=generator)
-    step = _make_step(model, tokens, targets, mode, config)
+    step = _make_step(model, tokens, targets, mode, config, table_optimizer)
 
     row.update(measure(lambda: step, device, warmup=config.warmup, repeats=config.repeats))
     if "time_ms" in row:
@@ -172,26 +190,35 @@ def benchmark_flavor(
 
 
 def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
-    """``compile_speedup`` = eager / compiled step time of the same flavor;
-    ``time_vs_dense`` = step time / its dense twin's, in the same mode."""
+    """``compile_speedup`` = eager / compiled step time of the same flavor (and table
+    optimizer); ``time_vs_dense`` = step time / its dense twin's, in the same mode;
+    ``table_speedup`` = the step time with a dense AdamW table / this one's."""
     times = {
-        (row["base"], row["architecture"], row["mode"]): row["time_ms"]
+        (row["base"], row["architecture"], row["mode"], row["table_optimizer"]): row["time_ms"]
         for row in rows
         if "time_ms" in row
     }
     for row in rows:
         if "time_ms" not in row:
             continue
-        eager = times.get((row["base"], row["architecture"], "eager"))
-        if row["mode"] == "compiled" and eager is not None:
+        base, architecture, mode, table = (
+            row[k] for k in ("base", "architecture", "mode", "table_optimizer")
+        )
+        eager = times.get((base, architecture, "eager", table))
+        if mode == "compiled" and eager is not None:
             row["compile_speedup"] = eager / row["time_ms"]
-        dense = times.get((row["base"], "dense", row["mode"]))
-        if row["architecture"] != "dense" and dense is not None:
+        dense = times.get((base, "dense", mode, "adamw"))
+        if architecture != "dense" and dense is not None:
             row["time_vs_dense"] = row["time_ms"] / dense
+        dense_table = times.get((base, architecture, mode, "adamw"))
+        if table != "adamw" and dense_table is not None:
+            row["table_speedup"] = dense_table / row["time_ms"]
 
 
 def _memory_plus(mode: Mode) -> Callable[[dict[str, Any]], bool]:
-    return lambda row: row["architecture"] == "mem" and row["mode"] == mode
+    return lambda row: (
+        row["architecture"] == "mem" and row["mode"] == mode and row["table_optimizer"] == "adamw"
+    )
 
 
 TARGETS = (
@@ -225,6 +252,7 @@ TARGETS = (
 _COLUMNS = [
     ("flavor", "flavor", "s"),
     ("mode", "mode", "s"),
+    ("table_optimizer", "table", "s"),
     ("memory_values", "values", "d"),
     ("total_params", "params", ",d"),
     ("tokens_per_step", "tokens", "d"),
@@ -233,6 +261,7 @@ _COLUMNS = [
     ("tflops", "TFLOP/s", ".3g"),
     ("compile_speedup", "x eager", ".2f"),
     ("time_vs_dense", "/ dense", ".2f"),
+    ("table_speedup", "x adamw table", ".2f"),
     ("peak_memory_mb", "peak MiB", ",.0f"),
     ("error", "error", "s"),
 ]
@@ -274,10 +303,11 @@ def run(config: ModelBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     config = _defaults(config, device)
     env = environment(device, "benchmarks.models", argv)
     rows = [
-        benchmark_flavor(base, architecture, mode, config, device)
+        benchmark_flavor(base, architecture, mode, config, device, table)
         for base in config.bases
         for architecture in config.architectures
         for mode in config.modes
+        for table in (config.table_optimizers if architecture != "dense" else ("adamw",))
     ]
     add_ratios(rows)
     targets = evaluate_targets(TARGETS, rows, device, context=("base", "mode"))
