@@ -122,6 +122,9 @@ class ValueStepBenchmark:
     """Table rows N to sweep."""
     dim: int = 256
     """Table columns D."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """The table's dtype (the row-sparse optimizer state stays fp32; torch's AdamW keeps its
+    moments in the parameter's dtype)."""
     tokens: int = 4096
     """Tokens T per step."""
     rows_per_token: int = 128
@@ -148,6 +151,11 @@ class Shape:
     dim: int
     tokens: int
     rows_per_token: int
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
 
 @dataclass
@@ -217,6 +225,8 @@ def _dense_step(
     def run() -> None:
         weights = _weights(inputs)
         if lookup == "aten":
+            # ATen takes the weights in the table's dtype.
+            weights = weights.to(parameter.dtype)
             out = F.embedding_bag(inputs.indices, parameter, per_sample_weights=weights, mode="sum")
         else:
             out = torch.ops.memlayer.lookup(parameter, inputs.indices, weights)
@@ -241,7 +251,7 @@ def _sparse_adam_step(table: Tensor, inputs: Inputs, config: ValueStepBenchmark)
     sparse_adam = torch.optim.SparseAdam([bag.weight], lr=config.lr)
 
     def run() -> None:
-        out = bag(inputs.indices, per_sample_weights=_weights(inputs))
+        out = bag(inputs.indices, per_sample_weights=_weights(inputs).to(bag.weight.dtype))
         out.backward(inputs.grad_out)
         if config.max_norm is not None:
             _clip_sparse_(bag.weight, config.max_norm)
@@ -307,14 +317,14 @@ def build_step(name: Method, table: Tensor, inputs: Inputs, config: ValueStepBen
 def step_bytes(name: Method, shape: Shape, touched: int) -> int:
     """The fewest bytes a step must move (see the module docstring)."""
     N, D, T, B, U = shape.num_rows, shape.dim, shape.tokens, shape.rows_per_token, touched
-    e, ei = 4, 8
+    e, ei = shape.torch_dtype.itemsize, 8
     lookup = T * B * D * e + T * B * (ei + e) + T * D * e
     lookup += T * D * e + T * B * (ei + e) + T * B * D * e + T * B * e
     if name in ("aten_adamw_fused", "aten_adamw_foreach", "ours_dense_adamw_fused"):
         return lookup + 9 * N * D * e
     if name == "aten_sparse_adam":
         return lookup + U * (D * e + ei) + 8 * U * D * e
-    state = {"sgd": 0, "rowwise_adagrad": 2 * U * 4, "adam": 4 * U * D * e}
+    state = {"sgd": 0, "rowwise_adagrad": 2 * U * 4, "adam": 4 * U * D * 4}
     return lookup + 2 * T * D * e + U * ei + 2 * U * D * e + state[name.split("sparse_", 1)[1]]
 
 
@@ -403,14 +413,14 @@ def _inputs(shape: Shape, device: torch.device, seed: int) -> Inputs:
     indices = torch.randint(shape.num_rows, (T, B), device=device, generator=generator)
     scores = torch.randn(T, B, device=device, generator=generator).requires_grad_(True)
     grad_out = torch.randn(T, shape.dim, device=device, generator=generator)
-    return Inputs(indices, scores, grad_out)
+    return Inputs(indices, scores, grad_out.to(shape.torch_dtype))
 
 
 def _table(shape: Shape, device: torch.device, seed: int) -> Tensor:
     """The same table for every method of a shape (drawn afresh: methods update it in place)."""
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     table = torch.empty(shape.num_rows, shape.dim, device=device)
-    return table.normal_(generator=generator)
+    return table.normal_(generator=generator).to(shape.torch_dtype)
 
 
 def benchmark_shape(
@@ -506,7 +516,7 @@ def run(config: ValueStepBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for num_rows in config.rows:
-        shape = Shape(num_rows, config.dim, config.tokens, config.rows_per_token)
+        shape = Shape(num_rows, config.dim, config.tokens, config.rows_per_token, config.dtype)
         measured, left_out = benchmark_shape(shape, config, device, copy_gbps)
         rows += measured
         skipped += left_out

@@ -11,6 +11,8 @@
 #   models        python -m benchmarks.models --bases 134m (dense / Memory / Memory+, eager and
 #                 compiled, bf16 autocast)
 #   models-large  the same for 373m and 1b (batch 2: the 1b Memory+ twin needs ~60 GB)
+#   value-step    python -m benchmarks.value_step: one training step of a bf16 table alone, dense
+#                 AdamW vs row-sparse (N 1M and 16M, D 1024 and 2048; what does not fit is skipped)
 #
 # Results go to $OUT when set (the device tool brings back what is written there), else to
 # benchmarks/out/ (git-ignored): <stage>.log, and <stage>.json / <stage>.png for benchmarks.
@@ -30,9 +32,9 @@ stages=("$@")
 [ "${#stages[@]}" -gt 0 ] || stages=(gpu-tests lookup models)
 for stage in "${stages[@]}"; do
     case "$stage" in
-        gpu-tests | tests | lookup | models | models-large) ;;
-        *) echo "unknown stage '$stage': expected gpu-tests, tests, lookup, models or" \
-                "models-large" >&2
+        gpu-tests | tests | lookup | models | models-large | value-step) ;;
+        *) echo "unknown stage '$stage': expected gpu-tests, tests, lookup, models," \
+                "models-large or value-step" >&2
            exit 2 ;;
     esac
 done
@@ -73,6 +75,11 @@ run_stage() {
         models-large)
             python3 -m benchmarks.models --bases 373m 1b --batch-size 2 \
                 --out "$out/models-large.json" --plot "$out/models-large.png" ;;
+        value-step)
+            for dim in 1024 2048; do
+                python3 -m benchmarks.value_step --rows 1000000 16000000 --dim "$dim" \
+                    --dtype bf16 --out "$out/value-step-d$dim.json"
+            done ;;
     esac
 }
 
