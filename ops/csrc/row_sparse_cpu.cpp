@@ -22,6 +22,14 @@
 namespace {
 
 constexpr int64_t kCacheLine = 64;
+constexpr int64_t kRowsAhead = 4;
+
+inline void prefetch_for_write(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += kCacheLine) {
+    __builtin_prefetch(p + offset, /*rw=*/1, /*locality=*/1);
+  }
+}
 
 enum class Rule : int64_t { kSGD = 0, kRowwiseAdagrad = 1, kAdam = 2 };
 
@@ -115,6 +123,16 @@ void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = rows[u];
       scalar_t* w = table + r * D;
+      if (u + kRowsAhead < end) {  // touched rows are scattered: fetch the next ones early
+        const int64_t ahead = rows[u + kRowsAhead];
+        prefetch_for_write(table + ahead * D, D * int64_t(sizeof(scalar_t)));
+        if (rule == Rule::kAdam) {
+          prefetch_for_write(state[0] + ahead * D, D * int64_t(sizeof(float)));
+          prefetch_for_write(state[1] + ahead * D, D * int64_t(sizeof(float)));
+        } else if (rule == Rule::kRowwiseAdagrad) {
+          prefetch_for_write(state[0] + ahead, int64_t(sizeof(float)));
+        }
+      }
       row_gradient(bags, u, g.data());
       for (int64_t d = 0; d < D; ++d) {
         g[d] *= h.grad_scale;
