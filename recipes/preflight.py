@@ -8,6 +8,10 @@ Per rank, with ``W`` ranks (FSDP shards over ``S`` of them) and memory parallel 
 - dense parameters: fp32 master weights, fp32 gradients, 2 fp32 AdamW states; sharded over ``S``.
 - memory value table: the same 16 bytes per value, sharded over ``S`` by FSDP when ``G == 1``,
   else column-sharded over ``G`` ranks (and replicated ``W / G`` times, not sharded by FSDP).
+  Trained row-sparsely (``--optimizer.memory_optimizer``): no gradient but what the lookups
+  record (twice, with the step's copy: per token and memory layer ``D`` fp32 output-gradient
+  values and ``G * heads * topk`` int64 indices + fp32 weights), and the rule's state: none
+  (sgd), one fp32 per row (rowwise_adagrad), two fp32 per value (adam).
 - FSDP transients: twice the largest unit in the compute dtype (its all-gathered parameters and,
   in backward, their unsharded gradient). With ``G == 1`` the table is a unit of its own (the
   root's); with ``G > 1`` its local slice is cast to the compute dtype if that is not fp32.
@@ -80,13 +84,15 @@ def estimate(
     memory_parallel_degree: int = 1,
     compute_dtype: torch.dtype = torch.bfloat16,
     activation_checkpointing: bool = False,
+    table_optimizer: str = "adamw",
 ) -> MemoryEstimate:
     """The bytes one rank needs to train ``transformer`` (see the module docstring)."""
     stats = model_stats(transformer, seq_len)
     shards = world_size // dp_replicate_degree  # FSDP (HSDP: per replica); no TP/PP/CP here
     degree = memory_parallel_degree
     table_per_rank = stats.memory_params / (shards if degree == 1 else degree)
-    stored = stats.dense_params / shards + table_per_rank
+    dense_per_rank = stats.dense_params / shards
+    stored = dense_per_rank + table_per_rank
 
     dim, memory, compute = transformer.dim, transformer.memory, compute_dtype.itemsize
     attention = 2 * dim * transformer.head_dim * (transformer.n_heads + transformer.n_kv_heads)
@@ -107,13 +113,24 @@ def estimate(
 
     tokens = local_batch_size * seq_len
     n_memory = 0 if memory is None else len(memory.layers)
+    grads, optimizer = stored * GRAD_BYTES, stored * OPTIMIZER_BYTES
+    if memory is not None and table_optimizer != "adamw":
+        bag = degree * memory.heads * memory.topk
+        recorded = 2 * tokens * n_memory * (memory.value_dim * 4 + bag * 12)
+        grads = dense_per_rank * GRAD_BYTES + recorded
+        table_state = {
+            "sgd": 0,
+            "rowwise_adagrad": memory.num_values * 4,
+            "adam": table_per_rank * OPTIMIZER_BYTES,
+        }[table_optimizer]
+        optimizer = dense_per_rank * OPTIMIZER_BYTES + table_state
     dense_layers = (transformer.n_layers - n_memory) / (2 if activation_checkpointing else 1)
     per_layer = tokens * dim * ACTIVATION_VALUES * compute
     activations = per_layer * (dense_layers + n_memory) + tokens * transformer.vocab_size * 4 * 2
     return MemoryEstimate(
         params=int(stored * WEIGHT_BYTES),
-        grads=int(stored * GRAD_BYTES),
-        optimizer=int(stored * OPTIMIZER_BYTES),
+        grads=int(grads),
+        optimizer=int(optimizer),
         fsdp_transient=2 * max(units) * compute,
         activations=int(activations),
     )
@@ -144,6 +161,7 @@ def _run_arguments(config: Any, world_size: int) -> dict[str, Any]:
         memory_parallel_degree=parallelism.memory_parallel_degree,
         compute_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
         activation_checkpointing=config.activation_checkpoint is not None,
+        table_optimizer=config.optimizer.memory_optimizer,
     )
 
 

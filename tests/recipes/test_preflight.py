@@ -53,6 +53,21 @@ def test_doubling_the_world_halves_the_sharded_part_only():
     assert estimate(FLAVORS["mem_1b"], **RUN, world_size=4, dp_replicate_degree=2) == two
 
 
+def test_row_sparse_table_training_needs_no_table_gradient_and_less_state():
+    config, run = FLAVORS["mem_1b"], dict(RUN, world_size=4, memory_parallel_degree=4)
+    table = model_stats(config).memory_params / 4
+    dense = estimate(config, **run)
+    adagrad = estimate(config, **run, table_optimizer="rowwise_adagrad")
+    adam = estimate(config, **run, table_optimizer="adam")
+    # No [N, D] gradient: what the lookups record costs under a tenth of it at this batch.
+    assert 0.9 * 4 * table < dense.grads - adagrad.grads < 4 * table
+    # Row-wise AdaGrad: one fp32 per row instead of two per value; lazy Adam keeps both.
+    rows = config.memory.num_values
+    assert dense.optimizer - adagrad.optimizer == pytest.approx(8 * table - 4 * rows, abs=8)
+    assert adam.optimizer == dense.optimizer
+    assert adagrad.params == dense.params
+
+
 def test_memory_parallelism_keeps_the_table_out_of_fsdp():
     table = model_stats(FLAVORS["mem_1b"]).memory_params
     fsdp = estimate(FLAVORS["mem_1b"], **RUN, world_size=4)
