@@ -69,7 +69,7 @@ from ops.row_sparse import (
 )
 
 #: Optimizer names that train a table densely (from an autograd gradient), not row-sparsely.
-DENSE_OPTIMIZERS = ("adamw", "adam_dense", "sgd_dense", "adagrad", "sparseadam")
+DENSE_OPTIMIZERS = ("adamw", "adagrad", "sparseadam")
 
 
 class RowSparseOptimizer(Optimizer):
