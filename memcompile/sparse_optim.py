@@ -36,6 +36,11 @@ Rules (hyperparameters per param group, as in ``torch.optim``):
 Optimizer state is fp32 whatever the table's dtype (a bf16 table is updated in fp32 and rounded
 once). Every step is bitwise deterministic run to run.
 
+Sparse memory finetuning (Lin et al., 2025) trains only some rows: set
+:attr:`RowSparseOptimizer.trainable_rows` per batch (e.g. the top slots by TF-IDF,
+``memcompile.slot_ranking``) and the step updates, and clips by, those rows alone. The recorded
+backward reaches the lookups even when no other parameter trains.
+
 Sharded tables (DTensors): column-sharded (``Shard(1)``, memory parallelism) and replicated
 placements. Each rank updates its columns of the touched rows; row norms (clipping, row-wise
 AdaGrad) are all-reduced over the column shards, and replicas all-gather what their lookups
@@ -128,6 +133,31 @@ class RowSparseOptimizer(Optimizer):
         self._grad_scale = 1.0
         self._step_inputs: _StepInputs | None = None
         self._step_inputs_version = -1
+        self._trainable_rows: Tensor | None = None
+
+    @property
+    def trainable_rows(self) -> Tensor | None:
+        """The only rows :meth:`step` may update (sorted int64), or ``None`` for every row the
+        step touched. Sparse memory finetuning sets it per batch (``memcompile.slot_ranking``);
+        the gradient norm then counts only these rows' gradients."""
+        return self._trainable_rows
+
+    @trainable_rows.setter
+    def trainable_rows(self, rows: Tensor | None) -> None:
+        if rows is not None:
+            num_rows = self.table.shape[0]
+            if rows.dtype != torch.int64 or rows.dim() != 1:
+                raise TypeError(
+                    f"RowSparseOptimizer: trainable_rows must be a 1-D int64 tensor, got "
+                    f"{rows.dtype} of shape {tuple(rows.shape)}"
+                )
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
+                raise IndexError(
+                    f"RowSparseOptimizer: trainable_rows must lie in [0, {num_rows}) (the "
+                    "table's rows)"
+                )
+        self._trainable_rows = rows
+        self._step_inputs = None
 
     def _fresh_state(self, table: Tensor) -> dict[str, Tensor]:
         """Created up front (not on the first step), so checkpoints always hold it. A sharded
@@ -156,7 +186,12 @@ class RowSparseOptimizer(Optimizer):
                 grad_out, indices, weights = (
                     _all_gather_rows(t, group) for t in (grad_out, indices, weights)
                 )
-            groups = group_by_row(indices) if self.layout.replica_groups else self.log.row_groups()
+            if self._trainable_rows is not None:
+                groups = group_by_row(indices, only_rows=self._trainable_rows)
+            elif self.layout.replica_groups:
+                groups = group_by_row(indices)
+            else:
+                groups = self.log.row_groups()
             norms = row_sq_norms(grad_out, weights, groups)
             for group in self.layout.column_groups:
                 dist.all_reduce(norms, group=group)

@@ -81,7 +81,7 @@ class RowGroups(NamedTuple):
 
     rows: Tensor  # [U] int64, sorted, unique
     row_starts: Tensor  # [U + 1] int64
-    positions: Tensor  # [M * B] int64
+    positions: Tensor  # [P <= M * B] int64 (P < M * B: only some rows' reads)
 
 
 class ValueGradLog:
@@ -99,6 +99,10 @@ class ValueGradLog:
         #: Tokens recorded since the last clear (``memlayer::record_value_grads`` mutates it,
         #: which is also what keeps the op in a compiled backward graph).
         self.recorded_tokens = torch.zeros(1, dtype=torch.int64, device=device)
+        #: An input of every recording lookup that requires grad, so that backward reaches the
+        #: lookups even when nothing before them trains (sparse memory finetuning: only the
+        #: table does). It never gets a gradient.
+        self.anchor = torch.zeros((), device=device, requires_grad=True)
         self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
         #: Bumped by every append and clear: what was computed from the log is stale after.
         self.version = 0
@@ -163,15 +167,25 @@ class ValueGradLog:
         return self._groups
 
 
-def group_by_row(indices: Tensor) -> RowGroups:
-    """Group the flat positions of ``indices [M, B]`` by the row they read. A stable sort keeps
-    each row's positions in increasing order, so every sum over them has one fixed order."""
+def group_by_row(indices: Tensor, only_rows: Tensor | None = None) -> RowGroups:
+    """Group the flat positions of ``indices [M, B]`` by the row they read (only the reads of
+    ``only_rows``, if given). A stable sort keeps each row's positions in increasing order, so
+    every sum over them has one fixed order."""
     flat = indices.reshape(-1).long()
+    if only_rows is not None:
+        kept = torch.isin(flat, only_rows.to(flat.device)).nonzero().squeeze(1)
+        sorted_rows, order = torch.sort(flat[kept], stable=True)
+        positions = kept[order]
+        return _groups_of_sorted(sorted_rows, positions)
     sorted_rows, positions = torch.sort(flat, stable=True)
+    return _groups_of_sorted(sorted_rows, positions)
+
+
+def _groups_of_sorted(sorted_rows: Tensor, positions: Tensor) -> RowGroups:
     first_of_row = torch.ones_like(sorted_rows, dtype=torch.bool)
     torch.ne(sorted_rows[1:], sorted_rows[:-1], out=first_of_row[1:])
     starts = first_of_row.nonzero().squeeze(1)
-    end = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+    end = torch.tensor([sorted_rows.numel()], dtype=torch.int64, device=sorted_rows.device)
     return RowGroups(sorted_rows[starts], torch.cat([starts, end]), positions)
 
 
@@ -182,7 +196,7 @@ class _RecordValueGrads(torch.autograd.Function):
     """Identity on the lookup's output whose backward records the value gradient's inputs."""
 
     @staticmethod
-    def forward(ctx, out, indices, weights, recorded_tokens, log_id):
+    def forward(ctx, out, indices, weights, recorded_tokens, log_id, anchor):
         ctx.save_for_backward(indices, weights)
         # Not saved for backward: every recording backward bumps its version counter.
         ctx.recorded_tokens, ctx.log_id = recorded_tokens, log_id
@@ -201,7 +215,7 @@ class _RecordValueGrads(torch.autograd.Function):
         torch.ops.memlayer.record_value_grads(
             recorded, indices, weights.detach(), ctx.recorded_tokens, ctx.log_id
         )
-        return grad_out, None, None, None, None
+        return grad_out, None, None, None, None, None
 
 
 def lookup_recording_grads(
@@ -210,7 +224,7 @@ def lookup_recording_grads(
     """``lookup(values, indices, weights)`` whose backward records the value gradient's inputs in
     ``log`` instead of computing a value gradient (``values`` gets none; ``weights`` does)."""
     out = lookup(values.detach(), indices, weights)
-    return _RecordValueGrads.apply(out, indices, weights, log.recorded_tokens, log.id)
+    return _RecordValueGrads.apply(out, indices, weights, log.recorded_tokens, log.id, log.anchor)
 
 
 @torch.library.impl("memlayer::record_value_grads", "default")
@@ -307,13 +321,17 @@ def _check_groups(
     check_tensor(op, "grad_out", grad_out, "[M, D]", (torch.float32,))
     check_tensor(op, "weights", weights, "[M, B]", (torch.float32,))
     check_tensor(op, "row_starts", row_starts, "[U + 1]", (torch.int64,))
-    check_tensor(op, "positions", positions, "[M * B]", (torch.int64,))
+    check_tensor(op, "positions", positions, "[P]", (torch.int64,))
     if weights.shape[0] != grad_out.shape[0]:
         raise ValueError(
             f"{op}: weights must have M = grad_out.shape[0] = {grad_out.shape[0]} rows, "
             f"got shape {tuple(weights.shape)}"
         )
-    check_shape(op, "positions", positions, (weights.numel(),), "one per bag entry")
+    if positions.numel() > weights.numel():
+        raise ValueError(
+            f"{op}: positions must have at most M * B = {weights.numel()} entries (one per bag "
+            f"entry), got {positions.numel()}"
+        )
     if row_starts.shape[0] < 1:
         raise ValueError(f"{op}: row_starts must have at least one entry, got none")
     check_same_device(
@@ -321,12 +339,12 @@ def _check_groups(
     )
 
 
-def _check_group_data(op: str, row_starts: Tensor, positions: Tensor) -> None:
-    """What a kernel reads through: positions in range and row starts non-decreasing within
-    ``[0, len(positions)]`` (real kernels only: reads the data)."""
-    size = positions.numel()
-    check_indices_in_range(positions, size, f"{op}: positions", "the bag entries")
-    check_indices_in_range(row_starts, size + 1, f"{op}: row_starts", "offsets into positions")
+def _check_group_data(op: str, weights: Tensor, row_starts: Tensor, positions: Tensor) -> None:
+    """What a kernel reads through: positions in ``[0, M * B)`` and row starts non-decreasing
+    within ``[0, len(positions)]`` (real kernels only: reads the data)."""
+    check_indices_in_range(positions, weights.numel(), f"{op}: positions", "the bag entries")
+    bound = positions.numel() + 1
+    check_indices_in_range(row_starts, bound, f"{op}: row_starts", "offsets into positions")
     if index_checks_enabled(row_starts.device) and bool((row_starts.diff() < 0).any()):
         raise ValueError(f"{op}: row_starts must be non-decreasing")
 
@@ -334,7 +352,7 @@ def _check_group_data(op: str, row_starts: Tensor, positions: Tensor) -> None:
 @torch.library.impl("memlayer::row_sq_norms", "default")
 def _row_sq_norms_kernel(grad_out, weights, row_starts, positions):
     _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
-    _check_group_data("row_sq_norms", row_starts, positions)
+    _check_group_data("row_sq_norms", weights, row_starts, positions)
     kernels = row_sparse_triton if grad_out.device.type == "cuda" else row_sparse_cpu
     inputs = (t.contiguous() for t in (grad_out, weights, row_starts, positions))
     return kernels.row_sq_norms(*inputs)
@@ -405,7 +423,7 @@ def _update_rows_kernel(
         table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps,
         step,
     )  # fmt: skip
-    _check_group_data("update_rows", row_starts, positions)
+    _check_group_data("update_rows", weights, row_starts, positions)
     check_indices_in_range(rows, table.shape[0], "update_rows: rows", "the rows of table")
     if rows.numel() == 0 or table.shape[1] == 0:
         return

@@ -1,0 +1,137 @@
+"""Which memory slots a batch is about: TF-IDF ranking for sparse memory finetuning.
+
+"Continual Learning via Sparse Memory Finetuning" (Lin et al., 2025, arXiv 2510.15103) teaches a
+memory model new facts by training only the value-table rows (slots) that are specific to the new
+data: read often by the finetuning batch, rarely by the pretraining data. Per batch, slot ``i``
+scores
+
+    tfidf(i) = c(i) / sum_j c(j)  *  log((|B| + 1) / (df(i) + 1))
+
+with ``c(i)`` the reads of slot ``i`` by the batch (over all memory layers), ``B`` a set of
+background batches of pretraining data and ``df(i)`` how many of them read slot ``i`` at least
+once. The top ``t`` slots of a batch are the only rows its step trains
+(``RowSparseOptimizer.trainable_rows``); every other row stays bitwise unchanged.
+
+:class:`SlotAccessCounter` counts reads while a model runs (hooks on its ``ValueLookup`` modules,
+no telemetry config needed); :class:`BackgroundFrequency` is the ``df`` of a background sample,
+computed once and saved next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from memcompile.memory import ValueLookup
+
+
+class SlotAccessCounter:
+    """Counts the value-table rows every memory layer of ``model`` reads while it is active::
+
+    with SlotAccessCounter(model) as counter:
+        model(tokens)
+    counter.counts  # [num_rows] int64, reads per row over the block
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        table = getattr(model, "memory_values", None)
+        if table is None:
+            raise ValueError("SlotAccessCounter: the model has no memory value table")
+        self.counts = torch.zeros(table.shape[0], dtype=torch.int64, device=table.device)
+        self._lookups = [m for m in model.modules() if isinstance(m, ValueLookup)]
+        self._handles: list = []
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        indices = args[1]
+        if hasattr(indices, "to_local"):  # memory parallelism: the group's gathered reads
+            indices = indices.to_local()
+        flat = indices.reshape(-1).to(self.counts.device)
+        self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
+
+    def __enter__(self) -> SlotAccessCounter:
+        self._handles = [m.register_forward_pre_hook(self._count) for m in self._lookups]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@dataclass
+class BackgroundFrequency:
+    """``document_frequency[i]``: of ``num_batches`` background batches, how many read slot
+    ``i`` at least once."""
+
+    document_frequency: Tensor  # [num_rows] int64
+    num_batches: int
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, model: nn.Module, batches: Iterable[Tensor]) -> BackgroundFrequency:
+        """Run ``model`` (in eval mode, no gradients) on each batch of token ids."""
+        was_training = model.training
+        model.eval()
+        frequency, num_batches = None, 0
+        try:
+            for tokens in batches:
+                with SlotAccessCounter(model) as counter:
+                    model(tokens)
+                read = (counter.counts > 0).long()
+                frequency = read if frequency is None else frequency + read
+                num_batches += 1
+        finally:
+            model.train(was_training)
+        if frequency is None:
+            raise ValueError("BackgroundFrequency.measure: no background batches were given")
+        return cls(frequency, num_batches)
+
+    def inverse(self) -> Tensor:
+        """``log((|B| + 1) / (df + 1))`` per slot, fp32."""
+        df = self.document_frequency.double()
+        return torch.log((self.num_batches + 1) / (df + 1)).float()
+
+    def save(self, path: str | Path) -> None:
+        saved = {"document_frequency": self.document_frequency.cpu(), "batches": self.num_batches}
+        torch.save(saved, path)
+
+    @classmethod
+    def load(cls, path: str | Path, num_rows: int) -> BackgroundFrequency:
+        saved = torch.load(path, weights_only=True)
+        frequency = saved["document_frequency"]
+        if frequency.shape != (num_rows,):
+            raise ValueError(
+                f"{path}: background frequencies of {frequency.shape[0]} slots, but the model's "
+                f"table has {num_rows} rows (computed for another model?)"
+            )
+        return cls(frequency, int(saved["batches"]))
+
+
+def tfidf_scores(batch_counts: Tensor, background: BackgroundFrequency) -> Tensor:
+    """The TF-IDF score of every slot for one batch's read counts (see the module doc)."""
+    if batch_counts.shape != background.document_frequency.shape:
+        raise ValueError(
+            f"tfidf_scores: batch_counts must have shape "
+            f"{tuple(background.document_frequency.shape)} (one count per slot), got "
+            f"{tuple(batch_counts.shape)}"
+        )
+    total = int(batch_counts.sum())
+    term = batch_counts.float() / max(total, 1)
+    return term * background.inverse().to(term.device)
+
+
+def top_slots(scores: Tensor, count: int) -> Tensor:
+    """The ``count`` best-scoring slots with a positive score, sorted by row (int64). Ties are
+    broken by the lower row, so the choice is deterministic."""
+    if count < 1:
+        raise ValueError(f"top_slots: count must be >= 1, got {count}")
+    candidates = (scores > 0).nonzero().squeeze(1)
+    if candidates.numel() > count:
+        # A stable sort of the negated scores: equal scores keep row order.
+        order = torch.sort(-scores[candidates], stable=True).indices[:count]
+        candidates = candidates[order]
+    return torch.sort(candidates).values

@@ -1,0 +1,119 @@
+"""TF-IDF slot ranking and the sparse-memory-finetuning step it drives."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memcompile.model import Transformer
+from memcompile.slot_ranking import (
+    BackgroundFrequency,
+    SlotAccessCounter,
+    tfidf_scores,
+    top_slots,
+)
+from memcompile.sparse_optim import RowSparseOptimizer
+from tests.memcompile.test_model import debug_config
+
+
+def test_tfidf_matches_a_hand_computed_example():
+    counts = torch.tensor([3, 1, 0, 2])  # reads by the batch: 6 in all
+    background = BackgroundFrequency(torch.tensor([2, 0, 1, 4]), num_batches=4)
+    expected = [3 / 6 * math.log(5 / 3), 1 / 6 * math.log(5 / 1), 0.0, 2 / 6 * math.log(5 / 5)]
+    assert tfidf_scores(counts, background).tolist() == pytest.approx(expected)
+    # Slot 1 is read once but never in the background: it outranks the busier slot 0.
+    assert top_slots(tfidf_scores(counts, background), 1).tolist() == [1]
+    # Slot 3 is read by every background batch: its score is 0 and it is never chosen.
+    assert top_slots(tfidf_scores(counts, background), 3).tolist() == [0, 1]
+
+
+def test_ties_are_broken_by_the_lower_row():
+    assert top_slots(torch.tensor([0.5, 1.0, 1.0, 1.0]), 2).tolist() == [1, 2]
+
+
+def _model_and_batches(seed: int = 0) -> tuple[Transformer, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = Transformer(debug_config())
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 256, (2, 16), generator=generator) for _ in range(3)]
+    return model, batches
+
+
+def test_background_frequency_counts_batches_that_read_each_slot(tmp_path):
+    model, batches = _model_and_batches()
+    background = BackgroundFrequency.measure(model, batches)
+    read_by = []
+    for tokens in batches:
+        with SlotAccessCounter(model) as counter:
+            model(tokens)
+        # Every token reads heads * topk rows in each memory layer.
+        memory = model.config.memory
+        expected_reads = tokens.numel() * memory.heads * memory.topk * len(memory.layers)
+        assert int(counter.counts.sum()) == expected_reads
+        read_by.append(counter.counts > 0)
+    assert background.num_batches == 3
+    assert torch.equal(background.document_frequency, torch.stack(read_by).sum(0))
+
+    background.save(tmp_path / "df.pt")
+    loaded = BackgroundFrequency.load(tmp_path / "df.pt", model.memory_values.shape[0])
+    assert torch.equal(loaded.document_frequency, background.document_frequency)
+    with pytest.raises(ValueError, match="computed for another model"):
+        BackgroundFrequency.load(tmp_path / "df.pt", 7)
+
+
+def test_a_sparse_memory_step_changes_only_the_chosen_slots():
+    model, batches = _model_and_batches()
+    background = BackgroundFrequency.measure(model, batches)
+    for parameter in model.parameters():  # sparse memory finetuning: only the table trains
+        parameter.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
+
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(9))
+    with SlotAccessCounter(model) as counter:
+        logits = model(tokens)
+    chosen = top_slots(tfidf_scores(counter.counts, background), 5)
+    assert chosen.numel() == 5
+    F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    optimizer.trainable_rows = chosen
+    optimizer.step()
+
+    after = model.state_dict()
+    changed = (after["memory_values"] != before["memory_values"]).any(dim=1).nonzero().squeeze(1)
+    assert changed.tolist() == chosen.tolist()
+    for name, tensor in after.items():
+        if name != "memory_values":
+            assert torch.equal(tensor, before[name]), name
+
+
+def test_the_norm_counts_only_trainable_rows():
+    model, _ = _model_and_batches()
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    model(tokens).square().mean().backward()
+    full = optimizer.grad_norm()
+    rows = optimizer.log.row_groups().rows
+    optimizer.trainable_rows = rows[: rows.numel() // 2]
+    assert 0 < optimizer.grad_norm() < full
+    optimizer.trainable_rows = None
+    assert optimizer.grad_norm() == full
+
+
+@pytest.mark.parametrize(
+    "rows, error, match",
+    [
+        (torch.tensor([0, 1], dtype=torch.int32), TypeError, "1-D int64"),
+        (torch.tensor([[0]]), TypeError, "1-D int64"),
+        (torch.tensor([-1]), IndexError, "must lie in"),
+        (torch.tensor([10**9]), IndexError, "must lie in"),
+    ],
+)
+def test_bad_trainable_rows_raise(rows, error, match):
+    model, _ = _model_and_batches()
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
+    with pytest.raises(error, match=match):
+        optimizer.trainable_rows = rows
