@@ -39,8 +39,8 @@ Reported per method:
   step creates the optimizer state);
 - ``state MiB``: the training state alive at the end of a step, before ``zero_grad``, counted
   from the tensors themselves (distinct storages): table + gradient + optimizer state; for the
-  row-sparse methods the table, the optimizer state and the recorded log (its entries, the
-  concatenated ``bags()`` and the ``row_groups()``);
+  row-sparse methods the table, the optimizer state and the recorded log (what the step read
+  from it is freed by the step itself);
 - ``peak MiB`` / ``+MiB``: the process's peak RSS during the timed steps on a Linux CPU (CUDA:
   peak allocated), and that peak minus the memory in use before the method built its table:
   what the method's step costs in memory, workspace included;
@@ -84,6 +84,7 @@ from torch import Tensor, nn
 
 import ops  # noqa: F401  (registers torch.ops.memlayer)
 from benchmarks.common import (
+    DTYPES,
     config_as_json,
     copy_bandwidth_gbps,
     environment,
@@ -95,6 +96,7 @@ from benchmarks.common import (
     resolve_device,
     write_json,
 )
+from benchmarks.lookup import DtypeName, Shape
 from memcompile.memory import ValueLookup
 from memcompile.sparse_optim import RowSparseOptimizer
 from ops.row_sparse import RULES
@@ -122,7 +124,7 @@ class ValueStepBenchmark:
     """Table rows N to sweep."""
     dim: int = 256
     """Table columns D."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: DtypeName = "fp32"
     """The table's dtype (the row-sparse optimizer state stays fp32; torch's AdamW keeps its
     moments in the parameter's dtype)."""
     tokens: int = 4096
@@ -143,19 +145,6 @@ class ValueStepBenchmark:
     seed: int = 0
     out: Path | None = None
     """Write the results as JSON here."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    num_rows: int
-    dim: int
-    tokens: int
-    rows_per_token: int
-    dtype: Literal["fp32", "bf16"] = "fp32"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
 
 @dataclass
@@ -317,7 +306,7 @@ def build_step(name: Method, table: Tensor, inputs: Inputs, config: ValueStepBen
 def step_bytes(name: Method, shape: Shape, touched: int) -> int:
     """The fewest bytes a step must move (see the module docstring)."""
     N, D, T, B, U = shape.num_rows, shape.dim, shape.tokens, shape.rows_per_token, touched
-    e, ei = shape.torch_dtype.itemsize, 8
+    e, ei = DTYPES[shape.dtype].itemsize, 8
     lookup = T * B * D * e + T * B * (ei + e) + T * D * e
     lookup += T * D * e + T * B * (ei + e) + T * B * D * e + T * B * e
     if name in ("aten_adamw_fused", "aten_adamw_foreach", "ours_dense_adamw_fused"):
@@ -413,14 +402,14 @@ def _inputs(shape: Shape, device: torch.device, seed: int) -> Inputs:
     indices = torch.randint(shape.num_rows, (T, B), device=device, generator=generator)
     scores = torch.randn(T, B, device=device, generator=generator).requires_grad_(True)
     grad_out = torch.randn(T, shape.dim, device=device, generator=generator)
-    return Inputs(indices, scores, grad_out.to(shape.torch_dtype))
+    return Inputs(indices, scores, grad_out.to(DTYPES[shape.dtype]))
 
 
 def _table(shape: Shape, device: torch.device, seed: int) -> Tensor:
     """The same table for every method of a shape (drawn afresh: methods update it in place)."""
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     table = torch.empty(shape.num_rows, shape.dim, device=device)
-    return table.normal_(generator=generator).to(shape.torch_dtype)
+    return table.normal_(generator=generator).to(DTYPES[shape.dtype])
 
 
 def benchmark_shape(

@@ -132,7 +132,6 @@ class RowSparseOptimizer(Optimizer):
         self.state[table] = self._fresh_state(table)
         self._grad_scale = 1.0
         self._step_inputs: _StepInputs | None = None
-        self._step_inputs_version = -1
         self._trainable_rows: Tensor | None = None
 
     @property
@@ -179,25 +178,22 @@ class RowSparseOptimizer(Optimizer):
 
     def _inputs(self) -> _StepInputs:
         """This step's recorded gradient (gathered over replicas), its rows and their squared
-        norms (summed over column shards), computed once per step."""
-        if self._step_inputs is None or self._step_inputs_version != self.log.version:
+        norms (summed over column shards), computed once per recorded state of the log (clipping
+        and the step share them)."""
+        inputs = self._step_inputs
+        if inputs is None or inputs.log_version != self.log.version:
             grad_out, indices, weights = self.log.bags()
             for group in self.layout.replica_groups:
                 grad_out, indices, weights = (
                     _all_gather_rows(t, group) for t in (grad_out, indices, weights)
                 )
-            if self._trainable_rows is not None:
-                groups = group_by_row(indices, only_rows=self._trainable_rows)
-            elif self.layout.replica_groups:
-                groups = group_by_row(indices)
-            else:
-                groups = self.log.row_groups()
+            groups = group_by_row(indices, only_rows=self._trainable_rows)
             norms = row_sq_norms(grad_out, weights, groups)
             for group in self.layout.column_groups:
                 dist.all_reduce(norms, group=group)
-            self._step_inputs = _StepInputs(grad_out, weights, groups, norms)
-            self._step_inputs_version = self.log.version
-        return self._step_inputs
+            inputs = _StepInputs(grad_out, weights, groups, norms, self.log.version)
+            self._step_inputs = inputs
+        return inputs
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -238,6 +234,7 @@ class RowSparseOptimizer(Optimizer):
             step=int(state["step"].item()),
         )
         self._grad_scale = 1.0
+        self._step_inputs = None  # not kept alive until zero_grad
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -263,6 +260,7 @@ class _StepInputs(NamedTuple):
     weights: Tensor
     groups: RowGroups
     row_sq_norms: Tensor
+    log_version: int  # the log's version they were computed from
 
 
 @dataclass

@@ -106,8 +106,6 @@ class ValueGradLog:
         self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
         #: Bumped by every append and clear: what was computed from the log is stale after.
         self.version = 0
-        self._bags: tuple[Tensor, Tensor, Tensor] | None = None
-        self._groups: RowGroups | None = None
         _LOGS[self.id] = self
 
     def __len__(self) -> int:
@@ -126,45 +124,39 @@ class ValueGradLog:
                 f"token, got {indices.shape[1]} after {self._entries[0][1].shape[1]}"
             )
         # Copies: a compiled backward may reuse the buffers of its arguments once the op returns.
-        entry = (grad_out.float().clone(), indices.long().clone(), weights.float().clone())
+        entry = (
+            grad_out.to(torch.float32, copy=True),
+            indices.to(torch.int64, copy=True),
+            weights.to(torch.float32, copy=True),
+        )
         self._entries.append(entry)
-        self._bags = self._groups = None
         self.version += 1
 
     def clear(self) -> None:
         self._entries.clear()
         self.recorded_tokens.zero_()
-        self._bags = self._groups = None
         self.version += 1
 
     def bags(self) -> tuple[Tensor, Tensor, Tensor]:
         """All recorded ``(grad_out, indices, weights)``, concatenated over lookups."""
-        if self._bags is None:
-            if not self._entries:
-                device = self.recorded_tokens.device
-                return (
-                    torch.zeros(0, self.dim, device=device),
-                    torch.zeros(0, 0, dtype=torch.int64, device=device),
-                    torch.zeros(0, 0, device=device),
-                )
-            if len(self._entries) == 1:
-                self._bags = self._entries[0]
-            else:
-                self._bags = tuple(torch.cat(parts) for parts in zip(*self._entries))
-        return self._bags
+        if not self._entries:
+            device = self.recorded_tokens.device
+            return (
+                torch.zeros(0, self.dim, device=device),
+                torch.zeros(0, 0, dtype=torch.int64, device=device),
+                torch.zeros(0, 0, device=device),
+            )
+        if len(self._entries) == 1:
+            return self._entries[0]
+        return tuple(torch.cat(parts) for parts in zip(*self._entries))
 
     def tensors(self) -> list[Tensor]:
-        """Every tensor the log holds (what was recorded and what was derived from it), e.g.
-        to count its memory."""
-        held = [t for entry in self._entries for t in entry]
-        derived = (*(self._bags or ()), *(self._groups or ()))
-        return held + [t for t in derived if all(t is not h for h in held)]
+        """Every tensor the log holds, e.g. to count its memory."""
+        return [t for entry in self._entries for t in entry]
 
     def row_groups(self) -> RowGroups:
-        """The touched rows and their positions (computed once per recorded step)."""
-        if self._groups is None:
-            self._groups = group_by_row(self.bags()[1])
-        return self._groups
+        """The touched rows and their positions."""
+        return group_by_row(self.bags()[1])
 
 
 def group_by_row(indices: Tensor, only_rows: Tensor | None = None) -> RowGroups:

@@ -255,7 +255,7 @@ def test_value_step_writes_json(tmp_path, capsys):
         assert max(row["speedup"] for row in same if row["method"] in value_step.ATEN_METHODS) == 1
     for row in rows:
         _assert_timed(row)
-        shape = value_step.Shape(row["num_rows"], 8, 6, 4)
+        shape = value_step.Shape(row["num_rows"], 8, 6, 4, "fp32")
         assert row["bytes"] == value_step.step_bytes(row["method"], shape, row["touched_rows"])
         assert row["copy_fraction"] == pytest.approx(row["gbps"] / payload["copy_bandwidth_gbps"])
         assert isinstance(row["speedup"], float) and row["speedup"] > 0
