@@ -1,8 +1,8 @@
 """A synthetic knowledge corpus: fictional people, their biographies, and questions about them.
 
-Everything is a deterministic function of ``(num_people, seed)``. Each person has one value per
-attribute in ``ATTRIBUTES``, drawn from fixed vocabularies; names are built from syllables so
-that no pretrained model (or tokenizer) knows these people.
+Everything is a deterministic function of ``(num_people, seed, first_person)``. Each person has
+one value per attribute in ``ATTRIBUTES``, drawn from fixed vocabularies; names are built from
+syllables so that no pretrained model (or tokenizer) knows these people.
 
 The corpus is split so that fact recall measures knowledge *stored from biographies*, not
 memorised question/answer strings (the setup of Allen-Zhu & Li, "Physics of Language Models
@@ -435,9 +435,17 @@ class KnowledgeCorpus:
     biographies_per_person: int = 4
     qa_train_fraction: float = 0.5
 
+    first_person: int = 0
+    """Skip this many people of the sequence drawn from seed: the people of
+    KnowledgeCorpus(num_people=k, first_person=n) are the k after the n people of
+    KnowledgeCorpus(num_people=n), with the same biographies they would have there (new people
+    to teach a model pretrained on the first n)"""
+
     def __post_init__(self) -> None:
         if self.num_people < 1:
             raise ValueError(f"num_people must be >= 1, got {self.num_people}")
+        if self.first_person < 0:
+            raise ValueError(f"first_person must be >= 0, got {self.first_person}")
         # One template is reserved for the held-out biography.
         if not 1 <= self.biographies_per_person <= _NUM_TEMPLATES - 1:
             raise ValueError(
@@ -451,13 +459,14 @@ class KnowledgeCorpus:
     def people(self) -> tuple[Person, ...]:
         rng = random.Random(self.seed)
         max_names = len(_FIRST_SYLLABLES) ** 2 * len(_LAST_SYLLABLES) ** 3
-        if self.num_people > max_names // 4:
+        total = self.first_person + self.num_people
+        if total > max_names // 4:
             raise ValueError(
-                f"num_people={self.num_people} exceeds the name space ({max_names // 4})"
+                f"first_person + num_people = {total} exceeds the name space ({max_names // 4})"
             )
         names: set[str] = set()
         people = []
-        while len(people) < self.num_people:
+        while len(people) < total:
             first = "".join(rng.choices(_FIRST_SYLLABLES, k=2)).capitalize()
             last = "".join(rng.choices(_LAST_SYLLABLES, k=3)).capitalize()
             name = f"{first} {last}"
@@ -477,7 +486,7 @@ class KnowledgeCorpus:
                     employer_city=rng.choice(_CITIES),
                 )
             )
-        return tuple(people)
+        return tuple(people[self.first_person :])
 
     @property
     def num_qa_train_people(self) -> int:
@@ -491,7 +500,8 @@ class KnowledgeCorpus:
 
     def _biographies(self, person_index: int) -> list[str]:
         """All ``_NUM_TEMPLATES`` biographies of a person; the last one is held out."""
-        rng = random.Random(f"{self.seed}/bio/{person_index}")
+        # Seeded by the person's place in the whole sequence: the same biographies in any slice.
+        rng = random.Random(f"{self.seed}/bio/{self.first_person + person_index}")
         templates = list(range(_NUM_TEMPLATES))
         rng.shuffle(templates)
         person = self.people[person_index]

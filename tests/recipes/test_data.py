@@ -90,6 +90,16 @@ def test_token_cache_tokenises_once(tmp_path: Path, tokenizer):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_new_people_continue_the_sequence_of_a_smaller_corpus():
+    base, everyone = KnowledgeCorpus(num_people=30), KnowledgeCorpus(num_people=40)
+    new = KnowledgeCorpus(num_people=10, first_person=30)
+    assert everyone.people == base.people + new.people
+    assert not {p.name for p in base.people} & {p.name for p in new.people}
+    assert list(new.heldout_documents()) == list(everyone.heldout_documents())[30:]
+    with pytest.raises(ValueError, match="first_person must be >= 0"):
+        KnowledgeCorpus(first_person=-1)
+
+
 def test_every_corpus_parameter_is_part_of_the_cache_key(tokenizer):
     corpus = KnowledgeCorpus(num_people=5)
     key = cache_key(knowledge_source(corpus), tokenizer)
@@ -99,6 +109,7 @@ def test_every_corpus_parameter_is_part_of_the_cache_key(tokenizer):
         dict(seed=1),
         dict(biographies_per_person=3),
         dict(qa_train_fraction=0.25),
+        dict(first_person=2),
     ]
     assert {name for change in changes for name in change} == set(asdict(corpus))
     for change in changes:
