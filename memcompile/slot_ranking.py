@@ -8,9 +8,13 @@ scores
     tfidf(i) = c(i) / sum_j c(j)  *  log((|B| + 1) / (df(i) + 1))
 
 with ``c(i)`` the reads of slot ``i`` by the batch (over all memory layers), ``B`` a set of
-background batches of pretraining data and ``df(i)`` how many of them read slot ``i`` at least
-once. The top ``t`` slots of a batch are the only rows its step trains
-(``RowSparseOptimizer.trainable_rows``); every other row stays bitwise unchanged.
+background documents of pretraining data (batches of token ids; the recipe uses single
+sequences) and ``df(i)`` how many of them read slot ``i`` at least once. The top ``t`` slots of
+a batch are the only rows its step trains; every other row stays bitwise unchanged::
+
+    background = BackgroundFrequency.measure(model, pretraining_batches)
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)   # everything else frozen
+    optimizer.trainable_rows = TfidfSlotSelector(background, count=500)
 
 :class:`SlotAccessCounter` counts reads while a model runs (hooks on its ``ValueLookup`` modules,
 no telemetry config needed); :class:`BackgroundFrequency` is the ``df`` of a background sample,
@@ -135,3 +139,24 @@ def top_slots(scores: Tensor, count: int) -> Tensor:
         order = torch.sort(-scores[candidates], stable=True).indices[:count]
         candidates = candidates[order]
     return torch.sort(candidates).values
+
+
+class TfidfSlotSelector:
+    """Sparse memory finetuning's choice of rows, as ``RowSparseOptimizer.trainable_rows``:
+    called with a step's reads (the recorded indices, any shape), it returns the ``count`` slots
+    with the highest TF-IDF against ``background`` (:func:`top_slots`)."""
+
+    def __init__(self, background: BackgroundFrequency, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"TfidfSlotSelector: count must be >= 1, got {count}")
+        self.background, self.count = background, count
+
+    def __call__(self, reads: Tensor) -> Tensor:
+        num_rows = self.background.document_frequency.shape[0]
+        counts = torch.bincount(reads.reshape(-1), minlength=num_rows)
+        if counts.shape[0] != num_rows:
+            raise IndexError(
+                f"TfidfSlotSelector: a read of row {int(reads.max())}, but the background "
+                f"frequencies cover {num_rows} rows"
+            )
+        return top_slots(tfidf_scores(counts, self.background), self.count)

@@ -37,9 +37,10 @@ Optimizer state is fp32 whatever the table's dtype (a bf16 table is updated in f
 once). Every step is bitwise deterministic run to run.
 
 Sparse memory finetuning (Lin et al., 2025) trains only some rows: set
-:attr:`RowSparseOptimizer.trainable_rows` per batch (e.g. the top slots by TF-IDF,
-``memcompile.slot_ranking``) and the step updates, and clips by, those rows alone. The recorded
-backward reaches the lookups even when no other parameter trains.
+:attr:`RowSparseOptimizer.trainable_rows` to those rows, or to a function that picks them from
+each step's reads (``memcompile.slot_ranking.TfidfSlotSelector``: the top slots by TF-IDF), and
+the step updates, and clips by, those rows alone. The recorded backward reaches the lookups even
+when no other parameter trains.
 
 Sharded tables (DTensors): column-sharded (``Shard(1)``, memory parallelism) and replicated
 placements. Each rank updates its columns of the touched rows; row norms (clipping, row-wise
@@ -72,6 +73,9 @@ from ops.row_sparse import (
     row_sq_norms,
     update_rows,
 )
+
+#: Rows a step may train: fixed row ids, or a function of the step's reads returning them.
+RowChoice = Tensor | Callable[[Tensor], Tensor]
 
 #: Optimizer names that train a table densely (from an autograd gradient), not row-sparsely.
 DENSE_OPTIMIZERS = ("adamw", "adagrad", "sparseadam")
@@ -132,31 +136,35 @@ class RowSparseOptimizer(Optimizer):
         self.state[table] = self._fresh_state(table)
         self._grad_scale = 1.0
         self._step_inputs: _StepInputs | None = None
-        self._trainable_rows: Tensor | None = None
+        self._trainable_rows: RowChoice | None = None
 
     @property
-    def trainable_rows(self) -> Tensor | None:
-        """The only rows :meth:`step` may update (sorted int64), or ``None`` for every row the
-        step touched. Sparse memory finetuning sets it per batch (``memcompile.slot_ranking``);
-        the gradient norm then counts only these rows' gradients."""
+    def trainable_rows(self) -> RowChoice | None:
+        """The only rows :meth:`step` may update: sorted int64 row ids, or a function of the
+        step's reads (all recorded indices, gathered over replicas) that returns them; ``None``
+        for every row the step touched. The gradient norm then counts only these rows'
+        gradients. Sparse memory finetuning picks them per step
+        (``memcompile.slot_ranking.TfidfSlotSelector``)."""
         return self._trainable_rows
 
     @trainable_rows.setter
-    def trainable_rows(self, rows: Tensor | None) -> None:
-        if rows is not None:
-            num_rows = self.table.shape[0]
-            if rows.dtype != torch.int64 or rows.dim() != 1:
-                raise TypeError(
-                    f"RowSparseOptimizer: trainable_rows must be a 1-D int64 tensor, got "
-                    f"{rows.dtype} of shape {tuple(rows.shape)}"
-                )
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
-                raise IndexError(
-                    f"RowSparseOptimizer: trainable_rows must lie in [0, {num_rows}) (the "
-                    "table's rows)"
-                )
+    def trainable_rows(self, rows: RowChoice | None) -> None:
+        if isinstance(rows, Tensor):
+            self._check_rows(rows)
         self._trainable_rows = rows
         self._step_inputs = None
+
+    def _check_rows(self, rows: Tensor) -> None:
+        num_rows = self.table.shape[0]
+        if rows.dtype != torch.int64 or rows.dim() != 1:
+            raise TypeError(
+                f"RowSparseOptimizer: trainable_rows must be a 1-D int64 tensor, got "
+                f"{rows.dtype} of shape {tuple(rows.shape)}"
+            )
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
+            raise IndexError(
+                f"RowSparseOptimizer: trainable_rows must lie in [0, {num_rows}) (the table's rows)"
+            )
 
     def _fresh_state(self, table: Tensor) -> dict[str, Tensor]:
         """Created up front (not on the first step), so checkpoints always hold it. A sharded
@@ -187,7 +195,11 @@ class RowSparseOptimizer(Optimizer):
                 grad_out, indices, weights = (
                     _all_gather_rows(t, group) for t in (grad_out, indices, weights)
                 )
-            groups = group_by_row(indices, only_rows=self._trainable_rows)
+            rows = self._trainable_rows
+            if rows is not None and not isinstance(rows, Tensor):
+                rows = rows(indices)
+                self._check_rows(rows)
+            groups = group_by_row(indices, only_rows=rows)
             norms = row_sq_norms(grad_out, weights, groups)
             for group in self.layout.column_groups:
                 dist.all_reduce(norms, group=group)
@@ -337,8 +349,8 @@ def _as_float(value: float | Tensor) -> float:
 def _check_hyperparameters(
     lr: float, eps: float, betas: tuple[float, float], weight_decay: float
 ) -> None:
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"RowSparseOptimizer: lr must be a finite number > 0, got {lr!r}")
+    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"RowSparseOptimizer: lr must be a finite number >= 0, got {lr!r}")
     if not eps >= 0:
         raise ValueError(f"RowSparseOptimizer: eps must be >= 0, got {eps!r}")
     if not all(0.0 <= beta < 1.0 for beta in betas):

@@ -27,6 +27,7 @@ Kernels: CPU in ``ops/row_sparse_cpu.py`` (C++), CUDA in ``ops/row_sparse_triton
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from typing import NamedTuple
 
@@ -372,8 +373,8 @@ def _check_update(
     check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
     if rule not in RULES:
         raise ValueError(f"{op}: rule must be one of {', '.join(RULES)}, got {rule!r}")
-    if not lr > 0:
-        raise ValueError(f"{op}: lr must be > 0, got {lr}")
+    if not 0 <= lr < math.inf:  # 0 is allowed: LR schedules may decay to it, as torch.optim's
+        raise ValueError(f"{op}: lr must be a finite number >= 0, got {lr}")
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
     if step < 1:

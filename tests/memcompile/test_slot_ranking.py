@@ -13,6 +13,7 @@ from memcompile.model import Transformer
 from memcompile.slot_ranking import (
     BackgroundFrequency,
     SlotAccessCounter,
+    TfidfSlotSelector,
     tfidf_scores,
     top_slots,
 )
@@ -79,7 +80,8 @@ def test_a_sparse_memory_step_changes_only_the_chosen_slots():
     chosen = top_slots(tfidf_scores(counter.counts, background), 5)
     assert chosen.numel() == 5
     F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
-    optimizer.trainable_rows = chosen
+    # The selector ranks the reads the backward recorded: the same slots as the hooks' counts.
+    optimizer.trainable_rows = TfidfSlotSelector(background, 5)
     optimizer.step()
 
     after = model.state_dict()
@@ -117,3 +119,14 @@ def test_bad_trainable_rows_raise(rows, error, match):
     optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
     with pytest.raises(error, match=match):
         optimizer.trainable_rows = rows
+
+
+def test_a_selector_returning_bad_rows_is_refused():
+    model, batches = _model_and_batches()
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
+    model(batches[0]).square().mean().backward()
+    optimizer.trainable_rows = lambda reads: torch.tensor([10**9])
+    with pytest.raises(IndexError, match="must lie in"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        TfidfSlotSelector(BackgroundFrequency.measure(model, batches), 0)
