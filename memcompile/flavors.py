@@ -4,7 +4,9 @@ Names read ``<architecture>_<base>[_<memory size>]``:
 
 - ``dense_<base>``: the Llama-style base model.
 - ``mem_<base>``: Memory+ (3 memory layers sharing 1M = 1024² values), the paper's default.
-- ``mem_<base>_<4m|16m|64m>``: Memory+ with a larger table (memory scaling study).
+- ``mem_<base>_<4m|16m|64m>``: Memory+ with a larger table (memory scaling study);
+  ``mem_debug_64k``: ``mem_debug`` with 64K values, few enough reads per sequence that most
+  slots are specific to some text (sparse memory finetuning on a CPU).
 - ``memplain_<base>``: one plain memory layer (no W1/W2) in the middle block, 1M values.
 
 Bases: ``134m``, ``373m``, ``720m``, ``1b`` (the paper's 1.3B) with the Llama2 tokenizer
@@ -89,10 +91,11 @@ _BASES: dict[str, tuple[TransformerConfig, tuple[int, ...]]] = {
 }
 
 #: Memory sizes by name suffix, as sub-keys per half (values = n_keys²).
-_MEMORY_SIZES = {"1m": 1024, "4m": 2048, "16m": 4096, "64m": 8192}
+_MEMORY_SIZES = {"64k": 256, "1m": 1024, "4m": 2048, "16m": 4096, "64m": 8192}
 
-#: The memory scaling study (1.3B), and the 4096² table of the paper's 8B memory model.
-_LARGER_MEMORIES = {"1b": ("4m", "16m", "64m"), "8b": ("16m",)}
+#: The memory scaling study (1.3B), the 4096² table of the paper's 8B memory model, and a
+#: debug model whose table is large next to its reads (sparse memory finetuning).
+_LARGER_MEMORIES = {"1b": ("4m", "16m", "64m"), "8b": ("16m",), "debug": ("64k",)}
 
 #: Smaller tables (and reads) for the CPU flavors: n_keys and MemoryConfig overrides.
 _SMALL_MEMORY = {"tiny": (128, {}), "debug": (32, {"heads": 2, "topk": 8})}
@@ -119,7 +122,7 @@ def _build_flavors() -> dict[str, TransformerConfig]:
         flavors[f"mem_{base_name}"] = _memory_plus(base, memory_layers, n_keys, **overrides)
         for size in _LARGER_MEMORIES.get(base_name, ()):
             flavors[f"mem_{base_name}_{size}"] = _memory_plus(
-                base, memory_layers, _MEMORY_SIZES[size]
+                base, memory_layers, _MEMORY_SIZES[size], **overrides
             )
         flavors[f"memplain_{base_name}"] = _memory_plain(base, n_keys, **overrides)
     return flavors
