@@ -19,8 +19,10 @@ from torchtitan.config import CompileConfig, TrainingConfig
 from torchtitan.trainer import Trainer
 
 from recipes import shims
+from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.loader import CorpusDataLoader
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
+from recipes.finetune_trainer import FinetuneConfig, FinetuneTrainer
 from recipes.memory_parallel import MemoryParallelismConfig
 from recipes.parallelize import SelectiveAC
 from recipes.trainer import DEFAULT_MODEL, MemoryOptimizers, PretrainTrainer, ProgressMetrics
@@ -75,6 +77,50 @@ def smoke() -> PretrainTrainer.Config:
     config.training.steps = 8
     config.training.seq_len = 32
     config.training.local_batch_size = 2
+    config.metrics.log_freq = 1
+    config.checkpoint.interval = 2
+    return config
+
+
+def finetune() -> FinetuneTrainer.Config:
+    """``recipes.finetune``'s default: teach a ``default``-pretrained model the 20 people after
+    its 100 (biographies and Q/A pairs), for 200 steps, with sparse memory finetuning. The
+    checkpoint (``--checkpoint``) and flavor (``--model``) are the pretraining's; the learning
+    rate is --optimizer.lr (table: x --optimizer.memory-lr-multiplier), constant after a short
+    warmup."""
+    base = default()
+    config = FinetuneTrainer.Config(
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init},
+        finetune=FinetuneConfig(pretraining=dataclasses.replace(base.dataloader)),
+    )
+    pretrained = config.finetune.pretraining.knowledge
+    config.dataloader.knowledge = KnowledgeCorpus(
+        num_people=20,
+        first_person=pretrained.first_person + pretrained.num_people,
+        seed=pretrained.seed,
+        qa_train_fraction=1.0,
+    )
+    config.dump_folder = "outputs/{model}_finetune_{method}"
+    config.training.steps = 200
+    config.checkpoint.interval = 50
+    config.optimizer = MemoryOptimizers.Config(lr=1e-3)
+    config.lr_scheduler = LRSchedulersContainer.Config(warmup_steps=5, decay_ratio=0.0)
+    return config
+
+
+def finetune_smoke() -> FinetuneTrainer.Config:
+    """``finetune`` shrunk to seconds, on ``smoke``'s corpus (40 people) and shapes: 8 new
+    people, 6 steps of 2 x 32 tokens (2 of warmup), a checkpoint every 2 steps."""
+    config = finetune()
+    smoke_run = smoke()
+    config.finetune.pretraining = smoke_run.dataloader
+    config.dataloader.knowledge = dataclasses.replace(
+        config.dataloader.knowledge, num_people=8, first_person=40
+    )
+    config.finetune.background_sequences = 16
+    config.training = smoke_run.training
+    config.training.steps = 6
+    config.lr_scheduler.warmup_steps = 2  # so a run stopped at step 4 and resumed is the same run
     config.metrics.log_freq = 1
     config.checkpoint.interval = 2
     return config

@@ -160,6 +160,45 @@ def evaluate_knowledge(
     return results
 
 
+def learning_and_forgetting(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    *,
+    new: KnowledgeCorpus | None,
+    old: KnowledgeCorpus | None,
+    max_people: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """What a finetuned model learnt of the ``new`` corpus and kept of the ``old`` one (its
+    pretraining), as flat metrics (``None`` corpora are skipped):
+
+    - ``new_recall``: fact recall on the new people's trained questions (learning);
+      ``new_heldout_recall`` on those whose Q/A pairs were not trained, if any;
+    - ``old_recall`` / ``old_heldout_recall``: fact recall on the pretraining's trained /
+      held-out questions (forgetting);
+    - ``old_nll``: per-token NLL of the old people's held-out biographies (forgetting).
+    """
+    people = slice(0, max_people)
+    metrics: dict[str, float] = {}
+
+    def recall(key: str, qa_pairs: Iterable[QAPair]) -> None:
+        questions = [qa for person in _people_qa(qa_pairs)[people] for qa in person]
+        if questions:
+            results = fact_recall(model, tokenizer, questions, batch_size=batch_size)
+            metrics[key] = results["accuracy"]
+
+    if new is not None:
+        recall("new_recall", new.train_qa_pairs())
+        recall("new_heldout_recall", new.eval_qa_pairs())
+    if old is not None:
+        recall("old_recall", old.train_qa_pairs())
+        recall("old_heldout_recall", old.eval_qa_pairs())
+        biographies = list(old.heldout_documents())[people]
+        nll = mean_nll(model, document_requests(tokenizer, biographies), batch_size)
+        metrics["old_nll"] = nll["nll"]
+    return metrics
+
+
 def _people_qa(qa_pairs: Iterable[QAPair]) -> list[list[QAPair]]:
     """Q/A pairs grouped by person (each person's pairs are consecutive)."""
     people: dict[str, list[QAPair]] = {}

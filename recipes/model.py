@@ -24,6 +24,7 @@ from torchtitan.tools.utils import has_cuda_capability, has_rocm_capability
 from memcompile.config import TransformerConfig
 from memcompile.flavors import fit_to_run, get_flavor
 from memcompile.model import Transformer
+from memcompile.optim import MEMORY_VALUES
 from memcompile.stats import model_stats
 from recipes.parallelize import parallelize_memory_transformer
 
@@ -153,16 +154,99 @@ class TitanTransformer(Transformer, BaseModel):
         ``init_states`` and ``parallelize_memory_transformer`` cover the whole model."""
 
 
+class FinetuneTransformer(TitanTransformer):
+    """A ``TitanTransformer`` that starts from a pretrained checkpoint, with only what the
+    finetuning method trains left trainable (``recipes.finetune``):
+
+    - ``full``: every parameter;
+    - ``sparse_memory``: the value table alone (its rows are then picked per step by the
+      optimizer, ``recipes.finetune_trainer``); every other parameter is frozen;
+    - ``lora``: LoRA adapters (peft) on the linears ``lora_targets`` matches; the rest frozen.
+
+    The pretrained weights are its initialisation (``init_states``), so torchtitan's checkpointer
+    still resumes the finetuning itself from the run's own checkpoints.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(TitanTransformer.Config):
+        finetune: Any = None
+        """The run's ``--finetune`` section (``FinetuneConfig``), set from the job config"""
+
+        def update_from_config(self, *, config: Any, **kwargs) -> None:
+            TitanTransformer.Config.update_from_config(self, config=config, **kwargs)
+            self.finetune = config.finetune
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.finetune = config.finetune
+        if self.finetune.method == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(
+                r=self.finetune.lora_rank,
+                lora_alpha=self.finetune.lora_alpha,
+                lora_dropout=self.finetune.lora_dropout,
+                target_modules=self.finetune.lora_targets,
+            )
+            inject_adapter_in_model(lora, self)  # also freezes every other parameter
+        elif self.finetune.method == "sparse_memory":
+            for name, parameter in self.named_parameters():
+                parameter.requires_grad_(name == MEMORY_VALUES)
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        # The buffers; the parameters are the checkpoint's (loaded below), but the adapters'.
+        Transformer.init_weights(self)
+        if "finetune" not in self.__dict__:  # Transformer.__init__'s call, on the meta device
+            return
+        for module in self.modules():  # LoRA: A random, B zero (the adapted model starts equal)
+            if isinstance(module, _lora_layer_type()):
+                module.reset_lora_parameters("default", init_lora_weights=True)
+        load_pretrained(self, self.finetune.checkpoint)
+
+
+def _lora_layer_type() -> type:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no LoRA without peft, so no LoRA layers either
+        return type(None)
+    return LoraLayer
+
+
+def pretrained_name(name: str) -> str:
+    """The name a parameter of a (possibly LoRA-adapted, checkpoint-wrapped or compiled) model
+    has in a pretraining checkpoint."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name.replace(".base_layer.", ".")
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
+def load_pretrained(model: nn.Module, checkpoint: str) -> None:
+    """Load the weights of a ``recipes.pretrain`` DCP checkpoint (a ``step-N`` folder) into
+    ``model`` in place, sharded or not (DCP reshards); LoRA adapters keep their values."""
+    import torch.distributed.checkpoint as dcp
+
+    # state_dict() tensors share the parameters' storage (local shards for FSDP's DTensors).
+    state = model.state_dict()
+    pretrained = {pretrained_name(k): v for k, v in state.items() if not is_adapter(k)}
+    dcp.load(pretrained, checkpoint_id=checkpoint)
+    logger.info(f"Initialised from the pretrained checkpoint {checkpoint}")
+
+
 def _is_cpu_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor) and tensor.device_mesh.device_type == "cpu"
 
 
-def model_spec(name: str) -> ModelSpec:
-    """The torchtitan model spec of the memcompile flavor ``name``."""
+def model_spec(name: str, model: type[TitanTransformer] = TitanTransformer) -> ModelSpec:
+    """The torchtitan model spec of the memcompile flavor ``name`` (``model``: pretraining's
+    ``TitanTransformer`` or finetuning's ``FinetuneTransformer``)."""
     return ModelSpec(
         name="memcompile",
         flavor=name,
-        model=TitanTransformer.Config(transformer=get_flavor(name)),
+        model=model.Config(transformer=get_flavor(name)),
         parallelize_fn=parallelize_memory_transformer,
         pipelining_fn=None,
         post_optimizer_build_fn=None,

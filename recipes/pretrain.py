@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 import torch
 from torchtitan.config.manager import ConfigManager
@@ -124,13 +125,23 @@ def _set_single_process_env() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    run(parse_args, validate, argv)
+
+
+def run(
+    parse: Callable[[list[str]], PretrainTrainer.Config],
+    check: Callable[[PretrainTrainer.Config, int], None],
+    argv: list[str] | None = None,
+) -> None:
+    """Parse and check the config (errors before any work), then build the trainer and train;
+    the body of ``recipes.pretrain`` and ``recipes.finetune``."""
     argv = sys.argv[1:] if argv is None else argv
     init_logger()
     shims.apply()  # first: building the config already logs (see shims._quiet_run_log)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = parse_args(argv)
-        validate(config, world_size)
+        config = parse(argv)
+        check(config, world_size)
         if config.preflight_memory_check:
             check_memory(config, world_size)
     except (ValueError, FileNotFoundError) as error:

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -69,19 +70,37 @@ class MemoryOptimizers(OptimizersContainer):
         other parameters (clipped to training.max_norm)"""
 
         memory_optimizer: Literal["adamw", "sgd", "rowwise_adagrad", "adam"] = "adamw"
-        """Optimizer of the memory value table. adamw: dense AdamW over the whole table, from
-        its autograd gradient. sgd, rowwise_adagrad (FBGEMM's), adam (lazy AdamW): row-sparse,
+        """Optimizer of the memory value table. adamw: dense, over the whole table from its
+        autograd gradient, by the optimizer of the other parameters (AdamW, or SGD with
+        --optimizer.name SGD). sgd, rowwise_adagrad (FBGEMM's), adam (lazy AdamW): row-sparse,
         only the rows a step read are updated (on several ranks: with memory parallelism)"""
+
+        name: Literal["AdamW", "SGD"] = "AdamW"
+        """Optimizer of the parameters the table's row-sparse optimizer does not own (SGD: plain,
+        without momentum, as finetuning recipes compare it)"""
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
         # Built first: it takes the table over (the table stops requiring grad), so the groups
         # below, and torchtitan's check that every trainable parameter has an optimizer, skip it.
-        row_sparse = self.build_row_sparse(config, model_parts)
+        self.row_sparse = self.build_row_sparse(config, model_parts)
         if not config.param_groups:
             config = replace(config, param_groups=self.default_param_groups(config, model_parts))
         super().__init__(config, model_parts=model_parts)
-        if row_sparse is not None:
-            self.optimizers.append(row_sparse)
+        if self.row_sparse is not None:
+            self.optimizers.append(self.row_sparse)
+
+    @staticmethod
+    def _resolve_optimizer_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
+        if name == "SGD":
+            return torch.optim.SGD
+        return OptimizersContainer._resolve_optimizer_factory(name)
+
+    def _post_init(self, all_params: list[torch.nn.Parameter]) -> None:
+        # torch.optim.Optimizer refuses an empty parameter list: when the row-sparse table is
+        # all that trains (sparse memory finetuning), the container's hooks hang on the table.
+        if not all_params and self.row_sparse is not None:
+            all_params = [self.row_sparse.table]
+        super()._post_init(all_params)
 
     @staticmethod
     def build_row_sparse(
@@ -111,6 +130,8 @@ class MemoryOptimizers(OptimizersContainer):
         names = [
             name for part in model_parts for name, p in part.named_parameters() if p.requires_grad
         ]
+        if not names:
+            return []
         groups = param_groups(
             names,
             lr=config.lr,
@@ -118,10 +139,10 @@ class MemoryOptimizers(OptimizersContainer):
             memory_lr_multiplier=config.memory_lr_multiplier,
             memory_weight_decay=config.memory_weight_decay,
         )
-        adamw = {"betas": config.betas, "eps": config.eps}
+        rule = {"betas": config.betas, "eps": config.eps} if config.name == "AdamW" else {}
         return [
             ParamGroupConfig(
-                pattern=pattern, optimizer_name="AdamW", optimizer_kwargs={**adamw, **options}
+                pattern=pattern, optimizer_name=config.name, optimizer_kwargs={**rule, **options}
             )
             for pattern, options in groups
         ]
@@ -159,15 +180,14 @@ class ProgressMetrics(MetricsProcessor):
         # On a CPU, shims drop torchtitan's console line (MFU against an A100's peak).
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if torch.distributed.get_rank() == 0:
-            self._append_jsonl(step, global_avg_loss, grad_norm, extra_metrics)
+            record = {"step": step, "loss": global_avg_loss, "grad_norm": grad_norm}
+            self.append_record({**record, **(extra_metrics or {})})
         logger.info(self._progress(step, global_avg_loss, grad_norm, tokens / seconds))
 
-    def _append_jsonl(
-        self, step: int, loss: float, grad_norm: float, extra_metrics: dict[str, Any] | None
-    ) -> None:
+    def append_record(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` (rank 0's to call)."""
         os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
         with open(self.jsonl_path, "a") as f:
-            record = {"step": step, "loss": loss, "grad_norm": grad_norm, **(extra_metrics or {})}
             f.write(json.dumps(record) + "\n")
 
     def _progress(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> str:
@@ -268,12 +288,16 @@ class PretrainTrainer(Trainer):
 
     def train(self) -> None:
         super().train()
-        config = self.config
+        if self.config.final_eval and self._can_evaluate():
+            self._final_report()
+
+    def _can_evaluate(self) -> bool:
+        """Knowledge measurements need the built-in corpus and one process (generation is not
+        sharded)."""
         single_process = not torch.distributed.is_initialized() or (
             torch.distributed.get_world_size() == 1
         )
-        if config.final_eval and config.dataloader.dataset == BUILTIN_DATASET and single_process:
-            self._final_report()
+        return single_process and self.config.dataloader.dataset == BUILTIN_DATASET
 
     @torch.no_grad()
     def _final_report(self) -> None:

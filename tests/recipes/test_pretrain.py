@@ -58,9 +58,10 @@ def run_pretrain(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def losses(dump_folder: Path) -> dict[int, float]:
-    """step -> loss, the last logged value winning (a restarted run re-logs resumed steps)."""
+    """step -> loss, the last logged value winning (a restarted run re-logs resumed steps);
+    measurement records (a finetuning's "eval") are skipped."""
     lines = (dump_folder / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
 def test_help_lists_every_section():

@@ -1,0 +1,165 @@
+"""Finetune a pretrained memcompile model on new facts, with torchtitan 0.3.0.
+
+    python -m recipes.pretrain --model mem_debug_64k          # a base model to finetune
+    python -m recipes.finetune --checkpoint outputs/mem_debug_64k/checkpoint/step-400 \\
+        --model mem_debug_64k --finetune.method sparse_memory
+    python -m recipes.finetune ... --finetune.method full     # or lora (peft)
+    python -m recipes.finetune --help                         # every flag
+
+Methods (``--finetune.method``), as compared by Lin et al. 2025 ("Continual Learning via Sparse
+Memory Finetuning", arXiv 2510.15103):
+
+- ``sparse_memory`` (default): only the memory slots most specific to each batch train: the top
+  ``--finetune.trainable_slots`` by TF-IDF of the batch's reads against the base model's reads
+  of its pretraining data (counted once, cached in the checkpoint folder). SGD by default; a
+  step updates only those table rows. Every other parameter is frozen.
+- ``full``: every parameter (AdamW by default).
+- ``lora``: LoRA adapters (peft) on the attention and feed-forward linears (AdamW by default).
+
+By default the data are 20 *new* people of the built-in knowledge corpus (``--dataloader.*``:
+people 100-119 of the pretraining's sequence, their biographies and Q/A pairs); any Hugging Face
+dataset or local file works as in pretraining. Before, during (``--finetune.eval_every``) and
+after training the run measures learning (recall of the new facts) and forgetting (recall of the
+pretraining's facts, held-out NLL of its corpus), logged to TensorBoard and metrics.jsonl.
+
+Everything else is ``recipes.pretrain``'s: the config is ``finetune`` of
+``recipes/config_registry.py`` (``--config`` picks another), every torchtitan flag overrides it,
+checkpoints go to ``outputs/<model>_finetune_<method>`` and a rerun resumes exactly. A missing
+checkpoint, a ``--model`` that does not match it, ``sparse_memory`` on a model without memory
+layers and other bad configurations are refused before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+from torchtitan.config.manager import ConfigManager
+
+from memcompile.flavors import fit_to_run
+from memcompile.model import Transformer
+from recipes import pretrain
+from recipes.data.loader import BUILTIN_DATASET
+from recipes.finetune_trainer import FinetuneTrainer
+from recipes.model import is_adapter, pretrained_name
+
+
+def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
+    """The run's config: ``finetune`` of ``recipes/config_registry.py`` (or ``--config``)
+    overridden by every other flag; ``--checkpoint PATH`` is ``--finetune.checkpoint PATH``."""
+    expanded: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--checkpoint":
+            expanded += ["--finetune.checkpoint", next(args, "")]
+        elif arg.startswith("--checkpoint="):
+            expanded += ["--finetune.checkpoint", arg.split("=", 1)[1]]
+        else:
+            expanded.append(arg)
+    return ConfigManager().parse_args(["--module", "recipes", "--config", "finetune", *expanded])
+
+
+def validate(config: FinetuneTrainer.Config, world_size: int) -> None:
+    """Reject what this recipe cannot run, before any work starts (then pretraining's checks)."""
+    finetune = config.finetune
+    if not finetune.checkpoint:
+        raise ValueError(
+            "--checkpoint PATH is required: the step-N folder of a recipes.pretrain run "
+            "(e.g. outputs/mem_debug_64k/checkpoint/step-400)"
+        )
+    checkpoint = Path(finetune.checkpoint).expanduser().resolve()
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {finetune.checkpoint!r} is not a DCP checkpoint folder (no "
+            f"{checkpoint / '.metadata'}); pass a step-N folder written by recipes.pretrain"
+        )
+    finetune.checkpoint = str(checkpoint)
+    transformer = config.model_spec.model.transformer
+    method = finetune.method
+    if method == "sparse_memory" and transformer.memory is None:
+        raise ValueError(
+            f"--finetune.method sparse_memory trains memory slots, and model {config.model!r} "
+            "has no memory layers: use --finetune.method full or lora"
+        )
+    if method == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--finetune.method lora needs peft: pip install peft (or the recipes extra)"
+            ) from None
+        if world_size > 1:
+            raise ValueError(
+                "--finetune.method lora runs in one process (not yet on several ranks)"
+            )
+    for name, value in (
+        ("trainable_slots", finetune.trainable_slots),
+        ("background_sequences", finetune.background_sequences),
+        ("lora_rank", finetune.lora_rank),
+    ):
+        if value < 1:
+            raise ValueError(f"--finetune.{name} must be >= 1, got {value}")
+    if finetune.eval_every < 0:
+        raise ValueError(f"--finetune.eval_every must be >= 0, got {finetune.eval_every}")
+    _check_new_people(config)
+    pretrain.validate(config, world_size)
+    _check_matches_flavor(config, checkpoint)
+
+
+def _check_new_people(config: FinetuneTrainer.Config) -> None:
+    """The built-in corpus's finetuning people must not be people the base was trained on."""
+    new, old = config.dataloader, config.finetune.pretraining
+    if new.dataset != BUILTIN_DATASET or old.dataset != BUILTIN_DATASET:
+        return
+    new, old = new.knowledge, old.knowledge
+    overlap = (
+        new.seed == old.seed
+        and new.first_person < old.first_person + old.num_people
+        and (old.first_person < new.first_person + new.num_people)
+    )
+    if overlap:
+        raise ValueError(
+            f"the finetuning people (--dataloader.knowledge: {new.first_person} to "
+            f"{new.first_person + new.num_people - 1}) overlap the pretraining's "
+            f"(--finetune.pretraining.knowledge: {old.first_person} to "
+            f"{old.first_person + old.num_people - 1}); set --dataloader.knowledge.first-person "
+            f"{old.first_person + old.num_people}"
+        )
+
+
+def _check_matches_flavor(config: FinetuneTrainer.Config, checkpoint: Path) -> None:
+    """Every parameter of ``--model`` is in the checkpoint, with its shape."""
+    # As TitanTransformer.Config.update_from_config: the vocabulary is the tokenizer's.
+    vocab_size = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path).get_vocab_size()
+    transformer = fit_to_run(
+        config.model_spec.model.transformer, vocab_size=vocab_size, seq_len=config.training.seq_len
+    )
+    with torch.device("meta"):
+        expected = Transformer(transformer).state_dict()
+    saved = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    for name, tensor in expected.items():
+        stored = saved.get(pretrained_name(name))
+        if not isinstance(stored, TensorStorageMetadata) or is_adapter(name):
+            if stored is None:
+                raise ValueError(
+                    f"--checkpoint {str(checkpoint)!r} has no {name!r}: it was not pretrained as "
+                    f"--model {config.model} (pass the flavor it was trained as)"
+                )
+            continue
+        if tuple(stored.size) != tuple(tensor.shape):
+            raise ValueError(
+                f"--checkpoint {str(checkpoint)!r} holds {name} of shape {tuple(stored.size)}, "
+                f"but --model {config.model} has {tuple(tensor.shape)}: it was not pretrained as "
+                f"{config.model} (pass the flavor it was trained as)"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    pretrain.run(parse_args, validate, argv)
+
+
+if __name__ == "__main__":
+    main()
