@@ -4,6 +4,7 @@
     python -m recipes.finetune --checkpoint outputs/mem_debug_64k/checkpoint/step-400 \\
         --model mem_debug_64k --finetune.method sparse_memory
     python -m recipes.finetune ... --finetune.method full     # or lora (peft)
+    python -m recipes.finetune ... --finetune.optimizer adamw --finetune.trainable_slots 4000
     python -m recipes.finetune --help                         # every flag
 
 Methods (``--finetune.method``), as compared by Lin et al. 2025 ("Continual Learning via Sparse
@@ -11,8 +12,9 @@ Memory Finetuning", arXiv 2510.15103):
 
 - ``sparse_memory`` (default): only the memory slots most specific to each batch train: the top
   ``--finetune.trainable_slots`` by TF-IDF of the batch's reads against the base model's reads
-  of its pretraining data (counted once, cached in the checkpoint folder). SGD by default; a
-  step updates only those table rows. Every other parameter is frozen.
+  of its pretraining data (counted once, cached in the checkpoint folder). SGD by default (the
+  paper's choice; on the small CPU models lazy AdamW with more slots learns more, see
+  ``benchmarks/RESULTS.md``); a step updates only those table rows. Everything else is frozen.
 - ``full``: every parameter (AdamW by default).
 - ``lora``: LoRA adapters (peft) on the attention and feed-forward linears (AdamW by default).
 

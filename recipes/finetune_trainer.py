@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torchtitan.tools.logging import logger
@@ -59,8 +59,11 @@ class FinetuneConfig:
     linears"""
 
     optimizer: Literal["sgd", "adamw"] | None = None
-    """sgd or adamw (default: sgd for sparse_memory, adamw for full and lora); its learning
-    rate is --optimizer.lr (the table's: times --optimizer.memory-lr-multiplier)"""
+    """sgd or adamw (default: sgd for sparse_memory, adamw for full and lora)"""
+
+    lr: float | None = None
+    """Learning rate (sets --optimizer.lr; the value table's is --optimizer.memory-lr-multiplier
+    times it). Default: per method and optimizer, see DEFAULT_LEARNING_RATES"""
 
     trainable_slots: int = 500
     """sparse_memory: the slots (value-table rows) each step may train, the t of the paper"""
@@ -92,15 +95,36 @@ class FinetuneConfig:
             return self.optimizer
         return "sgd" if self.method == "sparse_memory" else "adamw"
 
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LEARNING_RATES[self.method, self.optimizer_name]
 
-def _optimizer_settings(finetune: FinetuneConfig) -> dict[str, str]:
+
+#: --optimizer.lr by (method, optimizer), the table's 10x that. The AdamW ones and sparse
+#: memory's SGD were chosen on benchmarks.continual's sweep (benchmarks/RESULTS.md): the value
+#: gradients of a mean loss over a batch are small, so SGD on the slots needs a large rate. The
+#: SGD rates of full and LoRA are starting points, not tuned.
+DEFAULT_LEARNING_RATES: dict[tuple[str, str], float] = {
+    ("sparse_memory", "sgd"): 100.0,
+    ("sparse_memory", "adamw"): 1e-2,
+    ("full", "adamw"): 1e-3,
+    ("full", "sgd"): 1e-1,
+    ("lora", "adamw"): 1e-2,
+    ("lora", "sgd"): 1.0,
+}
+
+
+def _optimizer_settings(finetune: FinetuneConfig) -> dict[str, Any]:
     """``MemoryOptimizers.Config`` fields for a method and optimizer: sparse memory finetuning
     trains the table alone, row-sparsely (SGD, or AdamW applied lazily to the touched rows);
     full and LoRA train the trainable parameters densely."""
     sgd = finetune.optimizer_name == "sgd"
+    lr = finetune.learning_rate
     if finetune.method == "sparse_memory":
-        return {"memory_optimizer": "sgd" if sgd else "adam"}
-    return {"memory_optimizer": "adamw", "name": "SGD" if sgd else "AdamW"}
+        return {"lr": lr, "memory_optimizer": "sgd" if sgd else "adam"}
+    return {"lr": lr, "memory_optimizer": "adamw", "name": "SGD" if sgd else "AdamW"}
 
 
 class FinetuneTrainer(PretrainTrainer):
@@ -146,6 +170,7 @@ class FinetuneTrainer(PretrainTrainer):
         num_rows = model.memory_values.shape[0]
         sample = {
             **data.source(),
+            "window_seed": data.seed,
             "background_sequences": finetune.background_sequences,
             "seq_len": config.training.seq_len,
         }
@@ -160,7 +185,6 @@ class FinetuneTrainer(PretrainTrainer):
                 tokens, seq_len=config.training.seq_len, seed=data.seed, dp_rank=0, dp_world_size=1
             )
         )
-
         sequences = (
             next(windows)[0]["input"][None].to(self.device)
             for _ in range(finetune.background_sequences)

@@ -4,7 +4,8 @@
 so checkpoints load into plain memcompile models) that also satisfies torchtitan's ``BaseModel``
 protocol: a nested ``Config`` whose ``build()`` constructs it, ``init_states`` for meta-device
 initialisation, and parameter/FLOP counts for the metrics. Its parallelize function is in
-``recipes/parallelize.py``.
+``recipes/parallelize.py``. ``FinetuneTransformer`` is the same model for ``recipes.finetune``:
+initialised from a pretrained checkpoint, with only what the finetuning method trains trainable.
 """
 
 from __future__ import annotations
