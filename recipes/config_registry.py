@@ -86,8 +86,7 @@ def finetune() -> FinetuneTrainer.Config:
     """``recipes.finetune``'s default: teach a ``default``-pretrained model the 20 people after
     its 100 (biographies and Q/A pairs), for 200 steps, with sparse memory finetuning. The
     checkpoint (``--checkpoint``) and flavor (``--model``) are the pretraining's; the learning
-    rate is --optimizer.lr (table: x --optimizer.memory-lr-multiplier), constant after a short
-    warmup."""
+    rate (``--finetune.lr``, by default per method) is constant after a short warmup."""
     base = default()
     config = FinetuneTrainer.Config(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init},
@@ -103,7 +102,6 @@ def finetune() -> FinetuneTrainer.Config:
     config.dump_folder = "outputs/{model}_finetune_{method}"
     config.training.steps = 200
     config.checkpoint.interval = 50
-    config.optimizer = MemoryOptimizers.Config(lr=1e-3)
     config.lr_scheduler = LRSchedulersContainer.Config(warmup_steps=5, decay_ratio=0.0)
     return config
 

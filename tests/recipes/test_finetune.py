@@ -119,7 +119,7 @@ def test_sparse_memory_finetuning_writes_only_a_few_slots_and_measures(
 def test_full_and_lora_finetuning_train(base_checkpoint: Path, tmp_path: Path, method: str):
     if method == "lora":
         pytest.importorskip("peft")
-    run_finetune(base_checkpoint, tmp_path, method, 12, "--optimizer.lr", "1e-2")
+    run_finetune(base_checkpoint, tmp_path, method, 12, "--finetune.lr", "1e-2")
     loss = losses(tmp_path)
     assert sum(loss[s] for s in (10, 11, 12)) < sum(loss[s] for s in (1, 2, 3))
     base = stored_state(base_checkpoint)
