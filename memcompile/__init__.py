@@ -10,4 +10,15 @@
 - :mod:`memcompile.scoring`: log-likelihoods, NLL and perplexity of continuations.
 - :mod:`memcompile.stats`: parameter and FLOP counts from a config.
 - :mod:`memcompile.telemetry`: which table rows the memory layers read.
+- :mod:`memcompile.pretrained`: ``save_pretrained`` / ``from_pretrained`` (safetensors folders);
+  ``memcompile.from_pretrained(folder)`` for short.
 """
+
+
+def __getattr__(name: str):
+    # Lazy: importing the package stays light (no model, ops or safetensors).
+    if name in ("from_pretrained", "save_pretrained"):
+        from memcompile import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'memcompile' has no attribute {name!r}")
