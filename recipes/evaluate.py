@@ -30,15 +30,17 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
+from memcompile.config import TransformerConfig
 from memcompile.flavors import FlavorName, get_flavor
 from memcompile.model import Transformer
+from memcompile.pretrained import CONFIG_NAME, from_pretrained, load_config
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import evaluate_knowledge, format_table
@@ -63,22 +65,25 @@ def load_checkpoint(
     eval mode.
 
     ``checkpoint`` is a ``step-N`` folder (full training state or model only: the model's
-    parameters are stored under their own names either way); ``model`` is the flavor it was
-    trained as. ``vocab_size`` defaults to the built-in tokenizer's and ``seq_len`` (the
-    pretraining's ``--training.seq_len``) to the flavor's ``max_seq_len``: the model is built by
-    :func:`memcompile.flavors.get_flavor`, as in pretraining.
+    parameters are stored under their own names either way), or a folder written by
+    ``recipes.export``; ``model`` is the flavor it was trained as. ``vocab_size`` defaults to
+    the built-in tokenizer's and ``seq_len`` (the pretraining's ``--training.seq_len``) to the
+    flavor's ``max_seq_len``: the model is built by :func:`memcompile.flavors.get_flavor`, as
+    in pretraining.
     """
     import torch.distributed.checkpoint as dcp
 
     checkpoint = Path(checkpoint)
+    if vocab_size is None:
+        vocab_size = load_tokenizer().get_vocab_size()
+    config = get_flavor(model, vocab_size=vocab_size, seq_len=seq_len)
+    if (checkpoint / CONFIG_NAME).is_file():
+        return _load_exported(checkpoint, model, config, device)
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(
             f"checkpoint {str(checkpoint)!r} is not a DCP checkpoint folder (no .metadata); "
             f"pass a step-N folder such as outputs/<model>/checkpoint/step-400"
         )
-    if vocab_size is None:
-        vocab_size = load_tokenizer().get_vocab_size()
-    config = get_flavor(model, vocab_size=vocab_size, seq_len=seq_len)
     with torch.device(device):
         transformer = Transformer(config)
     state = transformer.state_dict()
@@ -87,6 +92,51 @@ def load_checkpoint(
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     transformer.load_state_dict(state)
     return transformer.eval()
+
+
+def _load_exported(
+    folder: Path, model: str, config: TransformerConfig, device: str | torch.device
+) -> Transformer:
+    """A ``recipes.export`` folder, checked to be the flavor ``model`` (any RoPE length)."""
+    exported = load_config(folder)
+    if replace(exported, max_seq_len=config.max_seq_len) != config:
+        raise ValueError(
+            f"{str(folder)!r} holds a model whose config is not --model {model}'s: {exported}"
+        )
+    return from_pretrained(folder, device)
+
+
+def check_checkpoint(checkpoint: str | Path, model: str, config: TransformerConfig) -> None:
+    """Raise a clear error unless ``checkpoint`` is a DCP folder holding every parameter of
+    ``config`` (the flavor ``model``, fitted to the run) with its shape. Reads only metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from recipes.model import is_adapter, pretrained_name
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(checkpoint)!r} is not a DCP checkpoint folder (no .metadata); "
+            f"pass a step-N folder such as outputs/<model>/checkpoint/step-400"
+        )
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    saved = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    for name, tensor in expected.items():
+        stored = saved.get(pretrained_name(name))
+        if stored is None:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} has no {name!r}: it was not trained as "
+                f"--model {model} (pass the flavor it was trained as)"
+            )
+        if isinstance(stored, TensorStorageMetadata) and not is_adapter(name):
+            if tuple(stored.size) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint {str(checkpoint)!r} holds {name} of shape "
+                    f"{tuple(stored.size)}, but --model {model} has {tuple(tensor.shape)}: it "
+                    f"was not trained as {model} (pass the flavor it was trained as)"
+                )
 
 
 # --------------------------------------------------------------------------- CLI

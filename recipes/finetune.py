@@ -35,18 +35,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config.manager import ConfigManager
 
 from memcompile.flavors import fit_to_run
-from memcompile.model import Transformer
 from recipes import pretrain
 from recipes.data.loader import BUILTIN_DATASET
+from recipes.evaluate import check_checkpoint
 from recipes.finetune_trainer import FinetuneTrainer
-from recipes.model import is_adapter, pretrained_name
 
 
 def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
@@ -139,24 +135,7 @@ def _check_matches_flavor(config: FinetuneTrainer.Config, checkpoint: Path) -> N
     transformer = fit_to_run(
         config.model_spec.model.transformer, vocab_size=vocab_size, seq_len=config.training.seq_len
     )
-    with torch.device("meta"):
-        expected = Transformer(transformer).state_dict()
-    saved = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    for name, tensor in expected.items():
-        stored = saved.get(pretrained_name(name))
-        if not isinstance(stored, TensorStorageMetadata) or is_adapter(name):
-            if stored is None:
-                raise ValueError(
-                    f"--checkpoint {str(checkpoint)!r} has no {name!r}: it was not pretrained as "
-                    f"--model {config.model} (pass the flavor it was trained as)"
-                )
-            continue
-        if tuple(stored.size) != tuple(tensor.shape):
-            raise ValueError(
-                f"--checkpoint {str(checkpoint)!r} holds {name} of shape {tuple(stored.size)}, "
-                f"but --model {config.model} has {tuple(tensor.shape)}: it was not pretrained as "
-                f"{config.model} (pass the flavor it was trained as)"
-            )
+    check_checkpoint(checkpoint, config.model, transformer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -179,7 +179,7 @@ def test_a_resumed_finetuning_equals_an_uninterrupted_one(
         (["--checkpoint", ""], "--checkpoint PATH is required"),
         (["--checkpoint", "/no/such/step-1"], "is not a DCP checkpoint folder"),
         (["--model", "mem_debug"], "holds memory_values of shape (65536, 64)"),
-        (["--model", "dense_debug", "--finetune.method", "full"], "was not pretrained as"),
+        (["--model", "dense_debug", "--finetune.method", "full"], "was not trained as"),
         (["--model", "dense_debug"], "model 'dense_debug' has no memory layers"),
         (["--finetune.trainable_slots", "0"], "--finetune.trainable_slots must be >= 1"),
         (

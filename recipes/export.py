@@ -1,0 +1,156 @@
+"""Export a recipes.pretrain / recipes.finetune checkpoint as a Hugging Face-style folder.
+
+    python -m recipes.export --checkpoint outputs/mem_debug/checkpoint/step-400 \\
+        --model mem_debug --out exported/mem_debug
+
+The folder holds ``model.safetensors`` (sharded past ``--max-shard-mb``, with
+``model.safetensors.index.json``; the shared value table is stored once), ``config.json`` (the
+whole model config, see :mod:`memcompile.pretrained`), ``generation_config.json``, the tokenizer
+files of ``--hf-assets-path`` and a model card (``README.md``). Load it back with
+``memcompile.from_pretrained(folder)``: the same weights, so the same logits, bitwise.
+
+The folder appears whole or not at all (written next to it, then renamed); an existing one is
+refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from memcompile.flavors import FlavorName, get_flavor
+from memcompile.pretrained import save_pretrained
+from memcompile.stats import model_stats
+from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
+from recipes.evaluate import check_checkpoint, load_checkpoint, load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class ExportConfig:
+    """Export a DCP checkpoint as a Hugging Face-style folder (safetensors + config.json)."""
+
+    checkpoint: Path
+    """A step-N DCP folder written by recipes.pretrain or recipes.finetune"""
+
+    out: Path
+    """The folder to write"""
+
+    model: FlavorName = "mem_debug"
+    """The flavor the checkpoint was trained as"""
+
+    seq_len: int | None = None
+    """The training's --training.seq_len, if longer than the flavor's max_seq_len"""
+
+    hf_assets_path: Path = BUILTIN_TOKENIZER_DIR
+    """The tokenizer of the training (its --hf_assets_path); copied into the folder"""
+
+    max_shard_mb: int = 5000
+    """Largest weights file (MB); larger models are sharded"""
+
+    overwrite: bool = False
+    """Replace --out if it exists"""
+
+
+def run(config: ExportConfig) -> Path:
+    tokenizer = load_tokenizer(config.hf_assets_path)
+    transformer = get_flavor(
+        config.model, vocab_size=tokenizer.get_vocab_size(), seq_len=config.seq_len
+    )
+    check_checkpoint(config.checkpoint, config.model, transformer)
+    out = config.out
+    if out.exists() and not config.overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists: pass --overwrite to replace it")
+    missing = [f for f in TOKENIZER_FILES if not (config.hf_assets_path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--hf-assets-path {str(config.hf_assets_path)!r} has no {missing}")
+
+    model = load_checkpoint(
+        config.checkpoint, config.model, tokenizer.get_vocab_size(), seq_len=config.seq_len
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_pretrained(
+            model,
+            staging,
+            max_shard_bytes=config.max_shard_mb * 10**6,
+            config_extra={"flavor": config.model, "source_checkpoint": str(config.checkpoint)},
+        )
+        for name in TOKENIZER_FILES:
+            shutil.copy(config.hf_assets_path / name, staging / name)
+        generation = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "max_length": model.config.max_seq_len,
+            "do_sample": False,
+        }
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (staging / "README.md").write_text(_model_card(config, model.config))
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"wrote {out}  (load it: memcompile.from_pretrained({str(out)!r}))")
+    return out
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move ``staging`` to ``out``; an old ``out`` is removed only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _model_card(config: ExportConfig, transformer) -> str:
+    stats = model_stats(transformer)
+    shape = f"dim {transformer.dim}, {transformer.n_layers} blocks, vocab {transformer.vocab_size}"
+    memory = transformer.memory
+    layers = (
+        "none (dense)"
+        if memory is None
+        else f"{memory.kind.value} in blocks {list(memory.layers)}, {memory.num_values:,} values "
+        f"shared, {memory.heads} heads x top-{memory.topk}"
+    )
+    return f"""# {config.out.name}
+
+A memcompile model (memory layers, "Memory Layers at Scale", Berges et al. 2024), exported from
+`{config.checkpoint}` (flavor `{config.model}`, {config.checkpoint.name}).
+
+| | |
+|---|---|
+| architecture | {shape} |
+| memory layers | {layers} |
+| parameters | {stats.total_params:,} in all, {stats.memory_params:,} in the value table |
+| active per token | {stats.active_params:,} |
+
+```python
+import memcompile
+model = memcompile.from_pretrained("{config.out}")
+```
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    args = sys.argv[1:] if argv is None else argv
+    config = tyro.cli(ExportConfig, args=args, description=__doc__)
+    try:
+        run(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""``python -m recipes.export``: a DCP checkpoint as a Hugging Face-style folder, and its errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
+
+import memcompile  # noqa: E402
+from recipes.evaluate import load_checkpoint  # noqa: E402
+from recipes.export import main  # noqa: E402
+
+
+def test_an_exported_checkpoint_gives_the_same_logits(seed_checkpoint: Path, tmp_path: Path):
+    out = tmp_path / "exported"
+    main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)])
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "README.md"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["flavor"] == "mem_debug" and config["memcompile"]["memory"]["num_values"] == 1024
+    tokens = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
+    original = load_checkpoint(seed_checkpoint, "mem_debug")
+    assert torch.equal(memcompile.from_pretrained(out)(tokens), original(tokens))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    # The recipes' loader takes the folder too (recipes.evaluate / generate --checkpoint).
+    assert torch.equal(load_checkpoint(out, "mem_debug")(tokens), original(tokens))
+    with pytest.raises(ValueError, match="is not --model mem_debug_64k's"):
+        load_checkpoint(out, "mem_debug_64k")
+
+    # An existing folder is refused, then replaced with --overwrite.
+    with pytest.raises(SystemExit, match=re.escape("exists: pass --overwrite")):
+        main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)])
+    (out / "stale.txt").write_text("from an older export")
+    args = ["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)]
+    main([*args, "--overwrite"])
+    assert not (out / "stale.txt").exists()
+    assert torch.equal(memcompile.from_pretrained(out)(tokens), original(tokens))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "dense_debug"], "it was not trained as dense_debug"),
+        (["--model", "mem_debug_64k"], "holds memory_values of shape (1024, 64)"),
+        (["--checkpoint", "/no/such/step-7"], "is not a DCP checkpoint folder"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(
+    seed_checkpoint: Path, tmp_path: Path, args: list[str], message: str
+):
+    out = tmp_path / "exported"
+    defaults = ["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*defaults, *args])
+    assert list(tmp_path.iterdir()) == []
