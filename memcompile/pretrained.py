@@ -2,13 +2,16 @@
 
 A folder holds the weights as safetensors (``model.safetensors``, or shards
 ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json`` past
-``max_shard_bytes``; the shared value table is one tensor, stored once) and ``config.json``
-with the whole ``TransformerConfig`` under ``"memcompile"``::
+``max_shard_bytes``; the shared value table is one tensor, stored once), ``config.json`` with
+the whole ``TransformerConfig`` under ``"memcompile"``, and ``modeling_memcompile.py``, through
+which ``transformers`` loads it (``memcompile/hf.py``)::
 
     save_pretrained(model, "my-model")            # or: python -m recipes.export ...
     model = from_pretrained("my-model")           # the same weights, bitwise
+    AutoModelForCausalLM.from_pretrained("my-model", trust_remote_code=True)
 
-Only ``torch`` and ``safetensors`` are needed: no ``transformers``.
+Weights are stored under ``model.<name>`` (the HF model's ``model`` is the ``Transformer``).
+Only ``torch`` and ``safetensors`` are needed here: no ``transformers``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 #: The key of ``config.json`` holding the architecture.
 CONFIG_KEY = "memcompile"
+#: The prefix of every weight's name in the folder: ``MemcompileForCausalLM.model``.
+PREFIX = "model."
+REMOTE_CODE_NAME = "modeling_memcompile.py"
+_REMOTE_CODE = '''"""transformers' entry to this folder (trust_remote_code=True): memcompile's own
+classes, from the installed package (pip install memcompile). See memcompile/hf.py."""
+
+from memcompile.hf import MemcompileConfig, MemcompileForCausalLM  # noqa: F401
+'''
 
 
 def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
@@ -59,7 +70,7 @@ def save_pretrained(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    state = {PREFIX + name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -73,13 +84,20 @@ def save_pretrained(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    module = REMOTE_CODE_NAME.removesuffix(".py")
     config = {
         "model_type": "memcompile",
+        "architectures": ["MemcompileForCausalLM"],
+        "auto_map": {
+            "AutoConfig": f"{module}.MemcompileConfig",
+            "AutoModelForCausalLM": f"{module}.MemcompileForCausalLM",
+        },
         CONFIG_KEY: config_to_dict(model.config),
         "torch_dtype": dtype,
         **(config_extra or {}),
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / REMOTE_CODE_NAME).write_text(_REMOTE_CODE)
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -124,7 +142,8 @@ def from_pretrained(
     for name in files:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: missing weights file {name}")
-        state.update(load_file(directory / name, device=str(device)))
+        stored = load_file(directory / name, device=str(device))
+        state.update({key.removeprefix(PREFIX): tensor for key, tensor in stored.items()})
     with torch.device("meta"):
         model = Transformer(config)
     # Buffers (RoPE tables) are not saved: the load's post hook computes them for the config.

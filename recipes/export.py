@@ -6,8 +6,11 @@
 The folder holds ``model.safetensors`` (sharded past ``--max-shard-mb``, with
 ``model.safetensors.index.json``; the shared value table is stored once), ``config.json`` (the
 whole model config, see :mod:`memcompile.pretrained`), ``generation_config.json``, the tokenizer
-files of ``--hf-assets-path`` and a model card (``README.md``). Load it back with
-``memcompile.from_pretrained(folder)``: the same weights, so the same logits, bitwise.
+files of ``--hf-assets-path``, a model card (``README.md``) and ``modeling_memcompile.py``. Load
+it back with ``memcompile.from_pretrained(folder)`` (the same weights, so the same logits,
+bitwise), with ``transformers.AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` (``memcompile/hf.py``; ``generate()`` works), or pass the folder as
+``--checkpoint`` to ``recipes.evaluate`` / ``recipes.generate``.
 
 The folder appears whole or not at all (written next to it, then renamed); an existing one is
 refused unless ``--overwrite``.
@@ -137,6 +140,9 @@ A memcompile model (memory layers, "Memory Layers at Scale", Berges et al. 2024)
 ```python
 import memcompile
 model = memcompile.from_pretrained("{config.out}")
+
+from transformers import AutoModelForCausalLM  # with memcompile installed
+model = AutoModelForCausalLM.from_pretrained("{config.out}", trust_remote_code=True)
 ```
 """
 

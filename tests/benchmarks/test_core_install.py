@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: pyproject.toml's ``recipes`` extra, and the lm-evaluation-harness.
+#: pyproject.toml's ``recipes`` and ``hf`` extras, and the lm-evaluation-harness.
 NOT_IN_THE_CORE_INSTALL = (
     "torchtitan",
     "torchao",
@@ -19,6 +19,8 @@ NOT_IN_THE_CORE_INSTALL = (
     "tokenizers",
     "datasets",
     "tensorboard",
+    "peft",
+    "transformers",
     "lm_eval",
 )
 

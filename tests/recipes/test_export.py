@@ -21,13 +21,17 @@ def test_an_exported_checkpoint_gives_the_same_logits(seed_checkpoint: Path, tmp
     main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)])
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "README.md"} <= names
-    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json", "modeling_memcompile.py"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["flavor"] == "mem_debug" and config["memcompile"]["memory"]["num_values"] == 1024
     tokens = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
     original = load_checkpoint(seed_checkpoint, "mem_debug")
     assert torch.equal(memcompile.from_pretrained(out)(tokens), original(tokens))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, original(tokens))
     # The recipes' loader takes the folder too (recipes.evaluate / generate --checkpoint).
     assert torch.equal(load_checkpoint(out, "mem_debug")(tokens), original(tokens))
     with pytest.raises(ValueError, match="is not --model mem_debug_64k's"):
