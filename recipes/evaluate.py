@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -171,7 +172,8 @@ class EvaluateConfig:
     """Where to write the JSON results (default: <checkpoint>/eval.json)"""
 
     lm_eval_tasks: list[str] = field(default_factory=list)
-    """lm-evaluation-harness tasks to run as well (e.g. nq_open triviaqa hellaswag)"""
+    """lm-evaluation-harness tasks to run as well (e.g. nq_open triviaqa hellaswag, or
+    memcompile_knowledge: the held-out questions of --knowledge, recipes/lm_eval_task.py)"""
 
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None: all)"""
@@ -201,14 +203,19 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     print(format_table(results))
     if config.lm_eval_tasks:
         from recipes.lm_eval_adapter import run_lm_eval
+        from recipes.lm_eval_task import TASK_NAME, write_task
 
-        results["lm_eval"] = run_lm_eval(
-            model,
-            tokenizer,
-            config.lm_eval_tasks,
-            limit=config.lm_eval_limit,
-            batch_size=config.batch_size,
-        )
+        with tempfile.TemporaryDirectory() as tasks:
+            if TASK_NAME in config.lm_eval_tasks:
+                write_task(tasks, config.knowledge, tokenizer)
+            results["lm_eval"] = run_lm_eval(
+                model,
+                tokenizer,
+                config.lm_eval_tasks,
+                limit=config.lm_eval_limit,
+                batch_size=config.batch_size,
+                include_path=tasks,
+            )
         print(json.dumps(results["lm_eval"], indent=2, default=str))
     output = config.output or config.checkpoint / "eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)

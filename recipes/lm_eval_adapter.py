@@ -126,9 +126,12 @@ def run_lm_eval(
     *,
     limit: int | None = None,
     batch_size: int = 32,
+    include_path: str | None = None,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on ``tasks``; returns its per-task results."""
+    """``lm_eval.simple_evaluate`` on ``tasks`` (``include_path``: a folder of task YAMLs, e.g.
+    :func:`recipes.lm_eval_task.write_task`'s); returns its per-task results."""
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
     with torch.no_grad():
         output = lm_eval.simple_evaluate(
@@ -136,5 +139,6 @@ def run_lm_eval(
             tasks=tasks,
             limit=limit,
             log_samples=False,
+            task_manager=TaskManager(include_path=include_path),
         )
     return output["results"]

@@ -139,3 +139,42 @@ def test_lm_eval_adapter(tokenizer):
         greedy_text(ids("Question: who?")[-11:], 5).split("\n")[0],
         greedy_text(ids("x" * 200)[-1:], 15),
     ]
+
+
+def test_lm_eval_exact_match_on_the_shipped_task_equals_fact_recall(tokenizer, tmp_path: Path):
+    pytest.importorskip("lm_eval", reason="the lm-eval adapter needs lm_eval")
+    from recipes.knowledge_eval import fact_recall
+    from recipes.lm_eval_adapter import run_lm_eval
+    from recipes.lm_eval_task import TASK_NAME, write_task
+
+    questions = list(CORPUS.eval_qa_pairs())
+    # It knows a third of the answers: lm-eval's score is not 0 or 1 by construction.
+    model = OracleModel(tokenizer, tokenizer.get_vocab_size(), questions[::3]).eval()
+    write_task(tmp_path, CORPUS, tokenizer)
+    results = run_lm_eval(model, tokenizer, [TASK_NAME], include_path=str(tmp_path))
+    recall = fact_recall(model, tokenizer, questions)["accuracy"]
+    assert recall == pytest.approx(1 / 3)
+    assert results[TASK_NAME]["sample_len"] == len(questions)
+    assert results[TASK_NAME]["exact_match,strip"] == pytest.approx(recall)
+
+
+def test_cli_runs_the_knowledge_task_through_lm_eval(seed_checkpoint: Path, tmp_path: Path):
+    pytest.importorskip("lm_eval", reason="the lm-eval adapter needs lm_eval")
+    output = tmp_path / "eval.json"
+    main(
+        [
+            "--checkpoint",
+            str(seed_checkpoint),
+            "--model",
+            "mem_debug",
+            "--knowledge.num-people",
+            "8",
+            "--lm-eval-tasks",
+            "memcompile_knowledge",
+            "--output",
+            str(output),
+        ]  # fmt: skip
+    )
+    results = json.loads(output.read_text())
+    lm_eval_score = results["lm_eval"]["memcompile_knowledge"]["exact_match,strip"]
+    assert lm_eval_score == results["recall_heldout_questions"]["accuracy"]
