@@ -64,6 +64,13 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, Transformer) and not module.rope_cos.is_meta:
             module.init_rope_tables()
 
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        # No HF KV cache: every step reads the whole sequence, even when the caller asks for
+        # use_cache=True (lm-eval does), which would otherwise feed only the newest token.
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.tok_embeddings
 
@@ -77,17 +84,27 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutput:
-        """Logits of ``input_ids`` (left padding is not supported: the model has no attention
-        mask; right padding is harmless to the positions before it)."""
-        if attention_mask is not None and not bool(attention_mask[:, 0].all()):
-            raise ValueError(
-                "MemcompileForCausalLM: left-padded batches are not supported (the model takes "
-                "no attention mask); pad on the right or run one sequence at a time"
-            )
-        logits = self.model(input_ids)
+        """Logits of ``input_ids``. The model takes no attention mask: right padding cannot
+        change the positions before it (causal attention), and the rows of a left-padded batch
+        (``generate()`` and lm-eval pad on the left) are run one by one without their padding,
+        so every row gets exactly its unpadded logits (0 at padding)."""
+        if attention_mask is None or bool(attention_mask[:, 0].all()):
+            logits = self.model(input_ids)
+        else:
+            logits = self._rows_without_left_padding(input_ids, attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def _rows_without_left_padding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        starts = attention_mask.int().argmax(dim=1).tolist()  # each row's first real token
+        rows = [self.model(input_ids[i : i + 1, start:]) for i, start in enumerate(starts)]
+        logits = rows[0].new_zeros(*input_ids.shape, rows[0].shape[-1])
+        for i, (start, row) in enumerate(zip(starts, rows)):
+            logits[i, start:] = row[0]
+        return logits

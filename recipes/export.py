@@ -85,8 +85,8 @@ def run(config: ExportConfig) -> Path:
             max_shard_bytes=config.max_shard_mb * 10**6,
             config_extra={"flavor": config.model, "source_checkpoint": str(config.checkpoint)},
         )
-        for name in TOKENIZER_FILES:
-            shutil.copy(config.hf_assets_path / name, staging / name)
+        shutil.copy(config.hf_assets_path / "tokenizer_config.json", staging)
+        _write_tokenizer(config.hf_assets_path / "tokenizer.json", staging, tokenizer.bos_id)
         generation = {
             "bos_token_id": tokenizer.bos_id,
             "eos_token_id": tokenizer.eos_id,
@@ -101,6 +101,21 @@ def run(config: ExportConfig) -> Path:
         raise
     print(f"wrote {out}  (load it: memcompile.from_pretrained({str(out)!r}))")
     return out
+
+
+def _write_tokenizer(source: Path, folder: Path, bos_id: int) -> None:
+    """Copy the tokenizer so that ``transformers`` encodes as training did, ``BOS text``: the
+    recipes add the BOS themselves (torchtitan's ``add_bos``), so a tokenizer without a post
+    processor gets one that adds it (lm-eval's hf model: with ``add_bos_token=True``)."""
+    from tokenizers import Tokenizer, processors
+
+    tokenizer = Tokenizer.from_file(str(source))
+    if tokenizer.post_processor is None:
+        bos = tokenizer.id_to_token(bos_id)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def _replace(staging: Path, out: Path) -> None:

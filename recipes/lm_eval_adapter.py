@@ -48,7 +48,10 @@ class MemcompileLM(LM):
         self.max_seq_len = model.config.max_seq_len
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_bos=False, add_eos=False)
+        # Encoded with its BOS, which is then dropped: a tokenizer that adds BOS itself (an
+        # exported folder's, for transformers) adds it even when asked not to.
+        ids = self.tokenizer.encode(text, add_bos=True, add_eos=False)
+        return ids[1:] if ids[:1] == [self.tokenizer.bos_id] else ids
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # As lm_eval's HF model: trailing spaces belong to the continuation, and the pair is

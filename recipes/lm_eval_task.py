@@ -1,11 +1,11 @@
 """The knowledge corpus's questions as an lm-evaluation-harness task: ``memcompile_knowledge``.
 
     python -m recipes.lm_eval_task --out tasks/            # held-out questions, default corpus
-    lm_eval --model hf --model_args pretrained=exported/mem_debug,trust_remote_code=True \\
-        --include_path tasks/ --tasks memcompile_knowledge
+    lm_eval --model hf --include_path tasks/ --tasks memcompile_knowledge \\
+        --model_args pretrained=exported/mem_debug,trust_remote_code=True,add_bos_token=True
     python -m recipes.evaluate --checkpoint ... --lm-eval-tasks memcompile_knowledge
 
-Writes ``questions.jsonl`` (one Q/A pair per line) and ``memcompile_knowledge.yaml``: greedy
+Writes ``memcompile_knowledge.jsonl`` (one Q/A pair per line) and ``.yaml``: greedy
 generation from ``Question: ...\\nAnswer:`` up to the end-of-text token, at most the longest
 answer's tokens + 3 (as :func:`recipes.knowledge_eval.fact_recall`), leading whitespace
 stripped, exact match. Its score is ``fact_recall``'s accuracy on the same questions.

@@ -48,15 +48,21 @@ def test_greedy_generation_is_the_same_on_every_path(saved):
     with torch.no_grad():
         ours = generate(model, prompt, 12)
         reloaded = generate(from_pretrained(folder), prompt, 12)
-        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        for use_cache in (False, True):  # lm-eval asks for a cache; the model keeps none
+            theirs = hf.generate(
+                prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=use_cache
+            )
+            assert torch.equal(theirs[:, :7], prompt) and torch.equal(theirs[:, 7:], ours)
     assert torch.equal(ours, reloaded)
-    assert torch.equal(theirs[:, :7], prompt) and torch.equal(theirs[:, 7:], ours)
 
 
-def test_left_padding_is_refused(saved):
-    _, folder = saved
-    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    tokens = torch.ones(2, 5, dtype=torch.long)
-    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="left-padded batches are not supported"):
-        hf(tokens, attention_mask=mask)
+def test_a_left_padded_row_gets_its_unpadded_logits(saved):
+    model, folder = saved
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokens = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        logits = hf(tokens, attention_mask=mask).logits
+        assert torch.equal(logits[0, 2:], model(tokens[:1, 2:])[0])
+        assert torch.equal(logits[1], model(tokens[1:])[0])
+        assert not logits[0, :2].any()

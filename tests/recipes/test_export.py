@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
 import memcompile  # noqa: E402
-from recipes.evaluate import load_checkpoint  # noqa: E402
+from recipes.evaluate import load_checkpoint, load_tokenizer  # noqa: E402
 from recipes.export import main  # noqa: E402
 
 
@@ -32,6 +32,10 @@ def test_an_exported_checkpoint_gives_the_same_logits(seed_checkpoint: Path, tmp
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     with torch.no_grad():
         assert torch.equal(hf(tokens).logits, original(tokens))
+    # transformers' tokenizer encodes as the training did: BOS, then the text.
+    text = "Question: In which city was Isfen Faldunlis born?\nAnswer:"
+    hf_ids = transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    assert hf_ids == load_tokenizer().encode(text, add_bos=True, add_eos=False)
     # The recipes' loader takes the folder too (recipes.evaluate / generate --checkpoint).
     assert torch.equal(load_checkpoint(out, "mem_debug")(tokens), original(tokens))
     with pytest.raises(ValueError, match="is not --model mem_debug_64k's"):
