@@ -37,8 +37,8 @@ def test_matched_learning_compares_each_method_where_all_have_learnt_as_much():
 
 def test_tiny_continual_benchmark_writes_its_report(tmp_path: Path):
     config = ContinualBenchmarkConfig(
-        seeds=(0,), pretrain_steps=4, base_people=20, new_people=4, seq_len=32, batch_size=2,
-        finetune_steps=4, eval_every=2, eval_max_people=2, output_dir=tmp_path / "out",
+        seeds=(0,), pretrain_steps=2, base_people=20, new_people=4, seq_len=32, batch_size=2,
+        finetune_steps=2, eval_every=1, eval_max_people=2, output_dir=tmp_path / "out",
         cache_dir=tmp_path / "cache",
     )  # fmt: skip
     run(config)
@@ -46,7 +46,7 @@ def test_tiny_continual_benchmark_writes_its_report(tmp_path: Path):
     result = report["seeds"]["0"]
     assert tuple(result["curves"]) == METHODS
     for curve in result["curves"].values():
-        assert [point["step"] for point in curve] == [0, 2, 4]
+        assert [point["step"] for point in curve] == [0, 1, 2]
         assert curve[0] == result["base"]  # every method starts from the same base
     assert set(report["paper_shape"]) == {"forgetting_ratio", "learning_ratio", "met"}
     table = (tmp_path / "out" / "continual.md").read_text()
