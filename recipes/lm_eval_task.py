@@ -101,12 +101,11 @@ class TaskConfig:
 
 def main(argv: list[str] | None = None) -> None:
     import tyro
-
-    from recipes.evaluate import load_tokenizer
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     args = sys.argv[1:] if argv is None else argv
     config = tyro.cli(TaskConfig, args=args, description=__doc__)
-    tokenizer = load_tokenizer(config.hf_assets_path)
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(config.hf_assets_path))
     yaml = write_task(config.out, config.knowledge, tokenizer, split=config.split)
     print(f"wrote {yaml}  (lm_eval ... --include_path {config.out} --tasks {TASK_NAME})")
 

@@ -158,6 +158,17 @@ def test_lm_eval_exact_match_on_the_shipped_task_equals_fact_recall(tokenizer, t
     assert results[TASK_NAME]["exact_match,strip"] == pytest.approx(recall)
 
 
+def test_the_task_command_writes_the_yaml_and_the_questions(tmp_path: Path):
+    from recipes.lm_eval_task import main as write_task_main
+
+    write_task_main(["--out", str(tmp_path), "--knowledge.num-people", "8", "--split", "trained"])
+    yaml = (tmp_path / "memcompile_knowledge.yaml").read_text()
+    assert "output_type: generate_until" in yaml and str(tmp_path) in yaml
+    lines = (tmp_path / "memcompile_knowledge.jsonl").read_text().splitlines()
+    trained = list(KnowledgeCorpus(num_people=8).train_qa_pairs())
+    assert [json.loads(line)["question"] for line in lines] == [qa.question for qa in trained]
+
+
 def test_cli_runs_the_knowledge_task_through_lm_eval(seed_checkpoint: Path, tmp_path: Path):
     pytest.importorskip("lm_eval", reason="the lm-eval adapter needs lm_eval")
     output = tmp_path / "eval.json"
