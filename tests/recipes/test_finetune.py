@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from recipes.evaluate import load_checkpoint  # noqa: E402
 from recipes.finetune import main  # noqa: E402
 from recipes.model import is_adapter, pretrained_name  # noqa: E402
-from tests.recipes.test_pretrain import REPO, RUN_TIMEOUT_S, _env, losses, run_pretrain  # noqa: E402
+from tests.recipes.test_pretrain import losses, run_pretrain, run_recipe  # noqa: E402
 
 MODEL = "mem_debug_64k"
 
@@ -67,14 +66,7 @@ def run_finetune(
         "--debug.seed", "0",
         *extra,
     ]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "recipes.finetune", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    result = run_recipe("recipes.finetune", args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -202,14 +194,7 @@ def test_bad_configuration_fails_before_any_work(
 
 
 def test_help_lists_the_finetuning_flags():
-    result = subprocess.run(
-        [sys.executable, "-m", "recipes.finetune", "--help"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    result = run_recipe("recipes.finetune", ["--help"])
     assert result.returncode == 0, result.stderr
     for flag in (
         "--finetune.method",

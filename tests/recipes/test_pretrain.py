@@ -47,8 +47,13 @@ def _env() -> dict[str, str]:
 
 
 def run_pretrain(args: list[str]) -> subprocess.CompletedProcess:
+    return run_recipe("recipes.pretrain", args)
+
+
+def run_recipe(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` in a fresh process (a process group of its own)."""
     return subprocess.run(
-        [sys.executable, "-m", "recipes.pretrain", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=_env(),
         capture_output=True,
