@@ -194,7 +194,7 @@ def train_and_evaluate(
     model = Transformer(model_config)
     table_optimizer = None
     if config.table_optimizer != "adamw" and model.memory_values is not None:
-        # Built first: it takes the table out of the AdamW groups.
+        # Built first: the table is then its alone (torch_param_groups leaves it out).
         table_lr = config.lr * config.memory_lr_multiplier
         table_optimizer = RowSparseOptimizer(model, config.table_optimizer, lr=table_lr)
         table_optimizer.param_groups[0]["initial_lr"] = table_lr

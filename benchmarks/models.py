@@ -47,6 +47,7 @@ from benchmarks.common import (
 from memcompile.config import TransformerConfig
 from memcompile.flavors import get_flavor
 from memcompile.model import Transformer
+from memcompile.optim import dense_trainable_parameters
 from memcompile.sparse_optim import RowSparseOptimizer
 from memcompile.stats import model_stats
 
@@ -116,10 +117,10 @@ def _make_step(
     device_type = tokens.device.type
     optimizers = []
     if table_optimizer != "adamw" and model.memory_values is not None:
-        # Built first: it takes the table out of the AdamW parameters.
+        # Built first: the table is then its alone (dense_trainable_parameters leaves it out).
         optimizers.append(RowSparseOptimizer(model, table_optimizer, lr=10 * config.lr))
     # Fused AdamW (CUDA, and CPU since torch 2.4): what a real training loop would use.
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for _, p in dense_trainable_parameters(model)]
     optimizers.append(torch.optim.AdamW(trainable, lr=config.lr, fused=True))
 
     def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ Reported per method:
   step creates the optimizer state);
 - ``state MiB``: the training state alive at the end of a step, before ``zero_grad``, counted
   from the tensors themselves (distinct storages): table + gradient + optimizer state; for the
-  row-sparse methods the table, the optimizer state and the recorded log (what the step read
+  row-sparse methods the table, the optimizer state and the recorded gradient (what the step read
   from it is freed by the step itself);
 - ``peak MiB`` / ``+MiB``: the process's peak RSS during the timed steps on a Linux CPU (CUDA:
   peak allocated), and that peak minus the memory in use before the method built its table:
@@ -281,7 +281,9 @@ def _row_sparse_step(table: Tensor, inputs: Inputs, config: ValueStepBenchmark, 
         inputs.scores.grad = None
 
     def alive() -> list[Tensor]:
-        return [module.memory_values, *_optimizer_tensors(optimizer), *optimizer.log.tensors()]
+        grad = module.memory_values.grad  # a RowSparseGrad: what the lookups recorded
+        recorded = grad.tensors() if grad is not None else []
+        return [module.memory_values, *_optimizer_tensors(optimizer), *recorded]
 
     return Step(run, zero_grad, alive)
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import ops  # noqa: F401  (registers torch.ops.memlayer.*)
 from memcompile.config import MemoryConfig, MemoryKind
 from memcompile.telemetry import UsageCounter
-from ops.row_sparse import ValueGradLog, lookup_recording_grads
+from ops.row_sparse import GradRecorder, lookup_recording_grads
 
 
 class ValueLookup(nn.Module):
@@ -45,17 +45,25 @@ class ValueLookup(nn.Module):
     ``torch.ops.memlayer.lookup``; this module holds no parameters. It is a module so that a
     parallel style can be applied to the read and seen in ``print(model)``.
 
-    With a ``grad_log`` (set by ``memcompile.sparse_optim.RowSparseOptimizer``) the backward
-    records the value gradient's inputs there instead of forming a ``[N, D]`` gradient.
+    While a row-sparse optimizer trains the table (``grad_recorder.recording``, see
+    ``memcompile.sparse_optim.RowSparseOptimizer``), the backward records the value gradient's
+    inputs into the table's ``.grad`` (``ops.row_sparse.RowSparseGrad``) instead of forming a
+    ``[N, D]`` gradient. The lookups of one table share its ``grad_recorder``, which the model
+    gives them (``memcompile.model.Transformer`` does); by default a lookup has its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grad_recorder: GradRecorder | None = None) -> None:
         super().__init__()
-        self.grad_log: ValueGradLog | None = None
+        self.grad_recorder = GradRecorder() if grad_recorder is None else grad_recorder
 
     def forward(self, values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        if self.grad_log is not None:
-            return lookup_recording_grads(values, indices, weights, self.grad_log)
+        recorder = self.grad_recorder
+        if recorder.recording and torch.is_grad_enabled():
+            if values.is_leaf and values.requires_grad:  # the table itself, read directly
+                recorder.reads(values)
+            table = recorder.table
+            if table is not None and table.requires_grad:
+                return lookup_recording_grads(values, indices, weights, recorder)
         return torch.ops.memlayer.lookup(values, indices, weights)
 
 
@@ -64,10 +72,24 @@ class ValueTable(nn.Module):
 
     The model passes its table through this module once per forward and hands the result to
     every memory block, so that a parallel style can prepare the table there once for all of
-    them (memory parallelism: this rank's column shard, in the compute dtype).
+    them (memory parallelism: this rank's column shard, in the compute dtype). It tells the
+    blocks' lookups, through their shared ``grad_recorder``, which table they read: the one
+    whose gradient they record when a row-sparse optimizer trains it (and then hands them the
+    table detached: the recording backward alone reaches the table).
     """
 
+    def __init__(self, grad_recorder: GradRecorder | None = None) -> None:
+        super().__init__()
+        self.grad_recorder = GradRecorder() if grad_recorder is None else grad_recorder
+
     def forward(self, values: Tensor) -> Tensor:
+        recorder = self.grad_recorder
+        recorder.reads(values)
+        if recorder.recording:
+            # The lookups record the table's gradient straight into it: nothing on the way to
+            # them (FSDP's hooks on block inputs, a cast, a column shard) may hold the table's
+            # autograd history, or its backward would form a dense [N, D] gradient of zeros.
+            return values.detach()
         return values
 
 
@@ -84,7 +106,13 @@ class ProductKeyMemory(nn.Module):
     half-score starts with unit variance instead of growing with the key dim.
     """
 
-    def __init__(self, dim: int, memory: MemoryConfig, norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        memory: MemoryConfig,
+        norm_eps: float = 1e-5,
+        grad_recorder: GradRecorder | None = None,
+    ) -> None:
         super().__init__()
         memory = memory.for_model_dim(dim)
         self.dim = dim
@@ -105,7 +133,7 @@ class ProductKeyMemory(nn.Module):
         else:
             self.query_norm = self.key_norm = None
         self.usage = UsageCounter(memory.num_values) if memory.telemetry else None
-        self.lookup = ValueLookup()
+        self.lookup = ValueLookup(grad_recorder)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -159,11 +187,17 @@ class MemoryPlus(nn.Module):
     A SwiGLU feed-forward whose up-projection is the memory read.
     """
 
-    def __init__(self, dim: int, memory: MemoryConfig, norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        memory: MemoryConfig,
+        norm_eps: float = 1e-5,
+        grad_recorder: GradRecorder | None = None,
+    ) -> None:
         super().__init__()
         memory = memory.for_model_dim(dim)
         self.dim = dim
-        self.memory = ProductKeyMemory(dim, memory, norm_eps)
+        self.memory = ProductKeyMemory(dim, memory, norm_eps, grad_recorder)
         self.w1 = nn.Linear(dim, memory.value_dim, bias=True)
         self.w2 = nn.Linear(memory.value_dim, dim, bias=True)
         self.init_weights()
@@ -178,8 +212,14 @@ class MemoryPlus(nn.Module):
         return self.w2(self.memory(x, values) * F.silu(self.w1(x)))
 
 
-def build_memory_layer(dim: int, memory: MemoryConfig, norm_eps: float = 1e-5) -> nn.Module:
-    """The module that replaces a block's feed-forward: called as ``layer(x, values)``."""
+def build_memory_layer(
+    dim: int,
+    memory: MemoryConfig,
+    norm_eps: float = 1e-5,
+    grad_recorder: GradRecorder | None = None,
+) -> nn.Module:
+    """The module that replaces a block's feed-forward: called as ``layer(x, values)``; its
+    lookup shares ``grad_recorder`` with the other readers of the table."""
     if memory.kind is MemoryKind.MEMORY_PLUS:
-        return MemoryPlus(dim, memory, norm_eps)
-    return ProductKeyMemory(dim, memory, norm_eps)
+        return MemoryPlus(dim, memory, norm_eps, grad_recorder)
+    return ProductKeyMemory(dim, memory, norm_eps, grad_recorder)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 import ops
 from memcompile.config import TransformerConfig
 from memcompile.memory import ValueTable, build_memory_layer
+from ops.row_sparse import GradRecorder
 
 if TYPE_CHECKING:
     from memcompile.generate import KVCache, LayerKVCache
@@ -142,7 +143,9 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block; in memory blocks the feed-forward is a memory layer."""
 
-    def __init__(self, layer_id: int, config: TransformerConfig) -> None:
+    def __init__(
+        self, layer_id: int, config: TransformerConfig, grad_recorder: GradRecorder | None = None
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.is_memory_block = config.memory is not None and layer_id in config.memory.layers
@@ -150,7 +153,9 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         if self.is_memory_block:
-            self.feed_forward = build_memory_layer(config.dim, config.memory, config.norm_eps)
+            self.feed_forward = build_memory_layer(
+                config.dim, config.memory, config.norm_eps, grad_recorder
+            )
         else:
             self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
 
@@ -194,13 +199,15 @@ class Transformer(nn.Module):
             self.memory_values = nn.Parameter(
                 torch.empty(config.memory.num_values, config.memory.value_dim)
             )
-            self.memory_table = ValueTable()
+            # Every memory block's lookup reads it, and learns which table that is here.
+            recorder = GradRecorder()
+            self.memory_table = ValueTable(recorder)
         else:
             self.register_parameter("memory_values", None)
-            self.memory_table = None
+            self.memory_table = recorder = None
         # A dict keyed by layer id keeps parameter names stable if blocks are split off (PP).
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(i, config) for i in range(config.n_layers)}
+            {str(i): TransformerBlock(i, config, recorder) for i in range(config.n_layers)}
         )
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from memcompile.memory import ValueLookup
+
 #: The fully qualified name of the shared value table in a ``memcompile.model.Transformer``.
 MEMORY_VALUES = "memory_values"
 
@@ -46,8 +48,9 @@ def torch_param_groups(
     memory_weight_decay: float = 0.0,
 ) -> list[dict]:
     """:func:`param_groups` as ``torch.optim`` parameter groups of ``model``'s trainable
-    parameters (each group also has ``"name"``: its regex)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    parameters (each group also has ``"name"``: its regex), but the value table while a
+    ``memcompile.sparse_optim.RowSparseOptimizer`` trains it."""
+    named = dense_trainable_parameters(model)
     groups = param_groups(
         (name for name, _ in named),
         lr=lr,
@@ -65,3 +68,20 @@ def torch_param_groups(
                 params.append(p)
         torch_groups.append({"name": pattern, "params": params, **options})
     return torch_groups
+
+
+def dense_trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every parameter a dense optimizer should train: those that
+    require grad, but the value table while a row-sparse optimizer trains it."""
+    row_sparse = trained_row_sparsely(model)
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and not (row_sparse and name == MEMORY_VALUES)
+    ]
+
+
+def trained_row_sparsely(model: nn.Module) -> bool:
+    """Whether a row-sparse optimizer trains ``model``'s value table (its lookups record the
+    table's gradient for it), so that no other optimizer may."""
+    return any(m.grad_recorder.recording for m in model.modules() if isinstance(m, ValueLookup))

@@ -13,7 +13,7 @@ sequences) and ``df(i)`` how many of them read slot ``i`` at least once. The top
 a batch are the only rows its step trains; every other row stays bitwise unchanged::
 
     background = BackgroundFrequency.measure(model, pretraining_batches)
-    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)   # everything else frozen
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)   # every other parameter frozen
     optimizer.trainable_rows = TfidfSlotSelector(background, count=500)
 
 :class:`SlotAccessCounter` counts reads while a model runs (hooks on its ``ValueLookup`` modules,
@@ -39,6 +39,9 @@ class SlotAccessCounter:
     with SlotAccessCounter(model) as counter:
         model(tokens)
     counter.counts  # [num_rows] int64, reads per row over the block
+
+    Entering it again inside its own block (nested ``with``) changes nothing: each read is
+    counted once, and the hooks go when the outermost block ends.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -48,6 +51,7 @@ class SlotAccessCounter:
         self.counts = torch.zeros(table.shape[0], dtype=torch.int64, device=table.device)
         self._lookups = [m for m in model.modules() if isinstance(m, ValueLookup)]
         self._handles: list = []
+        self._depth = 0
 
     def _count(self, module: nn.Module, args: tuple) -> None:
         indices = args[1]
@@ -57,13 +61,17 @@ class SlotAccessCounter:
         self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
 
     def __enter__(self) -> SlotAccessCounter:
-        self._handles = [m.register_forward_pre_hook(self._count) for m in self._lookups]
+        if self._depth == 0:
+            self._handles = [m.register_forward_pre_hook(self._count) for m in self._lookups]
+        self._depth += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._depth -= 1
+        if self._depth == 0:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
 
 @dataclass
@@ -131,8 +139,7 @@ def tfidf_scores(batch_counts: Tensor, background: BackgroundFrequency) -> Tenso
 def top_slots(scores: Tensor, count: int) -> Tensor:
     """The ``count`` best-scoring slots with a positive score, sorted by row (int64). Ties are
     broken by the lower row, so the choice is deterministic."""
-    if count < 1:
-        raise ValueError(f"top_slots: count must be >= 1, got {count}")
+    _check_count("top_slots", count)
     candidates = (scores > 0).nonzero().squeeze(1)
     if candidates.numel() > count:
         # A stable sort of the negated scores: equal scores keep row order.
@@ -147,8 +154,7 @@ class TfidfSlotSelector:
     with the highest TF-IDF against ``background`` (:func:`top_slots`)."""
 
     def __init__(self, background: BackgroundFrequency, count: int) -> None:
-        if count < 1:
-            raise ValueError(f"TfidfSlotSelector: count must be >= 1, got {count}")
+        _check_count("TfidfSlotSelector", count)
         self.background, self.count = background, count
 
     def __call__(self, reads: Tensor) -> Tensor:
@@ -160,3 +166,11 @@ class TfidfSlotSelector:
                 f"frequencies cover {num_rows} rows"
             )
         return top_slots(tfidf_scores(counts, self.background), self.count)
+
+
+def _check_count(owner: str, count: object) -> None:
+    """A number of slots: an int >= 0 (0 trains none); a bool or a float is a mistake."""
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise TypeError(f"{owner}: count must be an int >= 0, got {count!r}")
+    if count < 0:
+        raise ValueError(f"{owner}: count must be an int >= 0, got {count}")

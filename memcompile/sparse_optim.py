@@ -2,9 +2,9 @@
 
 A step reads a few hundred thousand of the table's ``N`` rows, yet the dense path writes a
 ``[N, D]`` gradient and runs AdamW over all ``N`` rows (two ``[N, D]`` states). This optimizer
-owns the table instead: the model's lookups record what the value gradient is made of (``[T, D]``
-per lookup, see ``ops/row_sparse.py``), and :meth:`step` updates only the touched rows, of the
-table and of the optimizer state::
+trains the table instead: while it lives, the model's lookups record what the value gradient is
+made of (``[T, D]`` per lookup, see ``ops/row_sparse.py``) as the table's ``.grad``, and
+:meth:`step` updates only the touched rows, of the table and of the optimizer state::
 
     model = Transformer(config)
     values_optimizer = RowSparseOptimizer(model, "rowwise_adagrad", lr=0.1)
@@ -15,12 +15,20 @@ table and of the optimizer state::
         values_optimizer.clip_grad_norm_(1.0)   # optional: the table's own norm
         values_optimizer.step()
         optimizer.step()
-        values_optimizer.zero_grad()
-        optimizer.zero_grad()
+        model.zero_grad()
 
-The table stays a parameter (checkpoints, ``state_dict``, DCP) but no longer requires grad, so
-``torch_param_groups`` and every other optimizer leave it alone. It is a ``torch.optim.Optimizer``:
-LR schedulers, ``state_dict`` / ``load_state_dict`` and torchtitan's optimizer container work.
+The recorded gradient is a gradient: it lives in ``model.memory_values.grad`` (an
+``ops.row_sparse.RowSparseGrad``), micro-batches accumulate into it, ``model.zero_grad()`` and
+either optimizer's ``zero_grad`` clear it, and a backward that does not accumulate into the
+table (``torch.autograd.grad`` of something else) leaves it alone. The table keeps requiring
+grad; ``memcompile.optim.torch_param_groups`` leaves it to this optimizer. It is a
+``torch.optim.Optimizer``: LR schedulers, ``step(closure)``, ``state_dict`` /
+``load_state_dict`` (checked against the rule and the table) and torchtitan's optimizer
+container work. One table has one row-sparse optimizer: a second is refused while the first
+lives, and once an optimizer is gone the lookups stop recording (the table gets dense
+gradients again). The model holds no link to it: ``copy.deepcopy(model)`` or a pickled model
+trains densely until an optimizer of its own takes it (deep-copying a model and its optimizer
+together gives a copy that trains the copied table).
 
 Rules (hyperparameters per param group, as in ``torch.optim``):
 
@@ -39,15 +47,14 @@ once). Every step is bitwise deterministic run to run.
 Sparse memory finetuning (Lin et al., 2025) trains only some rows: set
 :attr:`RowSparseOptimizer.trainable_rows` to those rows, or to a function that picks them from
 each step's reads (``memcompile.slot_ranking.TfidfSlotSelector``: the top slots by TF-IDF), and
-the step updates, and clips by, those rows alone. The recorded backward reaches the lookups even
-when no other parameter trains.
+the step updates, and clips by, those rows alone.
 
 Sharded tables (DTensors): column-sharded (``Shard(1)``, memory parallelism) and replicated
 placements. Each rank updates its columns of the touched rows; row norms (clipping, row-wise
 AdaGrad) are all-reduced over the column shards, and replicas all-gather what their lookups
-recorded (``[T, D/G]`` per lookup), so every replica applies the same update. The state is
-sharded like the table (AdaGrad's per-row sums replicated), so DCP saves and reshards it. A
-row-sharded table (FSDP over several ranks) is refused.
+recorded (``[T, D/G]`` per lookup) once per recorded gradient, so every replica applies the same
+update. The state is sharded like the table (AdaGrad's per-row sums replicated), so DCP saves
+and reshards it. A row-sharded table (FSDP over several ranks) is refused.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -67,9 +74,11 @@ from memcompile.memory import ValueLookup
 from memcompile.optim import MEMORY_VALUES
 from ops.row_sparse import (
     RULES,
+    GradRecorder,
     RowGroups,
-    ValueGradLog,
+    RowSparseGrad,
     group_by_row,
+    row_sparse_grad,
     row_sq_norms,
     update_rows,
 )
@@ -80,14 +89,17 @@ RowChoice = Tensor | Callable[[Tensor], Tensor]
 #: Optimizer names that train a table densely (from an autograd gradient), not row-sparsely.
 DENSE_OPTIMIZERS = ("adamw", "adagrad", "sparseadam")
 
+#: The state each rule keeps (besides ``step``), which ``load_state_dict`` checks.
+STATE_NAMES = {"sgd": (), "rowwise_adagrad": ("sum",), "adam": ("exp_avg", "exp_avg_sq")}
+
 
 class RowSparseOptimizer(Optimizer):
     """Trains ``model.memory_values`` by updating only the rows each step touched.
 
     Args:
         model: a ``memcompile.model.Transformer`` (or any module with a ``memory_values``
-            parameter read through ``ValueLookup`` modules). Its lookups are switched to
-            recording and the table stops requiring grad.
+            parameter read through ``ValueLookup`` modules). Its lookups record the table's
+            gradient while this optimizer lives; nothing else about the model changes.
         rule: ``"sgd"``, ``"rowwise_adagrad"`` or ``"adam"`` (see the module doc).
         lr, eps, betas, weight_decay: as in ``torch.optim`` (``betas`` only for ``"adam"``).
     """
@@ -114,29 +126,70 @@ class RowSparseOptimizer(Optimizer):
                 f"RowSparseOptimizer: model has no {MEMORY_VALUES} parameter (a model with "
                 "memory layers has one)"
             )
+        if not table.requires_grad:
+            raise ValueError(
+                f"RowSparseOptimizer: model.{MEMORY_VALUES} does not require grad, so its lookups "
+                "would record no gradient to train it by: call "
+                f"model.{MEMORY_VALUES}.requires_grad_(True) (to train the table alone, freeze "
+                "the other parameters)"
+            )
+        recorders = _recorders_of(model)
+        if not recorders:
+            raise ValueError(
+                f"RowSparseOptimizer: model reads {MEMORY_VALUES} through no "
+                "memcompile.memory.ValueLookup, so no lookup would record its gradient"
+            )
         eps = {"sgd": 0.0, "rowwise_adagrad": 1e-10, "adam": 1e-8}[rule] if eps is None else eps
         _check_hyperparameters(lr, eps, betas, weight_decay)
-        self.layout = _TableLayout.of(table)
-        if self.layout.column_groups and rule == "rowwise_adagrad" and weight_decay:
+        layout = _TableLayout.of(table)
+        if layout.column_groups and rule == "rowwise_adagrad" and weight_decay:
             raise NotImplementedError(
                 "RowSparseOptimizer: rowwise_adagrad with weight_decay on a column-sharded table "
                 "is not supported (its row norm would need the other ranks' columns)"
             )
-        self.rule = rule
-        local = _local(table)
-        self.log = ValueGradLog(local.shape[0], local.shape[1], local.device)
-        lookups = [m for m in model.modules() if isinstance(m, ValueLookup)]
-        for lookup in lookups:
-            lookup.grad_log = self.log
-        table.requires_grad_(False)
         defaults = {"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}
         group = {"params": [table], "param_names": [MEMORY_VALUES]}
         super().__init__([group], defaults)
-        self.table = table
-        self.state[table] = self._fresh_state(table)
-        self._grad_scale = 1.0
-        self._step_inputs: _StepInputs | None = None
+        self.rule = rule
+        self.recorders = recorders
         self._trainable_rows: RowChoice | None = None
+        self._attach()
+        self.state[table] = self._fresh_state()
+
+    def _attach(self) -> None:
+        """What the constructor and ``__setstate__`` (a copy, an unpickled optimizer) share:
+        the table, how it is laid out over ranks, and the claim on its lookups' recorders."""
+        self.table = self.param_groups[0]["params"][0]
+        self.layout = _TableLayout.of(self.table)
+        claimed = []
+        try:
+            for recorder in self.recorders:
+                recorder.claim(self)
+                claimed.append(recorder)
+        except ValueError as error:
+            for recorder in claimed:
+                recorder.release()
+            raise ValueError(f"RowSparseOptimizer: {error}") from None
+
+    def __repr__(self) -> str:
+        return f"RowSparseOptimizer(rule={self.rule!r}, table {tuple(self.table.shape)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(rule=self.rule, recorders=self.recorders, trainable_rows=self._trainable_rows)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy or an unpickled optimizer; load_state_dict also comes here, with only the
+        # state and the param groups.
+        copied = "rule" in state
+        if copied:
+            self.rule = state.pop("rule")
+            self.recorders = state.pop("recorders")
+            self._trainable_rows = state.pop("trainable_rows")
+        super().__setstate__(state)
+        if copied:
+            self._attach()
 
     @property
     def trainable_rows(self) -> RowChoice | None:
@@ -151,11 +204,20 @@ class RowSparseOptimizer(Optimizer):
     def trainable_rows(self, rows: RowChoice | None) -> None:
         if isinstance(rows, Tensor):
             self._check_rows(rows)
+        elif rows is not None and not callable(rows):
+            raise TypeError(
+                "RowSparseOptimizer: trainable_rows must be a 1-D int64 tensor of row ids, a "
+                f"function of the step's reads returning one, or None; got {type(rows).__name__}"
+            )
         self._trainable_rows = rows
-        self._step_inputs = None
 
-    def _check_rows(self, rows: Tensor) -> None:
+    def _check_rows(self, rows: Any) -> None:
         num_rows = self.table.shape[0]
+        if not isinstance(rows, Tensor):
+            raise TypeError(
+                "RowSparseOptimizer: trainable_rows must be a 1-D int64 tensor, got "
+                f"{type(rows).__name__}"
+            )
         if rows.dtype != torch.int64 or rows.dim() != 1:
             raise TypeError(
                 f"RowSparseOptimizer: trainable_rows must be a 1-D int64 tensor, got "
@@ -166,11 +228,11 @@ class RowSparseOptimizer(Optimizer):
                 f"RowSparseOptimizer: trainable_rows must lie in [0, {num_rows}) (the table's rows)"
             )
 
-    def _fresh_state(self, table: Tensor) -> dict[str, Tensor]:
+    def _fresh_state(self) -> dict[str, Tensor]:
         """Created up front (not on the first step), so checkpoints always hold it. A sharded
         table's state is sharded alike (its per-row AdaGrad sums replicated), as DTensors that
         DCP saves and reshards."""
-        local = _local(table)
+        local = _local(self.table)
         fp32 = {"dtype": torch.float32, "device": local.device}
         state = {"step": torch.zeros((), dtype=torch.float32)}
         if self.rule == "rowwise_adagrad":
@@ -181,52 +243,83 @@ class RowSparseOptimizer(Optimizer):
         return state
 
     def _state_tensors(self) -> list[Tensor]:
-        names = {"sgd": [], "rowwise_adagrad": ["sum"], "adam": ["exp_avg", "exp_avg_sq"]}
-        return [_local(self.state[self.table][name]) for name in names[self.rule]]
+        return [_local(self.state[self.table][name]) for name in STATE_NAMES[self.rule]]
 
-    def _inputs(self) -> _StepInputs:
-        """This step's recorded gradient (gathered over replicas), its rows and their squared
-        norms (summed over column shards), computed once per recorded state of the log (clipping
-        and the step share them)."""
-        inputs = self._step_inputs
-        if inputs is None or inputs.log_version != self.log.version:
-            grad_out, indices, weights = self.log.bags()
-            for group in self.layout.replica_groups:
-                grad_out, indices, weights = (
-                    _all_gather_rows(t, group) for t in (grad_out, indices, weights)
+    def _grad(self) -> RowSparseGrad | None:
+        """The table's recorded gradient (its local part), ``None`` if nothing was recorded."""
+        for recorder in self.recorders:
+            if recorder.table is not None and recorder.table is not self.table:
+                raise RuntimeError(
+                    f"RowSparseOptimizer: the model's {MEMORY_VALUES} is no longer the parameter "
+                    "this optimizer was built for (it was replaced, e.g. by "
+                    "load_state_dict(assign=True)): build the optimizer after the model is final"
                 )
-            rows = self._trainable_rows
-            if rows is not None and not isinstance(rows, Tensor):
-                rows = rows(indices)
-                self._check_rows(rows)
-            groups = group_by_row(indices, only_rows=rows)
-            norms = row_sq_norms(grad_out, weights, groups)
-            for group in self.layout.column_groups:
-                dist.all_reduce(norms, group=group)
-            inputs = _StepInputs(grad_out, weights, groups, norms, self.log.version)
-            self._step_inputs = inputs
+        try:
+            return row_sparse_grad(self.table)
+        except RuntimeError as error:
+            raise RuntimeError(f"RowSparseOptimizer: {error}") from None
+
+    def _inputs(self, grad: RowSparseGrad) -> _StepInputs:
+        """The recorded gradient (gathered over replicas), its rows and their squared norms
+        (summed over column shards, unscaled), computed once per version of the gradient
+        (clipping and the step share them)."""
+        cache = grad.cache
+        if isinstance(cache, _StepInputs) and cache.trainable_rows is self._trainable_rows:
+            return cache
+        grad_out, indices, weights = grad.bags()
+        for group in self.layout.replica_groups:
+            grad_out, indices, weights = (
+                _all_gather_rows(t, group) for t in (grad_out, indices, weights)
+            )
+        rows = self._trainable_rows
+        if rows is not None and not isinstance(rows, Tensor):
+            rows = rows(indices)
+            self._check_rows(rows)
+        groups = group_by_row(indices, only_rows=rows)
+        norms = row_sq_norms(grad_out, weights, groups)
+        for group in self.layout.column_groups:
+            dist.all_reduce(norms, group=group)
+        inputs = _StepInputs(grad_out, weights, groups, norms, self._trainable_rows)
+        grad.cache = inputs
         return inputs
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
-        """The 2-norm of the table's gradient since the last ``zero_grad`` (that of the dense
-        gradient: untouched rows contribute nothing)."""
-        return self._inputs().row_sq_norms.sum().sqrt().float()
+        """The 2-norm of the table's gradient (that of the dense gradient: untouched rows
+        contribute nothing), scaled as the gradient is (e.g. by clipping)."""
+        grad = self._grad()
+        return torch.zeros(()) if grad is None else self._norm(grad)
+
+    def _norm(self, grad: RowSparseGrad) -> Tensor:
+        return self._inputs(grad).row_sq_norms.sum().sqrt().float() * abs(grad.scale)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Scale the next :meth:`step`'s gradient as ``torch.nn.utils.clip_grad_norm_`` would
-        (by ``max_norm / (norm + 1e-6)`` when that is below 1); returns the norm before."""
-        norm = self.grad_norm()
-        self._grad_scale = min(1.0, max_norm / (norm.item() + 1e-6))
+        """Scale the table's gradient as ``torch.nn.utils.clip_grad_norm_`` would (by
+        ``max_norm / (norm + 1e-6)`` when that is below 1); returns the norm before."""
+        grad = self._grad()
+        if grad is None:
+            return torch.zeros(())
+        norm = self._norm(grad)
+        coefficient = max_norm / (norm.item() + 1e-6)
+        if coefficient < 1.0:
+            grad.mul_(coefficient)  # the gradient's own scale: nothing is kept here
         return norm
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure() if closure is not None else None
-        inputs = self._inputs()
-        if inputs.groups.rows.numel() == 0:
-            return loss
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._update()
+        return loss
+
+    def _update(self) -> None:
+        grad = self._grad()
+        if grad is None:
+            return
+        inputs = self._inputs(grad)
         group = self.param_groups[0]
         state = self.state[self.table]
         state["step"] += 1
@@ -242,29 +335,61 @@ class RowSparseOptimizer(Optimizer):
             eps=group["eps"],
             betas=group["betas"],
             weight_decay=group["weight_decay"],
-            grad_scale=self._grad_scale,
+            grad_scale=grad.scale,
             step=int(state["step"].item()),
         )
-        self._grad_scale = 1.0
-        self._step_inputs = None  # not kept alive until zero_grad
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget what the lookups recorded (the table's gradient) since the last call."""
-        self.log.clear()
-        self._grad_scale = 1.0
-        self._step_inputs = None
+        grad.cache = None  # not kept alive until zero_grad
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = dict(next(iter(state_dict["state"].values()), {}))
+        self._check_saved_state(saved)
+        super().load_state_dict(state_dict)
         # Optimizer.load_state_dict casts floating state to the parameter's dtype; this state
         # stays fp32 (a bf16 table keeps fp32 state), so it is copied over afterwards.
-        saved = dict(next(iter(state_dict["state"].values()), {}))
-        super().load_state_dict(state_dict)
         state = self.state[self.table]
         for name, value in saved.items():
             state[name] = value.to(torch.float32, copy=True).contiguous()
             if name != "step":
                 state[name] = state[name].to(self.table.device)
+
+    def _check_saved_state(self, saved: dict[str, Any]) -> None:
+        """The saved state must be this rule's, for a table of this shape."""
+        names = set(saved) - {"step"}
+        saved_rule = next((r for r, n in STATE_NAMES.items() if set(n) == names), None)
+        if "step" not in saved or saved_rule is None:
+            raise ValueError(
+                f"RowSparseOptimizer.load_state_dict: the state holds {sorted(saved)}, which is "
+                "no row-sparse rule's state (step, and sum for rowwise_adagrad or exp_avg and "
+                "exp_avg_sq for adam)"
+            )
+        if saved_rule != self.rule:
+            raise ValueError(
+                f"RowSparseOptimizer.load_state_dict: the state is of rule {saved_rule!r}, this "
+                f"optimizer's rule is {self.rule!r}"
+            )
+        for name, current in self.state[self.table].items():
+            value = saved[name]
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise ValueError(
+                    f"RowSparseOptimizer.load_state_dict: state {name!r} must be a floating "
+                    f"point tensor, got {type(value).__name__}"
+                    + (f" of {value.dtype}" if isinstance(value, Tensor) else "")
+                )
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"RowSparseOptimizer.load_state_dict: state {name!r} has shape "
+                    f"{tuple(value.shape)}, expected {tuple(current.shape)} for a table of shape "
+                    f"{tuple(self.table.shape)} (saved for another table?)"
+                )
+
+
+def _recorders_of(model: nn.Module) -> list[GradRecorder]:
+    """The distinct recorders of the model's lookups (one, shared, in a Transformer)."""
+    recorders: dict[int, GradRecorder] = {}
+    for module in model.modules():
+        if isinstance(module, ValueLookup):
+            recorders.setdefault(id(module.grad_recorder), module.grad_recorder)
+    return list(recorders.values())
 
 
 class _StepInputs(NamedTuple):
@@ -272,7 +397,7 @@ class _StepInputs(NamedTuple):
     weights: Tensor
     groups: RowGroups
     row_sq_norms: Tensor
-    log_version: int  # the log's version they were computed from
+    trainable_rows: RowChoice | None  # the choice they were computed for
 
 
 @dataclass
@@ -338,8 +463,9 @@ def _all_gather_rows(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 
 def _local(tensor: Tensor) -> Tensor:
-    """This rank's part of a table or of its state (a plain tensor is all of it)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor.data
+    """This rank's part of a table or of its state (a plain tensor is all of it), sharing its
+    version counter: the update is seen by autograd as an in-place write."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor.detach()
 
 
 def _as_float(value: float | Tensor) -> float:
@@ -349,11 +475,17 @@ def _as_float(value: float | Tensor) -> float:
 def _check_hyperparameters(
     lr: float, eps: float, betas: tuple[float, float], weight_decay: float
 ) -> None:
-    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+    def finite_non_negative(value: Any) -> bool:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and 0 <= value < math.inf
+
+    if not finite_non_negative(lr):
         raise ValueError(f"RowSparseOptimizer: lr must be a finite number >= 0, got {lr!r}")
-    if not eps >= 0:
-        raise ValueError(f"RowSparseOptimizer: eps must be >= 0, got {eps!r}")
-    if not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ValueError(f"RowSparseOptimizer: betas must lie in [0, 1), got {betas!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"RowSparseOptimizer: weight_decay must be >= 0, got {weight_decay!r}")
+    if not finite_non_negative(eps):
+        raise ValueError(f"RowSparseOptimizer: eps must be a finite number >= 0, got {eps!r}")
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"RowSparseOptimizer: betas must be two numbers in [0, 1), got {betas!r}")
+    if not finite_non_negative(weight_decay):
+        raise ValueError(
+            f"RowSparseOptimizer: weight_decay must be a finite number >= 0, got {weight_decay!r}"
+        )

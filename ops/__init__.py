@@ -10,7 +10,7 @@ and DTensor sharding rules.
 from ops.checks import checked_indices
 from ops.lookup import lookup, reference_lookup
 from ops.product_key import product_key_topk, reference_product_key_topk
-from ops.row_sparse import ValueGradLog, lookup_recording_grads
+from ops.row_sparse import GradRecorder, RowSparseGrad, lookup_recording_grads
 
 __all__ = [
     "checked_indices",
@@ -18,6 +18,7 @@ __all__ = [
     "reference_lookup",
     "product_key_topk",
     "reference_product_key_topk",
-    "ValueGradLog",
+    "GradRecorder",
+    "RowSparseGrad",
     "lookup_recording_grads",
 ]

@@ -5,18 +5,25 @@ walk all ``N`` rows. A step touches few of them (each token reads ``heads * topk
 path never forms that gradient:
 
 1. **Backward records, it does not scatter.** :func:`lookup_recording_grads` is ``lookup`` whose
-   backward appends the inputs of the value gradient, ``(grad_out [T, D], indices [T, B],
-   weights [T, B])``, to a :class:`ValueGradLog` (op ``memlayer::record_value_grads``):
-   ``T * (D + 2B)`` numbers per lookup instead of ``N * D``. The weight gradient (to the scores
-   and queries) flows as usual. Micro-batches of one step append to the same log, which is
-   gradient accumulation.
-2. **The step groups and updates.** :meth:`ValueGradLog.row_groups` lists the touched rows
-   (sorted, unique) with their recorded positions in a fixed order. ``memlayer::row_sq_norms``
-   gives each touched row's squared gradient norm (their sum is the dense gradient's squared norm:
-   the other rows' gradients are zero), for clipping. ``memlayer::update_rows`` applies SGD,
-   row-wise AdaGrad or lazy Adam to those rows of the table and of its optimizer state, in place,
-   summing each row's gradient in a scratch row as it goes: the only ``[*, D]`` memory touched is
-   the touched rows'.
+   backward records the inputs of the value gradient, ``(grad_out [T, D], indices [T, B],
+   weights [T, B])`` (op ``memlayer::record_value_grads``): ``T * (D + 2B)`` numbers per lookup
+   instead of ``N * D``. They go where a gradient goes, into the table's ``.grad``, as a
+   :class:`RowSparseGrad`; so ``zero_grad`` clears them, micro-batches accumulate, and only a
+   backward that accumulates into the table records (``torch.autograd.grad`` of something
+   else, or ``backward(inputs=...)`` without the table, leaves ``.grad`` alone). The weight
+   gradient (to the scores and queries) flows as usual.
+2. **The step groups and updates.** :func:`group_by_row` lists the touched rows (sorted, unique)
+   with their recorded positions in a fixed order. ``memlayer::row_sq_norms`` gives each
+   touched row's squared gradient norm (their sum is the dense gradient's squared norm: the
+   other rows' gradients are zero), for clipping. ``memlayer::update_rows`` applies SGD,
+   row-wise AdaGrad or lazy Adam to those rows of the table and of its optimizer state, in
+   place, summing each row's gradient in a scratch row as it goes: the only ``[*, D]`` memory
+   touched is the touched rows'.
+
+A compiled backward cannot hold a Python object, so the op finds the table through a
+:class:`GradRecorder`, by its key: the recorder of a model's lookups is the model's own
+(``memcompile.memory``), a copy or unpickled model gets a new one, and the key of a recorder
+that is gone names nothing.
 
 Every sum runs in a fixed order (positions grouped by a stable sort), so a step is bitwise
 deterministic run to run. The optimizer over these ops is ``memcompile.sparse_optim``.
@@ -29,10 +36,13 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
+from torch.distributed.tensor import DTensor
 
 from ops import row_sparse_cpu, row_sparse_triton
 from ops.checks import (
@@ -51,7 +61,7 @@ RULES = ("sgd", "rowwise_adagrad", "adam")
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 torch.library.define(
     "memlayer::record_value_grads",
-    "(Tensor grad_out, Tensor indices, Tensor weights, Tensor(a!) recorded_tokens, int log_id)"
+    "(Tensor grad_out, Tensor indices, Tensor weights, Tensor(a!) recorded_tokens, int recorder)"
     " -> ()",
     tags=_TAGS,
 )
@@ -69,12 +79,6 @@ torch.library.define(
 )
 
 
-# --------------------------------------------------------------------------- the log
-
-_LOGS: weakref.WeakValueDictionary[int, ValueGradLog] = weakref.WeakValueDictionary()
-_LOG_IDS = itertools.count()
-
-
 class RowGroups(NamedTuple):
     """The recorded bag positions grouped by table row: touched row ``rows[u]`` was read at the
     flat positions ``positions[row_starts[u]:row_starts[u + 1]]`` of the ``[M, B]`` bags (in
@@ -83,81 +87,6 @@ class RowGroups(NamedTuple):
     rows: Tensor  # [U] int64, sorted, unique
     row_starts: Tensor  # [U + 1] int64
     positions: Tensor  # [P <= M * B] int64 (P < M * B: only some rows' reads)
-
-
-class ValueGradLog:
-    """The inputs of a value table's gradient, recorded by the backward of every
-    :func:`lookup_recording_grads` since the last :meth:`clear`.
-
-    ``bags()`` are the recorded ``(grad_out [M, D] fp32, indices [M, B] int64, weights [M, B]
-    fp32)`` of all ``M`` recorded tokens, in the order the backward recorded them; the value
-    gradient they stand for is ``lookup_values_grad(grad_out, indices, weights, num_rows)``.
-    """
-
-    def __init__(self, num_rows: int, dim: int, device: torch.device | str = "cpu") -> None:
-        self.num_rows, self.dim = num_rows, dim
-        self.id = next(_LOG_IDS)
-        #: Tokens recorded since the last clear (``memlayer::record_value_grads`` mutates it,
-        #: which is also what keeps the op in a compiled backward graph).
-        self.recorded_tokens = torch.zeros(1, dtype=torch.int64, device=device)
-        #: An input of every recording lookup that requires grad, so that backward reaches the
-        #: lookups even when nothing before them trains (sparse memory finetuning: only the
-        #: table does). It never gets a gradient.
-        self.anchor = torch.zeros((), device=device, requires_grad=True)
-        self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
-        #: Bumped by every append and clear: what was computed from the log is stale after.
-        self.version = 0
-        _LOGS[self.id] = self
-
-    def __len__(self) -> int:
-        """The number of recorded tokens."""
-        return sum(entry[0].shape[0] for entry in self._entries)
-
-    def append(self, grad_out: Tensor, indices: Tensor, weights: Tensor) -> None:
-        if grad_out.shape[1] != self.dim:
-            raise ValueError(
-                f"ValueGradLog: grad_out must be [T, {self.dim}] (the table's columns), "
-                f"got {tuple(grad_out.shape)}"
-            )
-        if self._entries and indices.shape[1] != self._entries[0][1].shape[1]:
-            raise ValueError(
-                "ValueGradLog: every lookup of one table must read the same number of rows per "
-                f"token, got {indices.shape[1]} after {self._entries[0][1].shape[1]}"
-            )
-        # Copies: a compiled backward may reuse the buffers of its arguments once the op returns.
-        entry = (
-            grad_out.to(torch.float32, copy=True),
-            indices.to(torch.int64, copy=True),
-            weights.to(torch.float32, copy=True),
-        )
-        self._entries.append(entry)
-        self.version += 1
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.recorded_tokens.zero_()
-        self.version += 1
-
-    def bags(self) -> tuple[Tensor, Tensor, Tensor]:
-        """All recorded ``(grad_out, indices, weights)``, concatenated over lookups."""
-        if not self._entries:
-            device = self.recorded_tokens.device
-            return (
-                torch.zeros(0, self.dim, device=device),
-                torch.zeros(0, 0, dtype=torch.int64, device=device),
-                torch.zeros(0, 0, device=device),
-            )
-        if len(self._entries) == 1:
-            return self._entries[0]
-        return tuple(torch.cat(parts) for parts in zip(*self._entries))
-
-    def tensors(self) -> list[Tensor]:
-        """Every tensor the log holds, e.g. to count its memory."""
-        return [t for entry in self._entries for t in entry]
-
-    def row_groups(self) -> RowGroups:
-        """The touched rows and their positions."""
-        return group_by_row(self.bags()[1])
 
 
 def group_by_row(indices: Tensor, only_rows: Tensor | None = None) -> RowGroups:
@@ -182,17 +111,434 @@ def _groups_of_sorted(sorted_rows: Tensor, positions: Tensor) -> RowGroups:
     return RowGroups(sorted_rows[starts], torch.cat([starts, end]), positions)
 
 
+# --------------------------------------------------------------------------- the gradient
+
+aten = torch.ops.aten
+
+
+class _Record:
+    """What a :class:`RowSparseGrad` and its aliases (``detach``, views) share: the recorded
+    lookups, one scale for all of them, and a version that every change bumps."""
+
+    __slots__ = ("entries", "scale", "version", "cache")
+
+    def __init__(self, entries: list[tuple[Tensor, Tensor, Tensor]] | None = None, scale=1.0):
+        self.entries = entries if entries is not None else []
+        self.scale = scale
+        self.version = 0
+        #: What an optimizer computed from this version (``memcompile.sparse_optim``).
+        self.cache: Any = None
+
+    def changed(self) -> None:
+        self.version += 1
+        self.cache = None
+
+    def copy(self) -> _Record:
+        return _Record(list(self.entries), self.scale)  # the entries are never written
+
+
+class RowSparseGrad(Tensor):
+    """A value table's gradient as its recording lookups left it: the ``.grad`` of a table
+    that a row-sparse optimizer trains.
+
+    It holds, for every recorded lookup, ``(grad_out [T, D] fp32, indices [T, B] int64,
+    weights [T, B] fp32)``; the dense gradient it stands for is ``scale`` times the sum of
+    ``lookup_values_grad(grad_out, indices, weights, N)`` (:meth:`to_dense`). Its shape,
+    dtype and device are the table's.
+
+    It keeps a gradient's promises where torch code handles gradients: ``zero_()`` (and
+    ``set_to_none``) clears it; ``+=`` of another one accumulates; ``mul_`` / ``div_`` by a
+    number scales it (clipping, unscaling); ``torch.linalg.vector_norm`` is the dense
+    gradient's 2-norm, so ``torch.nn.utils.clip_grad_norm_`` works; ``detach`` and views
+    alias it, ``clone``, ``copy.deepcopy`` and pickling copy it. Any other operation raises a
+    ``TypeError`` that says what to do instead; a dense optimizer (``torch.optim.AdamW``) given
+    the table fails that way rather than training it wrongly.
+    """
+
+    _record: _Record
+
+    @staticmethod
+    def __new__(cls, size, dtype, device, record: _Record | None = None):
+        return Tensor._make_wrapper_subclass(cls, size, dtype=dtype, device=device)
+
+    def __init__(self, size, dtype, device, record: _Record | None = None) -> None:
+        self._record = record if record is not None else _Record()
+
+    @classmethod
+    def like(cls, table: Tensor, record: _Record | None = None) -> RowSparseGrad:
+        """An empty gradient (or one holding ``record``) for the plain tensor ``table``."""
+        return cls(table.shape, table.dtype, table.device, record)
+
+    # -- what optimizers read
+
+    @property
+    def scale(self) -> float:
+        """The factor on every recorded lookup (1 unless scaled, e.g. by clipping)."""
+        return self._record.scale
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change: what was computed from an older version is stale."""
+        return self._record.version
+
+    @property
+    def cache(self) -> Any:
+        """What an optimizer computed from this version of the gradient (reset by every change):
+        ``memcompile.sparse_optim`` keeps its step inputs here, which clipping and the step
+        share and which go when the gradient does."""
+        return self._record.cache
+
+    @cache.setter
+    def cache(self, value: Any) -> None:
+        self._record.cache = value
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens recorded (over all lookups)."""
+        return sum(entry[0].shape[0] for entry in self._record.entries)
+
+    def bags(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All recorded ``(grad_out, indices, weights)``, concatenated over lookups, unscaled."""
+        entries = self._record.entries
+        if not entries:
+            return (
+                torch.zeros(0, self.shape[1], device=self.device),
+                torch.zeros(0, 0, dtype=torch.int64, device=self.device),
+                torch.zeros(0, 0, device=self.device),
+            )
+        if len(entries) == 1:
+            return entries[0]
+        return tuple(torch.cat(parts) for parts in zip(*entries))
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor it holds, e.g. to count its memory."""
+        return [t for entry in self._record.entries for t in entry]
+
+    def to_dense(self) -> Tensor:
+        """The ``[N, D]`` gradient it stands for, in the table's dtype."""
+        grad_out, indices, weights = self.bags()
+        dense = torch.ops.memlayer.lookup_values_grad(
+            grad_out, indices, weights, self.shape[0], True
+        )
+        return (dense * self.scale).to(self.dtype)
+
+    def record(self, grad_out: Tensor, indices: Tensor, weights: Tensor) -> None:
+        """Add one lookup's value-gradient inputs (copied: a compiled backward may reuse the
+        buffers of its arguments once the op returns)."""
+        if grad_out.shape[1] != self.shape[1]:
+            raise ValueError(
+                f"RowSparseGrad: grad_out must be [T, {self.shape[1]}] (the table's columns), "
+                f"got {tuple(grad_out.shape)}"
+            )
+        entry = (
+            grad_out.to(torch.float32, copy=True),
+            indices.to(torch.int64, copy=True),
+            weights.to(torch.float32, copy=True),
+        )
+        _append(self._record, [entry], 1.0, in_place=True)
+
+    def row_sq_norms(self, only_rows: Tensor | None = None) -> tuple[RowGroups, Tensor]:
+        """The touched rows (of ``only_rows``) and their squared gradient norms, unscaled."""
+        grad_out, indices, weights = self.bags()
+        groups = group_by_row(indices, only_rows)
+        return groups, row_sq_norms(grad_out, weights, groups)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        record = self._record
+        scale = f", scale={record.scale:g}" if record.scale != 1.0 else ""
+        return (
+            f"RowSparseGrad(shape={list(self.shape)}, dtype={self.dtype}, "
+            f"lookups={len(record.entries)}, tokens={self.num_tokens}{scale})"
+        )
+
+    def __reduce_ex__(self, protocol):
+        record = self._record
+        return _rebuild_row_sparse_grad, (
+            tuple(self.shape), self.dtype, self.device, list(record.entries), record.scale
+        )  # fmt: skip
+
+    def __deepcopy__(self, memo) -> RowSparseGrad:
+        return RowSparseGrad(self.shape, self.dtype, self.device, self._record.copy())
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        handler = _GRAD_OPS.get(func)
+        if handler is None:
+            raise TypeError(
+                f"{func}: the memory table's gradient is row-sparse (RowSparseGrad: what its "
+                "lookups recorded for a RowSparseOptimizer); it supports zero_grad, accumulation, "
+                "scaling and its norm (clipping). Leave the table to its RowSparseOptimizer "
+                "(memcompile.optim.torch_param_groups leaves it out of the others), or call "
+                "grad.to_dense() for a dense tensor"
+            )
+        return handler(*args, **(kwargs or {}))
+
+
+def _rebuild_row_sparse_grad(size, dtype, device, entries, scale) -> RowSparseGrad:
+    return RowSparseGrad(size, dtype, device, _Record(entries, scale))
+
+
+def _alias(grad: RowSparseGrad, *_: Any, **__: Any) -> RowSparseGrad:
+    return RowSparseGrad(grad.shape, grad.dtype, grad.device, grad._record)
+
+
+def _view(grad: RowSparseGrad, size) -> RowSparseGrad:
+    if tuple(size) != tuple(grad.shape):
+        raise TypeError(f"RowSparseGrad: only views of its own shape, got {tuple(size)}")
+    return _alias(grad)
+
+
+def _clone(grad: RowSparseGrad, **_: Any) -> RowSparseGrad:
+    return RowSparseGrad(grad.shape, grad.dtype, grad.device, grad._record.copy())
+
+
+def _zero_(grad: RowSparseGrad) -> RowSparseGrad:
+    grad._record.entries = []
+    grad._record.scale = 1.0
+    grad._record.changed()
+    return grad
+
+
+def _factor(value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or isinstance(value, RowSparseGrad):
+            raise TypeError(
+                "RowSparseGrad: only scaling by a number (or a one-element tensor) is supported"
+            )
+        value = value.item()
+    return float(value)
+
+
+def _mul_(grad: RowSparseGrad, factor: Any) -> RowSparseGrad:
+    grad._record.scale *= _factor(factor)
+    grad._record.changed()
+    return grad
+
+
+def _div_(grad: RowSparseGrad, divisor: Any) -> RowSparseGrad:
+    return _mul_(grad, 1.0 / _factor(divisor))
+
+
+def _mul(a: Any, b: Any) -> RowSparseGrad:
+    grad, factor = (a, b) if isinstance(a, RowSparseGrad) else (b, a)
+    return _mul_(_clone(grad), factor)
+
+
+def _append(record: _Record, entries: list, scale: float, in_place: bool = False) -> None:
+    """Add ``entries`` worth ``scale`` times their ``grad_out`` to ``record`` (whose own entries
+    share its scale: the new ones are rescaled to it)."""
+    held = record.entries[0][1].shape[1] if record.entries else None
+    for _, indices, _ in entries:
+        if held is not None and indices.shape[1] != held:
+            raise ValueError(
+                "RowSparseGrad: every lookup of one table must read the same number of rows per "
+                f"token, got {indices.shape[1]} after {held}"
+            )
+    if record.scale == 0.0:  # what it holds is worth nothing
+        record.entries, record.scale = [], 1.0
+    factor = scale / record.scale
+    if factor != 1.0:
+        entries = [(g.mul_(factor) if in_place else g * factor, i, w) for g, i, w in entries]
+    record.entries += entries
+    record.changed()
+
+
+def _dense_added() -> TypeError:
+    return TypeError(
+        "RowSparseGrad: a dense gradient was added to the table's row-sparse one: the table "
+        "was also read without recording (e.g. by torch.ops.memlayer.lookup directly, not "
+        "through memcompile.memory.ValueLookup), which its RowSparseOptimizer cannot train"
+    )
+
+
+def _add_(grad: RowSparseGrad, other: Any, *, alpha: Any = 1) -> RowSparseGrad:
+    if not isinstance(grad, RowSparseGrad) or not isinstance(other, RowSparseGrad):
+        raise _dense_added()
+    _append(grad._record, list(other._record.entries), other.scale * _factor(alpha))
+    return grad
+
+
+def _add(a: Any, b: Any, *, alpha: Any = 1) -> RowSparseGrad:
+    if not isinstance(a, RowSparseGrad):
+        raise _dense_added()
+    return _add_(_clone(a), b, alpha=alpha)
+
+
+def _norm(grad: RowSparseGrad, ord: Any = 2, dim: Any = None, keepdim=False, *, dtype=None):
+    if ord != 2 or dim is not None:
+        raise TypeError("RowSparseGrad: only the 2-norm of the whole gradient is supported")
+    _, norms = grad.row_sq_norms()
+    norm = norms.sum().sqrt() * abs(grad.scale)
+    return norm.to(dtype or torch.float32)
+
+
+def _per_tensor(single: Callable, func: Callable) -> Callable:
+    """A ``_foreach_*`` op over a list mixing row-sparse and dense gradients (torch's
+    clipping with ``foreach=True``): each of ours alone, the others together."""
+
+    def apply(tensors, *args, **kwargs):
+        ours = [isinstance(t, RowSparseGrad) for t in tensors]
+        dense = [t for t, mine in zip(tensors, ours) if not mine]
+        dense_results = iter(func(dense, *args, **kwargs) or () if dense else ())
+        results = [
+            single(t, *args, **kwargs) if mine else next(dense_results, None)
+            for t, mine in zip(tensors, ours)
+        ]
+        return None if func._schema.returns == [] else results
+
+    return apply
+
+
+_GRAD_OPS: dict[Any, Callable] = {
+    aten.detach.default: _alias,
+    aten.alias.default: _alias,
+    aten.view.default: _view,
+    aten.clone.default: _clone,
+    aten.zero_.default: _zero_,
+    aten.mul_.Tensor: _mul_,
+    aten.mul_.Scalar: _mul_,
+    aten.div_.Tensor: _div_,
+    aten.div_.Scalar: _div_,
+    aten.mul.Tensor: _mul,
+    aten.mul.Scalar: _mul,
+    aten.add_.Tensor: _add_,
+    aten.add.Tensor: _add,
+    aten.linalg_vector_norm.default: _norm,
+    aten._foreach_zero_.default: _per_tensor(_zero_, aten._foreach_zero_.default),
+    aten._foreach_mul_.Scalar: _per_tensor(_mul_, aten._foreach_mul_.Scalar),
+    aten._foreach_mul_.Tensor: _per_tensor(_mul_, aten._foreach_mul_.Tensor),
+    aten._foreach_norm.Scalar: _per_tensor(_norm, aten._foreach_norm.Scalar),
+}
+
+
+def row_sparse_grad(table: Tensor) -> RowSparseGrad | None:
+    """``table.grad`` as a :class:`RowSparseGrad` (its local part for a DTensor table), or
+    ``None`` when there is none. A dense ``.grad`` raises: the table was read without
+    recording."""
+    grad = table.grad
+    if grad is None:
+        return None
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    if not isinstance(local, RowSparseGrad):
+        raise RuntimeError(
+            "the memory table has a dense gradient where its RowSparseOptimizer expects the "
+            "row-sparse one its lookups record: it was read without recording (e.g. by "
+            "torch.ops.memlayer.lookup directly, not through memcompile.memory.ValueLookup), or "
+            "a dense gradient from before the optimizer was left (zero the gradients first)"
+        )
+    return local
+
+
+def _grad_to_record_into(table: Tensor) -> RowSparseGrad:
+    """``table``'s row-sparse gradient, created (empty) if it has none."""
+    grad = row_sparse_grad(table)
+    if grad is not None:
+        return grad
+    if isinstance(table, DTensor):
+        local = table.to_local()
+        grad = RowSparseGrad.like(local)
+        table.grad = DTensor.from_local(
+            grad, table.device_mesh, table.placements, shape=table.shape, stride=table.stride()
+        )
+        return grad
+    grad = RowSparseGrad.like(table)
+    table.grad = grad
+    return grad
+
+
+# --------------------------------------------------------------------------- the recorder
+
+_RECORDERS: weakref.WeakValueDictionary[int, GradRecorder] = weakref.WeakValueDictionary()
+_RECORDER_KEYS = itertools.count()
+
+
+class GradRecorder:
+    """How the recording lookups of one value table find it when their backward runs.
+
+    A compiled backward holds no Python objects, only numbers: ``memlayer::record_value_grads``
+    gets this recorder's :attr:`key`, and the recorder gives it :attr:`table`, the table the
+    last forward read (set by the module that passes the table to the lookups, every forward).
+    The model owns its recorder; ``copy.deepcopy`` and pickling give a new one (a new key, no
+    table, not recording), so a copy never records into the original's gradient.
+
+    :attr:`owner` is the optimizer that trains the table row-sparsely
+    (``memcompile.sparse_optim.RowSparseOptimizer``), if any: lookups record while it lives.
+    """
+
+    def __init__(self) -> None:
+        self.key = next(_RECORDER_KEYS)
+        #: The table the lookups read (a parameter), set by :meth:`reads` every forward.
+        self.table: Tensor | None = None
+        #: Tokens recorded so far, on the table's device. ``record_value_grads`` mutates it,
+        #: which is what keeps the op in a compiled backward graph (it returns nothing).
+        self.recorded_tokens = torch.zeros(1, dtype=torch.int64)
+        self._owner: weakref.ref | None = None
+        #: Whether the lookups record (a plain flag: compiled code guards on it).
+        self.recording = False
+        _RECORDERS[self.key] = self
+
+    def reads(self, table: Tensor) -> None:
+        """The lookups are about to read ``table`` (the parameter itself)."""
+        self.table = table
+        if self.recorded_tokens.device != table.device:
+            self.recorded_tokens = torch.zeros(1, dtype=torch.int64, device=table.device)
+
+    @property
+    def owner(self) -> Any:
+        return self._owner() if self._owner is not None else None
+
+    def claim(self, owner: Any) -> None:
+        """Make ``owner`` the one that trains the table row-sparsely: the lookups record until
+        it is gone (or :meth:`release`). Another live owner is refused."""
+        current = self.owner
+        if current is not None and current is not owner:
+            raise ValueError(
+                f"the memory table is already trained by {current!r}: one table has one "
+                "row-sparse optimizer (delete the other one first)"
+            )
+        self._owner = weakref.ref(owner, self._owner_gone)
+        self.recording = True
+
+    def release(self) -> None:
+        """Stop recording; a row-sparse gradient the table holds is dropped with it."""
+        self._owner, self.recording = None, False
+        table = self.table
+        if table is not None and isinstance(_local_grad(table), RowSparseGrad):
+            table.grad = None
+
+    def _owner_gone(self, ref: weakref.ref) -> None:
+        if self._owner is ref:
+            self.release()
+
+    def __deepcopy__(self, memo) -> GradRecorder:
+        return GradRecorder()
+
+    def __reduce__(self):
+        return GradRecorder, ()
+
+    def __repr__(self) -> str:
+        owner = f", trained by {type(self.owner).__name__}" if self.recording else ""
+        return f"GradRecorder(key={self.key}{owner})"
+
+
+def _local_grad(table: Tensor) -> Tensor | None:
+    grad = table.grad
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
 # --------------------------------------------------------------------------- recording lookup
 
 
 class _RecordValueGrads(torch.autograd.Function):
-    """Identity on the lookup's output whose backward records the value gradient's inputs."""
+    """Identity on the lookup's output whose backward records the value gradient's inputs into
+    the table's gradient. The table is an input (it gets no gradient from here) so that the
+    backward sees whether it accumulates into the table."""
 
     @staticmethod
-    def forward(ctx, out, indices, weights, recorded_tokens, log_id, anchor):
+    def forward(ctx, out, indices, weights, table, recorded_tokens, recorder):
         ctx.save_for_backward(indices, weights)
         # Not saved for backward: every recording backward bumps its version counter.
-        ctx.recorded_tokens, ctx.log_id = recorded_tokens, log_id
+        ctx.recorded_tokens, ctx.recorder = recorded_tokens, recorder
         ctx.out_placements = getattr(out, "placements", None)
         return out.view_as(out)
 
@@ -206,40 +552,74 @@ class _RecordValueGrads(torch.autograd.Function):
             recorded = grad_out.redistribute(placements=ctx.out_placements).to_local()
             indices, weights = indices.to_local(), weights.to_local()
         torch.ops.memlayer.record_value_grads(
-            recorded, indices, weights.detach(), ctx.recorded_tokens, ctx.log_id
+            recorded, indices, weights.detach(), ctx.recorded_tokens, ctx.recorder
         )
         return grad_out, None, None, None, None, None
 
 
 def lookup_recording_grads(
-    values: Tensor, indices: Tensor, weights: Tensor, log: ValueGradLog
+    values: Tensor, indices: Tensor, weights: Tensor, recorder: GradRecorder
 ) -> Tensor:
-    """``lookup(values, indices, weights)`` whose backward records the value gradient's inputs in
-    ``log`` instead of computing a value gradient (``values`` gets none; ``weights`` does)."""
+    """``lookup(values, indices, weights)`` whose backward records the value gradient's inputs
+    into the ``.grad`` of ``recorder.table`` (a :class:`RowSparseGrad`) instead of computing a
+    value gradient. ``values`` is that table or what was made of it for the read (a cast, a
+    column shard); ``weights`` gets its gradient as usual."""
+    table = recorder.table
+    if table is None:
+        raise ValueError(
+            "lookup_recording_grads: the recorder knows no table: pass the table parameter "
+            "itself as values, or pass it through the module that shares this recorder "
+            "(memcompile.memory.ValueTable) first"
+        )
     out = lookup(values.detach(), indices, weights)
-    return _RecordValueGrads.apply(out, indices, weights, log.recorded_tokens, log.id, log.anchor)
+    return _RecordValueGrads.apply(
+        out, indices, weights, table, recorder.recorded_tokens, recorder.key
+    )
+
+
+def _accumulates_into(table: Tensor) -> bool:
+    """Whether the running backward accumulates into ``table``'s gradient: ``backward()`` does;
+    ``torch.autograd.grad`` of other tensors and ``backward(inputs=...)`` without the table
+    leave it alone, as they leave any parameter's. A direct call (no backward) records."""
+    if torch._C._current_graph_task_id() == -1:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(get_gradient_edge(table).node)
+    except RuntimeError as error:  # the engine captures the table's gradient: autograd.grad
+        if "autograd.grad()" not in str(error):
+            raise
+    raise RuntimeError(
+        "record_value_grads: torch.autograd.grad with the memory table as an input is not "
+        "supported while a row-sparse optimizer trains it: its lookups record its gradient "
+        "where backward() puts gradients, in table.grad (a RowSparseGrad)"
+    )
 
 
 @torch.library.impl("memlayer::record_value_grads", "default")
-def _record_value_grads_kernel(grad_out, indices, weights, recorded_tokens, log_id):
+def _record_value_grads_kernel(grad_out, indices, weights, recorded_tokens, recorder):
     _check_recorded(grad_out, indices, weights, recorded_tokens)
-    log = _LOGS.get(log_id)
-    if log is None:
+    owner = _RECORDERS.get(recorder)
+    table = None if owner is None else owner.table
+    if table is None:
         raise ValueError(
-            f"record_value_grads: log_id {log_id} names no live ValueGradLog (was it "
-            "garbage-collected while a backward still recorded into it?)"
+            f"record_value_grads: recorder {recorder} names no live GradRecorder with a table "
+            "(was the model freed while a backward still recorded into it?)"
         )
-    if grad_out.shape[1] != log.dim:
+    local = table.to_local() if isinstance(table, DTensor) else table
+    if grad_out.shape[1] != local.shape[1]:
         raise ValueError(
-            f"record_value_grads: grad_out must be [T, {log.dim}] (the log's columns), got "
-            f"{tuple(grad_out.shape)}"
+            f"record_value_grads: grad_out must be [T, {local.shape[1]}] (the table's columns), "
+            f"got {tuple(grad_out.shape)}"
         )
-    log.append(grad_out, indices, weights)
+    check_indices_in_range(indices, local.shape[0], "record_value_grads: indices", "table rows")
+    if not _accumulates_into(table):
+        return
+    _grad_to_record_into(table).record(grad_out, indices, weights)
     recorded_tokens.add_(indices.shape[0])
 
 
 @torch.library.register_fake("memlayer::record_value_grads")
-def _record_value_grads_fake(grad_out, indices, weights, recorded_tokens, log_id):
+def _record_value_grads_fake(grad_out, indices, weights, recorded_tokens, recorder):
     _check_recorded(grad_out, indices, weights, recorded_tokens)
 
 
@@ -367,20 +747,14 @@ def _expected_state(rule: str, table: Tensor) -> list[tuple[tuple[int, ...], str
 
 
 def _check_update(
-    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps, step
-):
+    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
+    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+):  # fmt: skip
     op = "update_rows"
     check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
     if rule not in RULES:
         raise ValueError(f"{op}: rule must be one of {', '.join(RULES)}, got {rule!r}")
-    if not 0 <= lr < math.inf:  # 0 is allowed: LR schedules may decay to it, as torch.optim's
-        raise ValueError(f"{op}: lr must be a finite number >= 0, got {lr}")
-    if not eps >= 0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-    if step < 1:
-        raise ValueError(
-            f"{op}: step must be >= 1 (the steps taken, this one included), got {step}"
-        )
+    _check_hyperparameters(op, lr, eps, beta1, beta2, weight_decay, grad_scale, step)
     _check_groups(op, grad_out, weights, row_starts, positions)
     check_shape(op, "grad_out", grad_out, (grad_out.shape[0], table.shape[1]), "D of table")
     check_tensor(op, "rows", rows, "[U]", (torch.int64,))
@@ -407,17 +781,60 @@ def _check_update(
     check_same_device(op, table=table, grad_out=grad_out, rows=rows, **others)
 
 
+def _check_hyperparameters(
+    op: str, lr, eps, beta1, beta2, weight_decay, grad_scale, step
+) -> None:  # fmt: skip
+    """Each in its range; NaN fails every test (``not 0 <= nan`` holds)."""
+    if not 0 <= lr < math.inf:  # 0 is allowed: LR schedules may decay to it, as torch.optim's
+        raise ValueError(f"{op}: lr must be a finite number >= 0, got {lr}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0 <= beta < 1:
+            raise ValueError(f"{op}: {name} must lie in [0, 1), got {beta}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"{op}: weight_decay must be a finite number >= 0, got {weight_decay}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale}")
+    if step < 1:
+        raise ValueError(
+            f"{op}: step must be >= 1 (the steps taken, this one included), got {step}"
+        )
+
+
+def _check_update_data(table: Tensor, state: list[Tensor], rows: Tensor) -> None:
+    """What the kernel relies on and only real tensors show: ``rows`` in range, sorted and
+    unique (each row is written by one program: a repeated row would race), and state tensors
+    that share memory with neither the table nor each other."""
+    check_indices_in_range(rows, table.shape[0], "update_rows: rows", "the rows of table")
+    if index_checks_enabled(rows.device) and bool((rows.diff() <= 0).any()):
+        raise ValueError(
+            "update_rows: rows must be sorted and unique (one entry per touched row, as "
+            "group_by_row gives them)"
+        )
+    storages = {"table": table.untyped_storage().data_ptr()}
+    for i, tensor in enumerate(state):
+        pointer = tensor.untyped_storage().data_ptr()
+        shared = [name for name, other in storages.items() if other == pointer and tensor.numel()]
+        if shared:
+            raise ValueError(
+                f"update_rows: state {i} shares memory with {shared[0]}: every state tensor "
+                "must be its own"
+            )
+        storages[f"state {i}"] = pointer
+
+
 @torch.library.impl("memlayer::update_rows", "default")
 def _update_rows_kernel(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
     rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
 ):  # fmt: skip
     _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps,
-        step,
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
+        rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
     )  # fmt: skip
     _check_group_data("update_rows", weights, row_starts, positions)
-    check_indices_in_range(rows, table.shape[0], "update_rows: rows", "the rows of table")
+    _check_update_data(table, state, rows)
     if rows.numel() == 0 or table.shape[1] == 0:
         return
     kernels = row_sparse_triton if table.device.type == "cuda" else row_sparse_cpu
@@ -429,6 +846,10 @@ def _update_rows_kernel(
         table, list(state), grad_out, weights, rows, row_starts, positions, row_mean_sq,
         rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
     )  # fmt: skip
+    # The kernels write through raw pointers: tell autograd, as an in-place op would, so that a
+    # backward that saved the table before this update refuses to use it.
+    for tensor in (table, *state):
+        torch.autograd.graph.increment_version(tensor)
 
 
 @torch.library.register_fake("memlayer::update_rows")
@@ -437,8 +858,8 @@ def _update_rows_fake(
     rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
 ):  # fmt: skip
     _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq, rule, lr, eps,
-        step,
+        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
+        rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
     )  # fmt: skip
 
 

@@ -19,8 +19,11 @@ modules they wrap:
 
 Autograd runs the adjoints (all-to-all back, reduce-scatter of the weight gradients), and the
 table's gradient lands on the local columns. Replicas (``R > 1``) see different tokens: their
-gradients are summed over the replica dimension after backward. The loss is normalised by the
-global token count, so a sum is the right reduction.
+gradients must be summed over the replica dimension once per optimizer step, after the last
+micro-batch's backward and before clipping (:func:`sum_table_grad_over_replicas`; the recipe's
+trainer calls it there, as DDP and FSDP sync only then); a row-sparse table's optimizer gathers
+what the replicas recorded instead. The loss is normalised by the global token count, so a sum
+is the right reduction.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import tyro
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import (
@@ -42,6 +46,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torchtitan.config import ParallelismConfig
 
 from memcompile.memory import ProductKeyMemory
+from ops.row_sparse import RowSparseGrad
 
 MEMORY_DIM, REPLICA_DIM = "memory", "memory_replicate"
 
@@ -52,6 +57,11 @@ class MemoryParallelismConfig(ParallelismConfig):
     """Ranks that share one column-sharded copy of the memory value table (Shard(1));
     must divide the world size and the value dim. 1: the table is handled by FSDP like any
     other parameter."""
+
+    row_sparse_table: tyro.conf.Suppress[bool] = False
+    """Whether the table is trained row-sparsely (set from --optimizer.memory_optimizer by the
+    trainer's config): such a table stays out of FSDP, as its optimizer updates it in place
+    from what its lookups record, and FSDP would reduce a gradient it does not have."""
 
 
 def build_memory_mesh(device_type: str, degree: int) -> DeviceMesh:
@@ -113,8 +123,6 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, compute_dtype: tor
     apply the two styles. Call before FSDP, which must then ignore the table."""
     sharded = distribute_tensor(model.memory_values.data, mesh, [Replicate(), Shard(1)])
     model.memory_values = nn.Parameter(sharded)
-    if mesh.size(0) > 1:
-        model.memory_values.register_post_accumulate_grad_hook(_sum_over_replicas)
     memory_mesh = mesh[MEMORY_DIM]
     plan = {"memory_table": ColumnShardedTable(compute_dtype)}
     plan.update(
@@ -127,7 +135,52 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, compute_dtype: tor
     parallelize_module(model, memory_mesh, plan)
 
 
-def _sum_over_replicas(values: DTensor) -> None:
-    """Each replica of the table saw other tokens: sum their gradients (placements claim
-    Replicate over the replica dim, which only holds after this)."""
-    dist.all_reduce(values.grad.to_local(), group=values.device_mesh.get_group(REPLICA_DIM))
+def sum_table_grad_over_replicas(model: nn.Module) -> None:
+    """Sum the dense gradient of ``model.memory_values`` over the table's replicas: each saw
+    other tokens (its placements claim ``Replicate`` over the replica dim, which only holds
+    after this). Call it once per optimizer step, after the last micro-batch's backward: the
+    gradient has accumulated every micro-batch by then, and a second call would count them again.
+    Nothing to do for a table without replicas, or one trained row-sparsely (its optimizer
+    gathers what the replicas recorded)."""
+    values = getattr(model, "memory_values", None)
+    if not isinstance(values, DTensor) or values.grad is None:
+        return
+    mesh = values.device_mesh
+    if REPLICA_DIM not in (mesh.mesh_dim_names or ()) or mesh[REPLICA_DIM].size() == 1:
+        return
+    local = values.grad.to_local()
+    if isinstance(local, RowSparseGrad):
+        return
+    dist.all_reduce(local, group=mesh.get_group(REPLICA_DIM))
+
+
+def table_replicas_agree(model: nn.Module) -> bool | None:
+    """Whether every replica of this rank's column shard of ``model.memory_values`` holds the same
+    bits (``None`` for a table without replicas): a replica that missed an update would train,
+    and be checkpointed, apart from the others. Compares checksums, not the shards."""
+    values = getattr(model, "memory_values", None)
+    if not isinstance(values, DTensor):
+        return None
+    mesh = values.device_mesh
+    if REPLICA_DIM not in (mesh.mesh_dim_names or ()) or mesh[REPLICA_DIM].size() == 1:
+        return None
+    checksum = _bitwise_checksum(values.to_local())
+    low, high = checksum.clone(), checksum.clone()
+    group = mesh.get_group(REPLICA_DIM)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    return bool(torch.equal(low, high))
+
+
+def _bitwise_checksum(table: torch.Tensor, rows_per_chunk: int = 1 << 16) -> torch.Tensor:
+    """Two sums of ``table``'s bits read as integers (plain, and weighted by row), int64: any
+    changed bit changes them but for a vanishing chance. In chunks of rows: no table-sized
+    temporary."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[table.element_size()]
+    sums = torch.zeros(2, dtype=torch.int64, device=table.device)
+    for start in range(0, table.shape[0], rows_per_chunk):
+        chunk = table[start : start + rows_per_chunk].contiguous().view(bits).long()
+        weights = torch.arange(start + 1, start + 1 + chunk.shape[0], device=table.device)
+        sums[0] += chunk.sum()
+        sums[1] += (chunk.sum(dim=1) * weights).sum()
+    return sums

@@ -80,9 +80,10 @@ def apply_fsdp(
     """FSDP2 as torchtitan's ``apply_fsdp_to_decoder`` lays it out: the embedding, each block,
     ``[norm, output]`` (not resharded after forward: backward needs them first), the root.
 
-    Not that function itself: a column-sharded table must be ignored by every ``fully_shard``
-    (all-gathering it would defeat the sharding), which it cannot express, and memcompile's
-    output projection is ``output``, not ``lm_head``.
+    Not that function itself: a column-sharded table, or one trained row-sparsely (on one rank:
+    on several, it is column-sharded), must be ignored by every ``fully_shard`` (all-gathering
+    it would defeat the sharding; FSDP would reduce a gradient such a table does not have),
+    which it cannot express, and memcompile's output projection is ``output``, not ``lm_head``.
     """
     names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
     fsdp_config = {
@@ -95,7 +96,7 @@ def apply_fsdp(
     }
     if training.enable_cpu_offload:
         fsdp_config["offload_policy"] = CPUOffloadPolicy()
-    if parallelism.memory_parallel_degree > 1:
+    if parallelism.memory_parallel_degree > 1 or parallelism.row_sparse_table:
         fsdp_config["ignored_params"] = {model.memory_values}
     policy = parallelism.fsdp_reshard_after_forward
     reshard_after_forward = get_fsdp_reshard_after_forward_policy(policy, pp_enabled=False)

@@ -14,20 +14,18 @@ FlexAttention has no CPU backward (memcompile attends through SDPA), and the def
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.utils.weak import WeakIdKeyDictionary
 
 _applied = False
-#: Parameters whose gradients are clipped on their own: parameter -> clip(max_norm) -> norm.
-_SEPARATE_CLIP = WeakIdKeyDictionary()
 
 
 def running_on_cpu() -> bool:
@@ -47,7 +45,6 @@ def apply() -> None:
         _barrier_without_device_ids()
     if not hasattr(dist, "set_timeout"):
         _polyfill_set_timeout()
-    _clip_grad_norm_per_group()
     _quiet_run_log()
 
 
@@ -149,48 +146,25 @@ def allow_fsdp_on_gloo(model: torch.nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def clip_separately(
-    parameter: torch.Tensor,
-    max_norm: float,
-    clip: Callable[[float], torch.Tensor] | None = None,
-) -> None:
-    """Clip ``parameter``'s gradient on its own, to ``max_norm`` (see
-    :func:`_clip_grad_norm_per_group`); the recipe does it for the memory value table. ``clip``
-    clips a gradient that is not ``parameter.grad`` (a row-sparse table's optimizer clips the
-    gradient it recorded) and returns its norm; by default ``parameter.grad`` is clipped."""
-    _SEPARATE_CLIP[parameter] = (max_norm, clip)
-
-
-def _clip_grad_norm_per_group() -> None:
+@contextlib.contextmanager
+def gradients_clipped_by(clip: Callable[..., torch.Tensor]) -> Iterator[None]:
     """``Trainer.train_step`` clips every gradient as one vector through
     ``dist_utils.clip_grad_norm_``, with no per-group option. That fails when gradients live on
     different device meshes (a column-sharded table is not on FSDP's mesh: "must have the same
     mesh"), and it would let the sparse, large-LR table gradients share the dense budget, where
-    the paper clips the values separately. The replacement clips each parameter registered with
-    :func:`clip_separately` to its own max norm and the rest as before, and returns the norm of
-    all gradients together (what the Trainer logs).
-    Condition: always (with nothing registered it is torchtitan's function).
-    Upstream: torchtitan 0.3.0 has no per-group clipping hook.
-    TODO: drop when the Trainer can clip parameter groups separately."""
+    the paper clips the values separately. Within this block that call goes to ``clip`` (same
+    arguments; it returns the norm the Trainer logs): the recipe's trainer wraps each
+    ``train_step`` in it, so nothing outside its steps is affected.
+    Condition: the recipe's train step. Upstream: torchtitan 0.3.0 has no per-group clipping
+    hook. TODO: drop when the Trainer can clip parameter groups separately."""
     import torchtitan.distributed.utils as dist_utils
 
-    clip_all = dist_utils.clip_grad_norm_
-
-    def clip_grad_norm_(parameters, max_norm: float, **kwargs) -> torch.Tensor:
-        shared, separate = [], []
-        for parameter in parameters:
-            if parameter in _SEPARATE_CLIP:
-                separate.append((parameter, *_SEPARATE_CLIP[parameter]))
-            else:
-                shared.append(parameter)
-        norms = [clip_all(shared, max_norm, **kwargs)]
-        norms += [
-            clip(own_max_norm) if clip is not None else clip_all([p], own_max_norm, **kwargs)
-            for p, own_max_norm, clip in separate
-        ]
-        return torch.stack([norm.to(norms[0].device) for norm in norms]).norm()
-
-    dist_utils.clip_grad_norm_ = clip_grad_norm_
+    original = dist_utils.clip_grad_norm_
+    dist_utils.clip_grad_norm_ = clip
+    try:
+        yield
+    finally:
+        dist_utils.clip_grad_norm_ = original
 
 
 # --------------------------------------------------------------------------- a quiet log

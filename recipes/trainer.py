@@ -22,17 +22,22 @@ import torch
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+from torchtitan.distributed.utils import clip_grad_norm_ as titan_clip_grad_norm_
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from memcompile.flavors import FlavorName
-from memcompile.optim import MEMORY_VALUES, param_groups
+from memcompile.optim import MEMORY_VALUES, dense_trainable_parameters, param_groups
 from memcompile.sparse_optim import RowSparseOptimizer
 from recipes import shims
 from recipes.data.knowledge import KnowledgeCorpus, QAPair
 from recipes.data.loader import BUILTIN_DATASET
 from recipes.knowledge_eval import TextTokenizer, evaluate_knowledge, format_table, generate_texts
-from recipes.memory_parallel import MemoryParallelismConfig
+from recipes.memory_parallel import (
+    MemoryParallelismConfig,
+    sum_table_grad_over_replicas,
+    table_replicas_agree,
+)
 from recipes.model import Float8Config, model_spec
 from recipes.parallelize import ActivationCheckpointingConfig, SelectiveAC
 
@@ -80,14 +85,25 @@ class MemoryOptimizers(OptimizersContainer):
         without momentum, as finetuning recipes compare it)"""
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
-        # Built first: it takes the table over (the table stops requiring grad), so the groups
-        # below, and torchtitan's check that every trainable parameter has an optimizer, skip it.
+        # Built first: the table is its alone, so the dense groups below leave it out.
         self.row_sparse = self.build_row_sparse(config, model_parts)
         if not config.param_groups:
             config = replace(config, param_groups=self.default_param_groups(config, model_parts))
         super().__init__(config, model_parts=model_parts)
         if self.row_sparse is not None:
             self.optimizers.append(self.row_sparse)
+
+    def _build_param_groups(
+        self, model: torch.nn.Module, param_group_configs: list[ParamGroupConfig], impl_kwargs
+    ):
+        # No dense group may claim a table its row-sparse optimizer trains.
+        dense = _DenseParameters(model)
+        return OptimizersContainer._build_param_groups(dense, param_group_configs, impl_kwargs)
+
+    def _validate_params(self, all_params: list[torch.nn.Parameter]) -> None:
+        # torchtitan checks that every trainable parameter has an optimizer: the table has.
+        row_sparse = [] if self.row_sparse is None else [self.row_sparse.table]
+        super()._validate_params([*all_params, *row_sparse])
 
     @staticmethod
     def _resolve_optimizer_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
@@ -127,9 +143,7 @@ class MemoryOptimizers(OptimizersContainer):
         config: Config, model_parts: list[torch.nn.Module]
     ) -> list[ParamGroupConfig]:
         """:func:`memcompile.optim.param_groups` as torchtitan ``ParamGroupConfig``s."""
-        names = [
-            name for part in model_parts for name, p in part.named_parameters() if p.requires_grad
-        ]
+        names = [name for part in model_parts for name, _ in dense_trainable_parameters(part)]
         if not names:
             return []
         groups = param_groups(
@@ -146,6 +160,18 @@ class MemoryOptimizers(OptimizersContainer):
             )
             for pattern, options in groups
         ]
+
+
+class _DenseParameters:
+    """``module`` as torchtitan's param-group builder sees it (``named_parameters`` alone), with
+    only the parameters a dense optimizer may train
+    (:func:`memcompile.optim.dense_trainable_parameters`)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def named_parameters(self):
+        return iter(dense_trainable_parameters(self.module))
 
 
 class ProgressMetrics(MetricsProcessor):
@@ -206,6 +232,28 @@ class ProgressMetrics(MetricsProcessor):
         return line + f"  {seconds_per_step:.2f}s/step  ETA {_clock(eta)}"
 
 
+def clip_table_apart(
+    parameters: list[torch.nn.Parameter],
+    max_norm: float,
+    *,
+    table: torch.nn.Parameter,
+    table_max_norm: float,
+    row_sparse: RowSparseOptimizer | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Clip ``parameters`` together to ``max_norm`` as torchtitan does, and the value table on
+    its own to ``table_max_norm`` (the paper clips the values separately: their sparse, large-LR
+    gradients would otherwise take the dense budget; a column-sharded table also lives on
+    another mesh than FSDP's). ``row_sparse`` clips the gradient its table's lookups recorded.
+    Returns the norm of all gradients together (before clipping)."""
+    norms = [titan_clip_grad_norm_(parameters, max_norm, **kwargs)]
+    if row_sparse is not None:
+        norms.append(row_sparse.clip_grad_norm_(table_max_norm))
+    else:
+        norms.append(titan_clip_grad_norm_([table], table_max_norm, **kwargs))
+    return torch.stack([norm.to(norms[0].device) for norm in norms]).norm()
+
+
 def _a_question_it_answers(
     model: torch.nn.Module, tokenizer: TextTokenizer, corpus: KnowledgeCorpus
 ) -> QAPair:
@@ -254,6 +302,7 @@ class PretrainTrainer(Trainer):
             # same flavor, e.g. with a modified architecture).
             if self.model_spec is None or self.model_spec.flavor != self.model:
                 self.model_spec = model_spec(self.model)
+            self.parallelism.row_sparse_table = self.optimizer.memory_optimizer != "adamw"
             Trainer.Config.__post_init__(self)
 
     def __init__(self, config: Config) -> None:
@@ -262,12 +311,34 @@ class PretrainTrainer(Trainer):
         config = replace(config, dump_folder=config.dump_folder.replace("{model}", config.model))
         super().__init__(config)
         self.metrics_processor.total_steps = config.training.steps
-        memory_values = getattr(self.model_parts[0], MEMORY_VALUES, None)
-        if memory_values is not None:
-            row_sparse = [o for o in self.optimizers if isinstance(o, RowSparseOptimizer)]
-            clip = row_sparse[0].clip_grad_norm_ if row_sparse else None
-            shims.clip_separately(memory_values, config.optimizer.memory_max_norm, clip)
         self._first_step: int | None = None
+
+    def train_step(self, data_iterator) -> None:
+        with shims.gradients_clipped_by(self.clip_grad_norm_):
+            super().train_step(data_iterator)
+
+    def clip_grad_norm_(
+        self, parameters: list[torch.nn.Parameter], max_norm: float, **kwargs
+    ) -> torch.Tensor:
+        """What the train step does between the last micro-batch's backward and the optimizer
+        step (torchtitan's clipping call, with its arguments): the value table's gradient is
+        summed over its replicas (memory parallelism), once, and clipped on its own to
+        ``--optimizer.memory_max_norm`` (row-sparse or dense), every other gradient to
+        ``max_norm`` as torchtitan clips them. Returns the norm of all gradients together,
+        which the Trainer logs."""
+        model = self.model_parts[0]
+        table = getattr(model, MEMORY_VALUES, None)
+        if table is None:
+            return titan_clip_grad_norm_(parameters, max_norm, **kwargs)
+        sum_table_grad_over_replicas(model)
+        return clip_table_apart(
+            [p for p in parameters if p is not table],
+            max_norm,
+            table=table,
+            table_max_norm=self.config.optimizer.memory_max_norm,
+            row_sparse=getattr(self.optimizers, "row_sparse", None),
+            **kwargs,
+        )
 
     def should_continue_training(self) -> bool:
         more = super().should_continue_training()
@@ -288,8 +359,24 @@ class PretrainTrainer(Trainer):
 
     def train(self) -> None:
         super().train()
+        self._check_table_replicas()
         if self.config.final_eval and self._can_evaluate():
             self._final_report()
+
+    def _check_table_replicas(self) -> None:
+        """After training, the replicas of each column shard of the table must hold the same
+        values (memory parallelism with fewer ranks per group than the world): say so, or stop
+        before the run is taken for good."""
+        agree = table_replicas_agree(self.model_parts[0])
+        if agree is None:
+            return
+        if not agree:
+            raise RuntimeError(
+                "the replicas of the memory value table diverged during training: each was "
+                "trained on its own tokens (a missed replica reduce), and the checkpoint holds one "
+                "of them"
+            )
+        logger.info("The replicas of the memory value table hold the same values (checked)")
 
     def _can_evaluate(self) -> bool:
         """Knowledge measurements need the built-in corpus and one process (generation is not

@@ -17,6 +17,7 @@ def test_readme_row_sparse_example_runs():
     example = next(block for block in blocks if "RowSparseOptimizer" in block)
     scope = {"__name__": "readme_example"}
     exec(compile(example, str(README), "exec"), scope)
-    model, optimizer = scope["model"], scope["values_optimizer"]
-    assert not model.memory_values.requires_grad
+    model, optimizer, dense = scope["model"], scope["values_optimizer"], scope["optimizer"]
+    assert all(p is not model.memory_values for g in dense.param_groups for p in g["params"])
     assert optimizer.state[model.memory_values]["sum"].count_nonzero() > 0  # rows were updated
+    assert model.memory_values.grad is None  # zero_grad cleared what the lookups recorded

@@ -18,6 +18,7 @@ from memcompile.slot_ranking import (
     top_slots,
 )
 from memcompile.sparse_optim import RowSparseOptimizer
+from ops.row_sparse import group_by_row
 from tests.memcompile.test_model import debug_config
 
 
@@ -34,6 +35,20 @@ def test_tfidf_matches_a_hand_computed_example():
 
 def test_ties_are_broken_by_the_lower_row():
     assert top_slots(torch.tensor([0.5, 1.0, 1.0, 1.0]), 2).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "count, error", [(2.5, TypeError), (True, TypeError), ("3", TypeError), (-1, ValueError)]
+)
+def test_a_slot_count_must_be_an_int_of_at_least_zero(count, error):
+    background = BackgroundFrequency(torch.tensor([2, 0, 1, 4]), num_batches=4)
+    for make in (
+        lambda: top_slots(torch.ones(4), count),
+        lambda: TfidfSlotSelector(background, count),
+    ):
+        with pytest.raises(error, match=r"count must be an int >= 0"):
+            make()
+    assert top_slots(torch.ones(4), 0).tolist() == []  # zero slots: a step trains none
 
 
 def _model_and_batches(seed: int = 0) -> tuple[Transformer, list[torch.Tensor]]:
@@ -66,11 +81,27 @@ def test_background_frequency_counts_batches_that_read_each_slot(tmp_path):
         BackgroundFrequency.load(tmp_path / "df.pt", 7)
 
 
+def test_a_nested_counter_counts_each_read_once_and_leaves_no_hook():
+    model, batches = _model_and_batches()
+    counter = SlotAccessCounter(model)
+    with counter:
+        model(batches[0])
+    once = counter.counts.clone()
+    counter.counts.zero_()
+    with counter, counter:  # nested: e.g. a helper that counts inside a counted block
+        model(batches[0])
+    assert torch.equal(counter.counts, once)
+    lookups = [m for m in model.modules() if m.__class__.__name__ == "ValueLookup"]
+    assert lookups and all(not m._forward_pre_hooks for m in lookups)
+    model(batches[1])
+    assert torch.equal(counter.counts, once)  # nothing counted outside the block
+
+
 def test_a_sparse_memory_step_changes_only_the_chosen_slots():
     model, batches = _model_and_batches()
     background = BackgroundFrequency.measure(model, batches)
-    for parameter in model.parameters():  # sparse memory finetuning: only the table trains
-        parameter.requires_grad_(False)
+    for name, parameter in model.named_parameters():  # sparse memory finetuning: only the
+        parameter.requires_grad_(name == "memory_values")  # table trains
     before = copy.deepcopy(model.state_dict())
     optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
 
@@ -98,7 +129,7 @@ def test_the_norm_counts_only_trainable_rows():
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     model(tokens).square().mean().backward()
     full = optimizer.grad_norm()
-    rows = optimizer.log.row_groups().rows
+    rows = group_by_row(model.memory_values.grad.bags()[1]).rows
     optimizer.trainable_rows = rows[: rows.numel() // 2]
     assert 0 < optimizer.grad_norm() < full
     optimizer.trainable_rows = None
@@ -121,6 +152,15 @@ def test_bad_trainable_rows_raise(rows, error, match):
         optimizer.trainable_rows = rows
 
 
+@pytest.mark.parametrize("rows", [[1, 2], (1, 2), 3, "1,2"])
+def test_trainable_rows_must_be_a_tensor_or_a_function_when_set(rows):
+    model, _ = _model_and_batches()
+    optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
+    with pytest.raises(TypeError, match=r"trainable_rows must be a 1-D int64 tensor .* function"):
+        optimizer.trainable_rows = rows
+    assert optimizer.trainable_rows is None
+
+
 def test_a_selector_returning_bad_rows_is_refused():
     model, batches = _model_and_batches()
     optimizer = RowSparseOptimizer(model, "sgd", lr=1.0)
@@ -128,5 +168,5 @@ def test_a_selector_returning_bad_rows_is_refused():
     optimizer.trainable_rows = lambda reads: torch.tensor([10**9])
     with pytest.raises(IndexError, match="must lie in"):
         optimizer.step()
-    with pytest.raises(ValueError, match="count must be >= 1"):
-        TfidfSlotSelector(BackgroundFrequency.measure(model, batches), 0)
+    with pytest.raises(ValueError, match=r"count must be an int >= 0, got -1"):
+        TfidfSlotSelector(BackgroundFrequency.measure(model, batches), -1)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import ops
 from ops.checks import FLOAT_DTYPES
-from ops.row_sparse import RULES, ValueGradLog, group_by_row
+from ops.row_sparse import RULES, GradRecorder, RowSparseGrad, group_by_row
 
 CLEAR_ERRORS = (ValueError, TypeError, IndexError)
 # Error bound per output element, relative to the same sum over absolute values.
@@ -148,8 +148,8 @@ def _ref_update_rows(
     return (w, *state)
 
 
-def _ref_record_value_grads(grad_out, indices, weights, recorded_tokens, log_id):
-    """The counter moves by T; the log holds the bags, in fp32 / int64."""
+def _ref_record_value_grads(grad_out, indices, weights, recorded_tokens, recorder):
+    """The counter moves by T; the table's gradient holds the bags, in fp32 / int64."""
     counted = recorded_tokens + indices.shape[0]
     return counted, grad_out.float(), indices.long(), weights.float()
 
@@ -263,24 +263,28 @@ def _checked_indices_args(data, gen):
     return dict(indices=_rows(gen, shape, size, _index_dtype(data)), size=size, name="fuzz: ids")
 
 
-#: The log that the current record_value_grads call records into (the op finds it by id).
-_LIVE_LOG: list[ValueGradLog] = []
+#: The recorder of the current record_value_grads call (the op finds it by its key), whose
+#: table's gradient it records into.
+_LIVE_RECORDER: list[GradRecorder] = []
 
 
 def _record_args(data, gen):
     N, D, T, B = _bag_shapes(data)
-    _LIVE_LOG[:] = [ValueGradLog(max(N, 1), D)]
+    recorder = GradRecorder()
+    recorder.reads(torch.zeros(max(N, 1), D))
+    recorder.table.grad = RowSparseGrad.like(recorder.table)
+    _LIVE_RECORDER[:] = [recorder]
     return dict(
         grad_out=_tensor(gen, (T, D), _float_dtype(data, "grad_out dtype")),
         indices=_rows(gen, (T, B), max(N, 1), _index_dtype(data)),
         weights=_tensor(gen, (T, B), _float_dtype(data, "weights dtype")),
-        recorded_tokens=_LIVE_LOG[0].recorded_tokens,
-        log_id=_LIVE_LOG[0].id,
+        recorded_tokens=recorder.recorded_tokens,
+        recorder=recorder.key,
     )
 
 
 def _recorded(args):
-    return (args["recorded_tokens"], *_LIVE_LOG[0].bags())
+    return (args["recorded_tokens"], *_LIVE_RECORDER[0].table.grad.bags())
 
 
 def _groups_args(data, gen):
@@ -385,7 +389,8 @@ SPECS: dict[str, OpSpec] = {
         _rows_of("indices", lambda a: a["size"]),
     ),
     "record_value_grads": OpSpec(
-        _record_args, _ref_record_value_grads, None, lambda args: [], written=_recorded,
+        _record_args, _ref_record_value_grads, None,
+        _rows_of("indices", lambda a: _LIVE_RECORDER[0].table.shape[0]), written=_recorded,
     ),
     "row_sq_norms": OpSpec(
         _row_sq_norms_args, _ref_row_sq_norms, ("grad_out", "weights"), _group_ranges,

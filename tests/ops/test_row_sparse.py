@@ -21,7 +21,8 @@ import ops
 from ops.lookup import lookup_values_grad, lookup_weights_grad
 from ops.row_sparse import (
     RULES,
-    ValueGradLog,
+    GradRecorder,
+    RowSparseGrad,
     group_by_row,
     lookup_recording_grads,
     reference_update_rows,
@@ -301,43 +302,107 @@ def test_row_sq_norms_sum_to_the_dense_gradients_squared_norm(
 # --------------------------------------------------------------------------- recording
 
 
-def test_lookup_recording_grads_records_what_the_value_gradient_is_made_of():
+def recorder_of(table: torch.Tensor) -> GradRecorder:
+    recorder = GradRecorder()
+    recorder.reads(table)
+    return recorder
+
+
+def test_lookup_recording_grads_records_the_value_gradient_as_the_tables_grad():
     gen = torch.Generator().manual_seed(4)
     values = torch.randn(25, 7, generator=gen, requires_grad=True)
     indices = torch.randint(0, 25, (9, 4), generator=gen, dtype=torch.int32)
     weights = torch.rand(9, 4, generator=gen, requires_grad=True)
-    log = ValueGradLog(25, 7)
-    out = lookup_recording_grads(values, indices, weights, log)
+    recorder = recorder_of(values)
+    out = lookup_recording_grads(values, indices, weights, recorder)
     torch.testing.assert_close(out, ops.lookup(values, indices, weights))
     grad_out = torch.randn(9, 7, generator=gen)
     out.backward(grad_out)
 
-    assert values.grad is None  # the value gradient is recorded, never formed
+    grad = values.grad  # what the value gradient is made of, never the [N, D] tensor
+    assert isinstance(grad, RowSparseGrad) and grad.shape == values.shape
     expected_weights_grad = lookup_weights_grad(grad_out, values.detach(), indices)
     torch.testing.assert_close(weights.grad, expected_weights_grad)
-    assert len(log) == 9 and int(log.recorded_tokens) == 9
-    recorded_grad_out, recorded_indices, recorded_weights = log.bags()
+    assert grad.num_tokens == 9 and int(recorder.recorded_tokens) == 9
+    recorded_grad_out, recorded_indices, recorded_weights = grad.bags()
     assert torch.equal(recorded_grad_out, grad_out)
     assert recorded_indices.dtype == torch.int64 and torch.equal(recorded_indices, indices.long())
     assert torch.equal(recorded_weights, weights.detach())
+    dense = lookup_values_grad(grad_out, indices, weights.detach(), 25, True)
+    torch.testing.assert_close(grad.to_dense(), dense)
 
-    # A second backward (a micro-batch) appends; clear() forgets.
-    lookup_recording_grads(values, indices[:3], weights[:3], log).backward(grad_out[:3])
-    assert len(log) == 12 and int(log.recorded_tokens) == 12
-    groups = log.row_groups()
+    # A second backward (a micro-batch) accumulates; zero_() forgets.
+    lookup_recording_grads(values, indices[:3], weights[:3], recorder).backward(grad_out[:3])
+    assert values.grad is grad and grad.num_tokens == 12 and int(recorder.recorded_tokens) == 12
+    groups = group_by_row(grad.bags()[1])
     assert torch.equal(groups.rows, torch.unique(torch.cat([indices, indices[:3]]).long()))
-    log.clear()
-    assert len(log) == 0 and int(log.recorded_tokens) == 0
-    assert log.bags()[0].shape == (0, 7) and log.row_groups().rows.numel() == 0
+    grad.zero_()
+    assert grad.num_tokens == 0 and grad.bags()[0].shape == (0, 7)
+    assert group_by_row(grad.bags()[1]).rows.numel() == 0
 
 
-def test_log_rejects_a_lookup_of_another_shape():
-    log = ValueGradLog(10, 4)
-    log.append(torch.randn(2, 4), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
+def test_only_a_backward_that_accumulates_into_the_table_records():
+    """torch.autograd.grad of something else, or backward(inputs=...) without the table, leaves
+    the table's gradient alone, as for any parameter; backward(inputs=[table]) records."""
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(10, 4, generator=gen, requires_grad=True)
+    indices = torch.randint(0, 10, (5, 3), generator=gen)
+    weights = torch.rand(5, 3, generator=gen, requires_grad=True)
+    recorder = recorder_of(values)
+
+    def loss():
+        return lookup_recording_grads(values, indices, weights * 2, recorder).square().sum()
+
+    (weights_grad,) = torch.autograd.grad(loss(), weights)
+    assert weights_grad.abs().sum() > 0 and values.grad is None
+    loss().backward(inputs=[weights])
+    assert values.grad is None and int(recorder.recorded_tokens) == 0
+    loss().backward(inputs=[values])
+    assert values.grad.num_tokens == 5
+
+
+def test_row_sparse_grad_keeps_a_gradients_promises():
+    """What torch code does to gradients: accumulate, scale, clip (its norm is the dense
+    gradient's), clone, deepcopy and pickle; anything else is a clear error."""
+    import copy
+    import pickle
+
+    gen = torch.Generator().manual_seed(8)
+    table = torch.randn(12, 5, generator=gen, requires_grad=True)
+    grad = RowSparseGrad.like(table)
+    grad.record(torch.randn(4, 5, generator=gen), torch.randint(0, 12, (4, 3)), torch.rand(4, 3))
+    other = RowSparseGrad.like(table)
+    other.record(torch.randn(2, 5, generator=gen), torch.randint(0, 12, (2, 3)), torch.rand(2, 3))
+    dense, other_dense = grad.to_dense(), other.to_dense()
+
+    torch.testing.assert_close(torch.linalg.vector_norm(grad), dense.norm())
+    torch.testing.assert_close((grad * 3).to_dense(), dense * 3)
+    torch.testing.assert_close((grad + other).to_dense(), dense + other_dense)
+    scaled = grad.clone().mul_(0.5)
+    scaled.add_(other)  # entries of another scale join at their own worth
+    torch.testing.assert_close(scaled.to_dense(), dense * 0.5 + other_dense)
+    zeroed = grad.clone().mul_(0.0)
+    torch.testing.assert_close(zeroed.add_(other).to_dense(), other_dense)
+
+    table.grad = grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_([table], 0.1)
+    torch.testing.assert_close(norm, dense.norm())
+    torch.testing.assert_close(table.grad.to_dense(), dense * (0.1 / (dense.norm() + 1e-6)))
+    for copied in (copy.deepcopy(grad), pickle.loads(pickle.dumps(grad))):
+        assert isinstance(copied, RowSparseGrad) and copied._record is not grad._record
+        torch.testing.assert_close(copied.to_dense(), dense)
+    alias = grad.detach()
+    alias.zero_()  # an alias shares what it holds, as a detached tensor shares storage
+    assert grad.num_tokens == 0
+
+    with pytest.raises(TypeError, match="dense gradient was added"):
+        other.add_(torch.zeros(12, 5))
+    with pytest.raises(TypeError, match=r"aten.lerp_.*is row-sparse.*to_dense\(\)"):
+        other.lerp_(torch.zeros(12, 5), 0.5)
     with pytest.raises(ValueError, match="same number of rows per token"):
-        log.append(torch.randn(2, 4), torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5))
-    with pytest.raises(ValueError, match=r"grad_out must be \[T, 4\]"):
-        log.append(torch.randn(2, 5), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
+        other.record(torch.randn(2, 5), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"grad_out must be \[T, 5\]"):
+        other.record(torch.randn(2, 6), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
 
 
 # --------------------------------------------------------------------------- opcheck
@@ -379,11 +444,11 @@ def test_opcheck_row_sq_norms():
 
 
 def test_opcheck_record_value_grads():
-    _, _, grad_out, indices, weights = small_problem()
-    log = ValueGradLog(12, 5)  # alive: the op finds it by id (each opcheck call appends)
-    args = (grad_out, indices, weights, log.recorded_tokens, log.id)
+    table, _, grad_out, indices, weights = small_problem()
+    recorder = recorder_of(table)  # alive: the op finds it by key (each opcheck call records)
+    args = (grad_out, indices, weights, recorder.recorded_tokens, recorder.key)
     torch.library.opcheck(torch.ops.memlayer.record_value_grads.default, args)
-    assert len(log) > 0 and torch.equal(log.bags()[0][:6], grad_out)
+    assert table.grad.num_tokens > 0 and torch.equal(table.grad.bags()[0][:6], grad_out)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -448,16 +513,82 @@ def test_wrong_state_raises_an_error_naming_state(rule, state, error, match):
         (dict(lr=-1e-3), ValueError, r"update_rows: lr must be a finite number >= 0, got -0.001"),
         (dict(lr=float("nan")), ValueError, r"update_rows: lr must be a finite number >= 0"),
         (dict(lr=float("inf")), ValueError, r"update_rows: lr must be a finite number >= 0"),
-        (dict(eps=-1.0), ValueError, r"update_rows: eps must be >= 0"),
+        (dict(eps=-1.0), ValueError, r"update_rows: eps must be a finite number >= 0"),
+        (dict(eps=float("inf")), ValueError, r"update_rows: eps must be a finite number >= 0"),
+        (dict(betas=(1.0, 0.999)), ValueError, r"update_rows: beta1 must lie in \[0, 1\), got 1.0"),
+        (dict(betas=(0.9, 1.5)), ValueError, r"update_rows: beta2 must lie in \[0, 1\), got 1.5"),
+        (dict(betas=(-0.1, 0.9)), ValueError, r"update_rows: beta1 must lie in \[0, 1\)"),
+        (dict(betas=(0.9, float("nan"))), ValueError, r"update_rows: beta2 must lie in"),
+        (dict(weight_decay=-0.1), ValueError, r"update_rows: weight_decay must be a finite"),
+        (dict(weight_decay=float("nan")), ValueError, r"update_rows: weight_decay must be a fi"),
+        (dict(grad_scale=float("nan")), ValueError, r"update_rows: grad_scale must be finite"),
+        (dict(grad_scale=float("inf")), ValueError, r"update_rows: grad_scale must be finite"),
         (dict(rule="adamw"), ValueError, r"update_rows: rule must be one of sgd, .*'adamw'"),
         (dict(rule="SGD"), ValueError, r"update_rows: rule must be one of"),
     ],
 )
-def test_bad_hyperparameters_raise(change, error, match):
-    table, state, grad_out, weights, groups = update_args("adam")
-    kwargs = dict(rule="adam", lr=0.1) | change
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_bad_hyperparameters_raise_and_nothing_is_written(rule, change, error, match):
+    """Out of its range, a hyperparameter would turn rows into NaN or inf: refused, whichever
+    rule (SGD ignores the betas but is handed them all the same)."""
+    table, state, grad_out, weights, groups = update_args(rule)
+    before, state_before = table.clone(), [t.clone() for t in state]
+    kwargs = dict(rule=rule, lr=0.1) | change
     with pytest.raises(error, match=match):
         update_rows(table, state, grad_out, weights, groups, **kwargs)
+    assert_bitwise_equal(table, before)
+    for tensor, tensor_before in zip(state, state_before):
+        assert_bitwise_equal(tensor, tensor_before)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_repeated_or_unsorted_rows_are_refused(rule):
+    """One program per row writes it: a row listed twice would be written by two at once (a
+    race: different results run to run), so rows must be unique (and sorted, as group_by_row
+    gives them, which makes the check one pass)."""
+    table, state, grad_out, weights, groups = update_args(rule)
+    before = table.clone()
+    rows, starts = groups.rows.clone(), groups.row_starts
+    repeated = groups._replace(rows=torch.cat([rows[:1], rows[:-1]]))
+    unsorted = groups._replace(rows=rows.flip(0))
+    for bad in (repeated, unsorted):
+        with pytest.raises(ValueError, match=r"^update_rows: rows must be sorted and unique"):
+            update_rows(table, state, grad_out, weights, bad, rule=rule, lr=0.1)
+    assert_bitwise_equal(table, before)
+    assert starts.numel() == rows.numel() + 1
+
+
+def test_state_that_shares_memory_is_refused():
+    table, (exp_avg, _), grad_out, weights, groups = update_args("adam")
+    for state, shared in (
+        ([exp_avg, exp_avg], "state 0"),
+        ([exp_avg, exp_avg.view(-1).view(12, 5)], "state 0"),
+        ([torch.zeros(12, 5), table.view(12, 5)], "table"),
+    ):
+        with pytest.raises(ValueError, match=rf"^update_rows: state 1 shares memory with {shared}"):
+            update_rows(table, state, grad_out, weights, groups, rule="adam", lr=0.1)
+    table_adagrad, _, grad_out, weights, groups = update_args("rowwise_adagrad")
+    with pytest.raises(ValueError, match=r"state 0 shares memory with table"):
+        update_rows(
+            table_adagrad, [table_adagrad.view(-1)[:12]], grad_out, weights, groups,
+            rule="rowwise_adagrad", lr=0.1,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_update_bumps_the_version_autograd_checks(rule):
+    """update_rows writes the table in place: a backward that saved the table before must see
+    it was modified (as after any in-place op) instead of silently using the new values."""
+    table, state, grad_out, weights, groups = update_args(rule)
+    leaf = table.clone().requires_grad_()
+    current = leaf * 1.0  # a table a graph saved
+    loss = (current * current).sum()
+    versions = [t._version for t in (current, *state)]
+    with torch.no_grad():
+        update_rows(current, state, grad_out, weights, groups, rule=rule, lr=0.1)
+    assert all(t._version > v for t, v in zip((current, *state), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -492,11 +623,18 @@ def test_bad_tensors_raise_an_error_naming_them():
         call(row_mean_sq=torch.zeros(groups.rows.numel()))
     with pytest.raises(IndexError, match=r"row_sq_norms: positions must lie in \[0, 18\)"):
         row_sq_norms(grad_out, weights, groups._replace(positions=groups.positions + 1))
+    recorder = recorder_of(table)
     with pytest.raises(ValueError, match=r"record_value_grads: grad_out must have T = "):
-        log = ValueGradLog(12, 5)
         torch.ops.memlayer.record_value_grads(
-            grad_out[:2], groups.positions.reshape(6, 3), weights, log.recorded_tokens, log.id
-        )
+            grad_out[:2], groups.positions.reshape(6, 3) % 12, weights, recorder.recorded_tokens,
+            recorder.key,
+        )  # fmt: skip
+    with pytest.raises(IndexError, match=r"record_value_grads: indices must lie in \[0, 12\)"):
+        torch.ops.memlayer.record_value_grads(
+            grad_out, groups.positions.reshape(6, 3), weights, recorder.recorded_tokens,
+            recorder.key,
+        )  # fmt: skip
+    assert table.grad is None  # the bad rows were refused when recorded, not at the step
 
 
 @pytest.mark.parametrize("step", [0, -1])

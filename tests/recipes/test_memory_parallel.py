@@ -40,7 +40,11 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     import ops  # noqa: F401
     from memcompile.flavors import FLAVORS
     from memcompile.model import Transformer
-    from recipes.memory_parallel import apply_memory_parallel, build_memory_mesh
+    from recipes.memory_parallel import (
+        apply_memory_parallel,
+        build_memory_mesh,
+        sum_table_grad_over_replicas,
+    )
 
     config = replace(FLAVORS["mem_debug"], vocab_size=VOCAB)
     torch.manual_seed(0)
@@ -60,6 +64,7 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     for p in sharded.parameters():  # what FSDP would do for the dense parameters
         if p is not sharded.memory_values:
             dist.all_reduce(p.grad)
+    sum_table_grad_over_replicas(sharded)  # what the trainer does once per step
 
     values = sharded.memory_values
     column = values.device_mesh.get_local_rank("memory")
@@ -101,7 +106,8 @@ def _spawn(world_size: int, degree: int) -> dict[int, dict]:
 
 @pytest.mark.parametrize("world_size, degree", [(2, 2), (4, 2)])
 def test_sharded_table_matches_single_process(world_size, degree):
-    """(2, 2): one group; (4, 2): two replicas of the table, whose gradients are summed."""
+    """(2, 2): one group; (4, 2): two replicas of the table, whose gradients are summed (by
+    sum_table_grad_over_replicas, as the trainer does after the last micro-batch)."""
     results = _spawn(world_size, degree)
     from memcompile.flavors import FLAVORS
 
