@@ -1,0 +1,165 @@
+"""Replicated tables train one table, in the recipe, at every combination a user can reach.
+
+With ``--parallelism.memory_parallel_degree 2`` on 4 ranks each column shard of the value table
+has two replicas, which see different tokens: their gradients must be summed exactly once per
+optimizer step (dense table), or what they recorded gathered (row-sparse table). Each run below
+trains 3 steps of the recipe's smoke configuration on one global batch of 8 sequences from the
+same seed, and must log, step by step, the losses and gradient norms of the reference: 2 ranks
+with degree 2 (one group, no replica), 1 micro-batch. The 4-rank runs must also end with the
+replicas of each shard bitwise equal (the trainer checks it; the test reads the shards too).
+
+- 4 ranks, 1 and 2 micro-batches (accumulation), dense table and row-wise AdaGrad;
+- 4 ranks, 2 micro-batches, blocks compiled (dense table);
+- 2 ranks, the table FSDP-sharded (degree 1, dense), 1 and 2 micro-batches.
+
+The trainers run in-process in spawned gloo workers, several per spawn, one after another
+(starting processes dominates the time).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
+
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _args(folder: Path, *, degree: int, table: str, micro_batches: int, ranks: int) -> list[str]:
+    local_batch = GLOBAL_BATCH // (ranks * micro_batches)
+    return [
+        "--config", "smoke",
+        "--dump_folder", str(folder),
+        "--dataloader.cache_dir", str(folder.parent / "token-cache"),
+        "--training.steps", str(STEPS),
+        "--training.global_batch_size", str(GLOBAL_BATCH),
+        "--training.local_batch_size", str(local_batch),
+        "--parallelism.memory_parallel_degree", str(degree),
+        "--optimizer.memory_optimizer", table,
+        "--metrics.no-enable-tensorboard",
+        "--checkpoint.no-enable",
+        "--no-final-eval",
+        "--debug.seed", "0",
+    ]  # fmt: skip
+
+
+def _worker(rank: int, world_size: int, port: int, runs: dict, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        queue.put((rank, {name: _train(argv) for name, argv in runs.items()}))
+    except Exception as error:  # report instead of hanging the other ranks' queue reads
+        queue.put((rank, repr(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(argv: list[str]) -> dict:
+    """One recipe run in this process (its process group already up); what it logged and
+    whether the table's replicas agree at the end."""
+    from recipes import shims
+    from recipes.memory_parallel import REPLICA_DIM
+    from recipes.pretrain import parse_args, validate
+
+    shims.apply()
+    config = parse_args(argv)
+    validate(config, dist.get_world_size())
+    trainer = config.build()
+    try:
+        trainer.train()
+        table = trainer.model_parts[0].memory_values
+        result = {"replicas_equal": None}
+        mesh = getattr(table, "device_mesh", None)
+        replicated = mesh is not None and REPLICA_DIM in (mesh.mesh_dim_names or ())
+        if replicated and mesh[REPLICA_DIM].size() > 1:
+            shard = table.to_local().detach()
+            shards = [torch.empty_like(shard) for _ in range(mesh[REPLICA_DIM].size())]
+            dist.all_gather(shards, shard, group=mesh.get_group(REPLICA_DIM))
+            result["replicas_equal"] = all(torch.equal(s, shards[0]) for s in shards)
+        if dist.get_rank() == 0:
+            lines = Path(config.dump_folder, "metrics.jsonl").read_text().splitlines()
+            result["log"] = [json.loads(line) for line in lines]
+        return result
+    finally:
+        trainer.close()
+
+
+def _spawn(world_size: int, runs: dict[str, list[str]]) -> dict[str, dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(rank, world_size, port, runs, queue))
+        for rank in range(world_size)
+    ]
+    for worker in workers:
+        worker.start()
+    results = dict(queue.get(timeout=600) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    for rank, result in results.items():
+        assert isinstance(result, dict), f"rank {rank}: {result}"
+    merged = {}
+    for name in runs:
+        replicas = [result[name]["replicas_equal"] for result in results.values()]
+        merged[name] = {**results[0][name], "replicas": replicas}
+    return merged
+
+
+def _assert_same_training(run: dict, reference: dict, name: str) -> None:
+    assert [r["step"] for r in run["log"]] == list(range(1, STEPS + 1)), name
+    for got, expected in zip(run["log"], reference["log"]):
+        for metric in ("loss", "grad_norm"):
+            assert got[metric] == pytest.approx(expected[metric], rel=1e-5, abs=1e-6), (
+                name, got["step"], metric,
+            )  # fmt: skip
+
+
+def test_replicated_tables_train_as_one_table(tmp_path: Path):
+    two = {
+        f"reference-{table}": _args(
+            tmp_path / f"reference-{table}", degree=2, table=table, micro_batches=1, ranks=2
+        )
+        for table in ("adamw", "rowwise_adagrad")
+    }
+    for micro_batches in (1, 2):
+        name = f"fsdp-table-{micro_batches}mb"
+        two[name] = _args(
+            tmp_path / name, degree=1, table="adamw", micro_batches=micro_batches, ranks=2
+        )
+    four = {}
+    for table in ("adamw", "rowwise_adagrad"):
+        for micro_batches in (1, 2):
+            name = f"replicas-{table}-{micro_batches}mb"
+            four[name] = _args(
+                tmp_path / name, degree=2, table=table, micro_batches=micro_batches, ranks=4
+            )
+    compiled = _args(tmp_path / "compiled", degree=2, table="adamw", micro_batches=2, ranks=4)
+    four["replicas-adamw-2mb-compiled"] = [
+        *compiled, "--compile.enable", "--compile.backend", "aot_eager",
+    ]  # fmt: skip
+
+    results = _spawn(2, two) | _spawn(4, four)
+
+    for name, run in results.items():
+        table = "rowwise_adagrad" if "rowwise_adagrad" in name else "adamw"
+        _assert_same_training(run, results[f"reference-{table}"], name)
+        if name.startswith("replicas"):
+            assert run["replicas"] == [True] * 4, name  # every rank's shard equals its replica's
+        else:
+            assert run["replicas"] == [None] * 2, name
