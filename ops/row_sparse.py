@@ -118,19 +118,17 @@ aten = torch.ops.aten
 
 class _Record:
     """What a :class:`RowSparseGrad` and its aliases (``detach``, views) share: the recorded
-    lookups, one scale for all of them, and a version that every change bumps."""
+    lookups, one scale for all of them, and what was computed from the lookups (dropped when
+    they change; a new scale keeps it)."""
 
-    __slots__ = ("entries", "scale", "version", "cache")
+    __slots__ = ("entries", "scale", "cache")
 
     def __init__(self, entries: list[tuple[Tensor, Tensor, Tensor]] | None = None, scale=1.0):
         self.entries = entries if entries is not None else []
         self.scale = scale
-        self.version = 0
-        #: What an optimizer computed from this version (``memcompile.sparse_optim``).
         self.cache: Any = None
 
     def changed(self) -> None:
-        self.version += 1
         self.cache = None
 
     def copy(self) -> _Record:
@@ -165,9 +163,9 @@ class RowSparseGrad(Tensor):
         self._record = record if record is not None else _Record()
 
     @classmethod
-    def like(cls, table: Tensor, record: _Record | None = None) -> RowSparseGrad:
-        """An empty gradient (or one holding ``record``) for the plain tensor ``table``."""
-        return cls(table.shape, table.dtype, table.device, record)
+    def like(cls, table: Tensor) -> RowSparseGrad:
+        """An empty gradient for the plain tensor ``table``."""
+        return cls(table.shape, table.dtype, table.device)
 
     # -- what optimizers read
 
@@ -177,15 +175,10 @@ class RowSparseGrad(Tensor):
         return self._record.scale
 
     @property
-    def version(self) -> int:
-        """Bumped by every change: what was computed from an older version is stale."""
-        return self._record.version
-
-    @property
     def cache(self) -> Any:
-        """What an optimizer computed from this version of the gradient (reset by every change):
-        ``memcompile.sparse_optim`` keeps its step inputs here, which clipping and the step
-        share and which go when the gradient does."""
+        """What an optimizer computed from the recorded lookups, reset when they change (not
+        when the gradient is only scaled): ``memcompile.sparse_optim`` keeps its step inputs
+        here, which clipping and the step share and which go when the gradient does."""
         return self._record.cache
 
     @cache.setter
@@ -237,12 +230,6 @@ class RowSparseGrad(Tensor):
         )
         _append(self._record, [entry], 1.0, in_place=True)
 
-    def row_sq_norms(self, only_rows: Tensor | None = None) -> tuple[RowGroups, Tensor]:
-        """The touched rows (of ``only_rows``) and their squared gradient norms, unscaled."""
-        grad_out, indices, weights = self.bags()
-        groups = group_by_row(indices, only_rows)
-        return groups, row_sq_norms(grad_out, weights, groups)
-
     def __repr__(self, *, tensor_contents=None) -> str:
         record = self._record
         scale = f", scale={record.scale:g}" if record.scale != 1.0 else ""
@@ -292,6 +279,15 @@ def _clone(grad: RowSparseGrad, **_: Any) -> RowSparseGrad:
     return RowSparseGrad(grad.shape, grad.dtype, grad.device, grad._record.copy())
 
 
+def _to_copy(grad: RowSparseGrad, *, dtype=None, device=None, **_: Any) -> RowSparseGrad:
+    """``grad.to(dtype, device)`` (``model.to(...)`` converts gradients too): the entries move to
+    the device and stay fp32; the gradient takes the new dtype, as its table does."""
+    device = grad.device if device is None else torch.device(device)
+    record = grad._record.copy()
+    record.entries = [tuple(t.to(device) for t in entry) for entry in record.entries]
+    return RowSparseGrad(grad.shape, grad.dtype if dtype is None else dtype, device, record)
+
+
 def _zero_(grad: RowSparseGrad) -> RowSparseGrad:
     grad._record.entries = []
     grad._record.scale = 1.0
@@ -310,8 +306,9 @@ def _factor(value: Any) -> float:
 
 
 def _mul_(grad: RowSparseGrad, factor: Any) -> RowSparseGrad:
+    # The entries are unchanged, and so is what was computed from them (clipping scales the
+    # gradient between computing its norm and the step, which reuses the grouping).
     grad._record.scale *= _factor(factor)
-    grad._record.changed()
     return grad
 
 
@@ -367,7 +364,8 @@ def _add(a: Any, b: Any, *, alpha: Any = 1) -> RowSparseGrad:
 def _norm(grad: RowSparseGrad, ord: Any = 2, dim: Any = None, keepdim=False, *, dtype=None):
     if ord != 2 or dim is not None:
         raise TypeError("RowSparseGrad: only the 2-norm of the whole gradient is supported")
-    _, norms = grad.row_sq_norms()
+    grad_out, indices, weights = grad.bags()
+    norms = row_sq_norms(grad_out, weights, group_by_row(indices))
     norm = norms.sum().sqrt() * abs(grad.scale)
     return norm.to(dtype or torch.float32)
 
@@ -394,6 +392,7 @@ _GRAD_OPS: dict[Any, Callable] = {
     aten.alias.default: _alias,
     aten.view.default: _view,
     aten.clone.default: _clone,
+    aten._to_copy.default: _to_copy,
     aten.zero_.default: _zero_,
     aten.mul_.Tensor: _mul_,
     aten.mul_.Scalar: _mul_,

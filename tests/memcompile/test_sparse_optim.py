@@ -294,6 +294,28 @@ def test_sgd_step_and_clipping_equal_dense_sgd_on_the_table():
         torch.testing.assert_close(model.memory_values, dense.memory_values, rtol=1e-6, atol=1e-7)
 
 
+def test_clipping_and_the_step_group_the_recorded_reads_once(monkeypatch):
+    """Grouping the reads by row (a sort) and their norms are the step's largest costs after
+    the lookup: clipping computes them, scaling the gradient keeps them, the step reuses them;
+    a new backward makes them stale."""
+    import memcompile.sparse_optim as sparse_optim
+
+    calls = []
+    grouping = sparse_optim.group_by_row
+    monkeypatch.setattr(
+        sparse_optim, "group_by_row", lambda *a, **k: calls.append(1) or grouping(*a, **k)
+    )
+    model = reader()
+    optimizer = RowSparseOptimizer(model, "rowwise_adagrad", lr=0.1)
+    reader_loss(model, *reader_batch(0)).backward()
+    optimizer.clip_grad_norm_(1e-3)
+    optimizer.step()
+    assert len(calls) == 1
+    reader_loss(model, *reader_batch(1)).backward()
+    optimizer.clip_grad_norm_(1e-3)
+    assert len(calls) == 2
+
+
 def test_torch_clip_grad_norm_clips_the_table_with_the_rest():
     """torch.nn.utils.clip_grad_norm_ over all of a model's parameters (the table's recorded
     gradient among them) clips as it would the dense gradients."""

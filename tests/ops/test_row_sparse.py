@@ -363,7 +363,7 @@ def test_only_a_backward_that_accumulates_into_the_table_records():
 
 def test_row_sparse_grad_keeps_a_gradients_promises():
     """What torch code does to gradients: accumulate, scale, clip (its norm is the dense
-    gradient's), clone, deepcopy and pickle; anything else is a clear error."""
+    gradient's), convert, clone, deepcopy and pickle; anything else is a clear error."""
     import copy
     import pickle
 
@@ -391,6 +391,9 @@ def test_row_sparse_grad_keeps_a_gradients_promises():
     for copied in (copy.deepcopy(grad), pickle.loads(pickle.dumps(grad))):
         assert isinstance(copied, RowSparseGrad) and copied._record is not grad._record
         torch.testing.assert_close(copied.to_dense(), dense)
+    converted = grad.to(torch.float64)  # model.to(dtype) converts gradients too
+    assert isinstance(converted, RowSparseGrad) and converted.dtype == torch.float64
+    torch.testing.assert_close(converted.to_dense(), dense.double())
     alias = grad.detach()
     alias.zero_()  # an alias shares what it holds, as a detached tensor shares storage
     assert grad.num_tokens == 0
