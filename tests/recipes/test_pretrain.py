@@ -242,27 +242,6 @@ def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess
     return result
 
 
-def test_two_cpu_ranks_from_scratch_initialise_as_one_process(tmp_path: Path):
-    """Without a seed checkpoint, 2 ranks (dense parameters FSDP-sharded, the table
-    column-sharded) start from the weights one process draws with the same seed: DTensor's
-    RNG does not shard random init on CPU meshes, so the recipe initialises an unsharded copy."""
-    steps = 2
-    one, two = tmp_path / "one", tmp_path / "two"
-    no_eval = ["--no-final-eval", "--checkpoint.no-enable"]
-    _checked(
-        run_pretrain([*tiny_run_args(one, steps), *no_eval, "--training.local_batch_size", "4"])
-    )
-    _checked(
-        _torchrun(
-            2, [*tiny_run_args(two, steps), *no_eval, "--parallelism.memory_parallel_degree", "2"]
-        )
-    )
-    expected, actual = losses(one), losses(two)
-    assert sorted(actual) == list(range(1, steps + 1))
-    for step in expected:
-        assert actual[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
-
-
 @pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
 def test_memory_parallel_two_ranks_match_one_rank_and_reshard_to_one(
     tmp_path: Path, table_optimizer: str
