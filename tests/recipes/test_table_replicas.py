@@ -125,10 +125,12 @@ def _spawn(world_size: int, runs: dict[str, list[str]]) -> dict[str, dict]:
 
 
 def _assert_same_training(run: dict, reference: dict, name: str) -> None:
+    """Equal up to fp32 reduction order (a few 1e-6 relative): a replica reduce that is
+    missing, or counts a micro-batch twice, moves the first step's norm by ~7e-4."""
     assert [r["step"] for r in run["log"]] == list(range(1, STEPS + 1)), name
     for got, expected in zip(run["log"], reference["log"]):
         for metric in ("loss", "grad_norm"):
-            assert got[metric] == pytest.approx(expected[metric], rel=1e-5, abs=1e-6), (
+            assert got[metric] == pytest.approx(expected[metric], rel=5e-5, abs=1e-6), (
                 name, got["step"], metric,
             )  # fmt: skip
 
