@@ -7,38 +7,24 @@ single-process model on the concatenation of all ranks' tokens.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.recipes.gloo import on_gloo_ranks
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
 VOCAB, SEQ_LEN, BATCH_PER_RANK = 97, 11, 2  # odd sizes on purpose
 
 
-def _worker(rank: int, world_size: int, degree: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        queue.put((rank, _check(rank, world_size, degree)))
-    except Exception as error:  # report instead of hanging the other ranks' queue reads
-        queue.put((rank, repr(error)))
-    finally:
-        dist.destroy_process_group()
-
-
-def _check(rank: int, world_size: int, degree: int) -> dict:
+def _check(world_size: int, degree: int) -> dict:
     import ops  # noqa: F401
     from memcompile.flavors import FLAVORS
+
+    rank = dist.get_rank()
     from memcompile.model import Transformer
     from recipes.memory_parallel import (
         apply_memory_parallel,
@@ -86,34 +72,15 @@ def _check(rank: int, world_size: int, degree: int) -> dict:
     }
 
 
-def _spawn(world_size: int, degree: int) -> dict[int, dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [
-        context.Process(target=_worker, args=(r, world_size, degree, port, queue))
-        for r in range(world_size)
-    ]
-    for p in processes:
-        p.start()
-    results = dict(queue.get(timeout=240) for _ in processes)
-    for p in processes:
-        p.join(timeout=60)
-    return results
-
-
 @pytest.mark.parametrize("world_size, degree", [(2, 2), (4, 2)])
 def test_sharded_table_matches_single_process(world_size, degree):
     """(2, 2): one group; (4, 2): two replicas of the table, whose gradients are summed (by
     sum_table_grad_over_replicas, as the trainer does after the last micro-batch)."""
-    results = _spawn(world_size, degree)
+    results = on_gloo_ranks(world_size, _check, world_size, degree, timeout_s=240)
     from memcompile.flavors import FLAVORS
 
     memory = FLAVORS["mem_debug"].memory
-    for rank, result in results.items():
-        assert isinstance(result, dict), f"rank {rank}: {result}"
+    for result in results.values():
         assert result["local_shape"] == (memory.num_values, memory.value_dim // degree)
         assert result["logits_error"] < 1e-12
         assert result["values_grad_error"] < 1e-15

@@ -7,15 +7,14 @@ One spawn runs every check per layout (process start-up dominates).
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.recipes.gloo import on_gloo_ranks
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
@@ -23,16 +22,8 @@ VOCAB, SEQ_LEN, BATCH_PER_RANK, STEPS = 97, 11, 2, 3
 RULES = ("rowwise_adagrad", "adam")
 
 
-def _worker(rank: int, layout: tuple[int, int], port: int, checkpoint: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(60))
-    try:
-        queue.put((rank, {rule: _train(rank, layout, rule, checkpoint) for rule in RULES}))
-    except Exception as error:  # report instead of hanging the other rank's queue read
-        queue.put((rank, repr(error)))
-    finally:
-        dist.destroy_process_group()
+def _train_every_rule(layout: tuple[int, int], checkpoint: str) -> dict:
+    return {rule: _train(dist.get_rank(), layout, rule, checkpoint) for rule in RULES}
 
 
 def _model_and_tokens():
@@ -96,28 +87,10 @@ def _train(rank: int, layout: tuple[int, int], rule: str, checkpoint: str) -> di
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("layout", [(1, 2), (2, 1)], ids=["column-sharded G=2", "replicated R=2"])
 def test_two_ranks_match_one_process_and_reshard_to_one(layout, tmp_path):
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    workers = [
-        context.Process(target=_worker, args=(rank, layout, port, str(tmp_path), queue))
-        for rank in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    results = dict(queue.get(timeout=300) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
+    results = on_gloo_ranks(2, _train_every_rule, layout, str(tmp_path))
     for rank, result in results.items():
-        assert isinstance(result, dict), f"rank {rank}: {result}"
         for rule, checks in result.items():
             assert checks["table_error"] < 1e-5, (rank, rule, checks)  # fp32, lr 0.05
     for rule, checks in results[0].items():

@@ -21,16 +21,14 @@ The trainers run in-process in spawned gloo workers, several per spawn, one afte
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.recipes.gloo import on_gloo_ranks
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
@@ -55,19 +53,8 @@ def _args(folder: Path, *, degree: int, table: str, micro_batches: int, ranks: i
     ]  # fmt: skip
 
 
-def _worker(rank: int, world_size: int, port: int, runs: dict, queue) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    try:
-        queue.put((rank, {name: _train(argv) for name, argv in runs.items()}))
-    except Exception as error:  # report instead of hanging the other ranks' queue reads
-        queue.put((rank, repr(error)))
-    finally:
-        dist.destroy_process_group()
+def _train_each(runs: dict[str, list[str]]) -> dict[str, dict]:
+    return {name: _train(argv) for name, argv in runs.items()}
 
 
 def _train(argv: list[str]) -> dict:
@@ -101,22 +88,8 @@ def _train(argv: list[str]) -> dict:
 
 
 def _spawn(world_size: int, runs: dict[str, list[str]]) -> dict[str, dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    workers = [
-        context.Process(target=_worker, args=(rank, world_size, port, runs, queue))
-        for rank in range(world_size)
-    ]
-    for worker in workers:
-        worker.start()
-    results = dict(queue.get(timeout=600) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-    for rank, result in results.items():
-        assert isinstance(result, dict), f"rank {rank}: {result}"
+    """Every run on ``world_size`` ranks: rank 0's log, every rank's replica check."""
+    results = on_gloo_ranks(world_size, _train_each, runs, timeout_s=600)
     merged = {}
     for name in runs:
         replicas = [result[name]["replicas_equal"] for result in results.values()]
