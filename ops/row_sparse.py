@@ -245,7 +245,7 @@ class RowSparseGrad(Tensor):
         )  # fmt: skip
 
     def __deepcopy__(self, memo) -> RowSparseGrad:
-        return RowSparseGrad(self.shape, self.dtype, self.device, self._record.copy())
+        return _clone(self)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -410,14 +410,19 @@ _GRAD_OPS: dict[Any, Callable] = {
 }
 
 
+def _local_grad(table: Tensor) -> Tensor | None:
+    """``table.grad``, its local part for a DTensor table."""
+    grad = table.grad
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
 def row_sparse_grad(table: Tensor) -> RowSparseGrad | None:
     """``table.grad`` as a :class:`RowSparseGrad` (its local part for a DTensor table), or
     ``None`` when there is none. A dense ``.grad`` raises: the table was read without
     recording."""
-    grad = table.grad
-    if grad is None:
+    local = _local_grad(table)
+    if local is None:
         return None
-    local = grad.to_local() if isinstance(grad, DTensor) else grad
     if not isinstance(local, RowSparseGrad):
         raise RuntimeError(
             "the memory table has a dense gradient where its RowSparseOptimizer expects the "
@@ -518,11 +523,6 @@ class GradRecorder:
     def __repr__(self) -> str:
         owner = f", trained by {type(self.owner).__name__}" if self.recording else ""
         return f"GradRecorder(key={self.key}{owner})"
-
-
-def _local_grad(table: Tensor) -> Tensor | None:
-    grad = table.grad
-    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 # --------------------------------------------------------------------------- recording lookup

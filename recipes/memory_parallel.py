@@ -143,15 +143,13 @@ def sum_table_grad_over_replicas(model: nn.Module) -> None:
     Nothing to do for a table without replicas, or one trained row-sparsely (its optimizer
     gathers what the replicas recorded)."""
     values = getattr(model, "memory_values", None)
-    if not isinstance(values, DTensor) or values.grad is None:
-        return
-    mesh = values.device_mesh
-    if REPLICA_DIM not in (mesh.mesh_dim_names or ()) or mesh[REPLICA_DIM].size() == 1:
+    group = _replica_group(values)
+    if group is None or values.grad is None:
         return
     local = values.grad.to_local()
     if isinstance(local, RowSparseGrad):
         return
-    dist.all_reduce(local, group=mesh.get_group(REPLICA_DIM))
+    dist.all_reduce(local, group=group)
 
 
 def table_replicas_agree(model: nn.Module) -> bool | None:
@@ -159,17 +157,24 @@ def table_replicas_agree(model: nn.Module) -> bool | None:
     bits (``None`` for a table without replicas): a replica that missed an update would train,
     and be checkpointed, apart from the others. Compares checksums, not the shards."""
     values = getattr(model, "memory_values", None)
+    group = _replica_group(values)
+    if group is None:
+        return None
+    checksum = _bitwise_checksum(values.to_local())
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    return bool(torch.equal(low, high))
+
+
+def _replica_group(values: torch.Tensor | None) -> dist.ProcessGroup | None:
+    """The process group of the table's replicas (memory parallelism with R > 1), or None."""
     if not isinstance(values, DTensor):
         return None
     mesh = values.device_mesh
     if REPLICA_DIM not in (mesh.mesh_dim_names or ()) or mesh[REPLICA_DIM].size() == 1:
         return None
-    checksum = _bitwise_checksum(values.to_local())
-    low, high = checksum.clone(), checksum.clone()
-    group = mesh.get_group(REPLICA_DIM)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    return bool(torch.equal(low, high))
+    return mesh.get_group(REPLICA_DIM)
 
 
 def _bitwise_checksum(table: torch.Tensor, rows_per_chunk: int = 1 << 16) -> torch.Tensor:
