@@ -11,13 +11,24 @@ which ``transformers`` loads it (``memcompile/hf.py``)::
     AutoModelForCausalLM.from_pretrained("my-model", trust_remote_code=True)
 
 Weights are stored under ``model.<name>`` (the HF model's ``model`` is the ``Transformer``).
+A folder is written whole or not at all (:func:`staged_folder`: staged next to it, then swapped
+in), so a save over an older one keeps none of its files; only a model folder (or an empty
+one) is ever replaced. Loading checks what it reads: a damaged file gives an error naming it.
 Only ``torch`` and ``safetensors`` are needed here: no ``transformers``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import secrets
+import shutil
+import types
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +61,54 @@ def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
     return values
 
 
-def config_from_dict(values: dict[str, Any]) -> TransformerConfig:
-    memory = values.get("memory")
-    return TransformerConfig(
-        **{**values, "memory": None if memory is None else MemoryConfig(**memory)}
-    )
+def config_from_dict(values: Any) -> TransformerConfig:
+    """The config :func:`config_to_dict` wrote. Every field must be there, with a value of its
+    type: a ``ValueError`` names the field otherwise (a default would silently change the
+    model)."""
+    values = _checked_fields(TransformerConfig, values, prefix="")
+    memory = values["memory"]
+    if memory is not None:
+        memory = MemoryConfig(**_checked_fields(MemoryConfig, memory, prefix="memory."))
+    return TransformerConfig(**{**values, "memory": memory})
+
+
+def _checked_fields(cls: type, values: Any, *, prefix: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ValueError(f"{where} is {values!r}, expected an object of {cls.__name__} fields")
+    types = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [prefix + name for name in values if name not in types]
+    missing = [prefix + name for name in names if name not in values]
+    if unknown or missing:
+        raise ValueError(f"{cls.__name__} fields: unknown {unknown}, missing {missing}")
+    for name in names:
+        if not _is_json_of(values[name], types[name]):
+            raise ValueError(f"{prefix}{name} is {values[name]!r}, expected {types[name]}")
+    return values
+
+
+def _is_json_of(value: Any, hint: Any) -> bool:
+    """Whether the JSON ``value`` holds a value of the annotation ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_json_of(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list) and all(_is_json_of(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):  # JSON's true is no number
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return value in {member.value for member in hint}
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def save_pretrained(
@@ -63,13 +117,28 @@ def save_pretrained(
     *,
     max_shard_bytes: int = 5 * 2**30,
     config_extra: dict[str, Any] | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write ``model``'s weights and config into ``directory`` (created; files it holds are
-    overwritten). ``config_extra`` entries are added to ``config.json`` (e.g. the flavor)."""
+    """Write ``model``'s weights and config as the folder ``directory``, whole or not at all.
+
+    Like Hugging Face's ``save_pretrained``, a save replaces an existing model folder (or an
+    empty folder) without asking; it refuses (``FileExistsError``, nothing touched) anything
+    else, such as a file or a folder that was not written by a save: see
+    :func:`staged_folder`. ``config_extra`` entries are added to ``config.json`` (e.g. the
+    flavor); ``add_files(folder)`` may write more files (a tokenizer, a model card) into the
+    folder before it takes ``directory``'s place.
+    """
+    with staged_folder(directory) as staging:
+        _write_model(model, staging, max_shard_bytes, config_extra or {})
+        if add_files is not None:
+            add_files(staging)
+
+
+def _write_model(
+    model: Transformer, directory: Path, max_shard_bytes: int, config_extra: dict[str, Any]
+) -> None:
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {PREFIX + name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
@@ -94,7 +163,7 @@ def save_pretrained(
         },
         CONFIG_KEY: config_to_dict(model.config),
         "torch_dtype": dtype,
-        **(config_extra or {}),
+        **config_extra,
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     (directory / REMOTE_CODE_NAME).write_text(_REMOTE_CODE)
@@ -115,39 +184,150 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def is_model_folder(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a ``config.json`` with the ``"memcompile"`` entry (a folder
+    written by :func:`save_pretrained` or ``recipes.export``)."""
+    try:
+        values = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and CONFIG_KEY in values
+
+
+def check_replaceable(directory: str | Path) -> None:
+    """Raise ``FileExistsError`` unless a save may take ``directory``'s place: it is absent, an
+    empty folder or a model folder (:func:`is_model_folder`). A folder that is not ours is
+    never deleted."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"{str(directory)!r} is a file, not a model folder: not replaced")
+    if any(directory.iterdir()) and not is_model_folder(directory):
+        raise FileExistsError(
+            f"{str(directory)!r} is a folder with no {CONFIG_NAME} holding a {CONFIG_KEY!r} "
+            f"entry (not a model folder): not replaced; pass a new or empty folder"
+        )
+
+
+@contextmanager
+def staged_folder(directory: str | Path) -> Iterator[Path]:
+    """An empty folder next to ``directory`` to write into; when the block ends without error
+    it becomes ``directory`` (an old ``directory`` is removed only once the new one is in
+    place), otherwise it is removed. So ``directory`` never mixes the files of two saves.
+
+    An existing ``directory`` must pass :func:`check_replaceable` (checked first, before
+    anything is written); a symbolic link to a folder is followed (the folder is replaced).
+    """
+    check_replaceable(directory)
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0o700 mode would become the folder's.
+    staging = target.with_name(f".{target.name}-{secrets.token_hex(4)}")
+    staging.mkdir()
+    old = staging.with_name(f"{staging.name}-old")
+    try:
+        yield staging
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
 def load_config(directory: str | Path) -> TransformerConfig:
+    """The ``TransformerConfig`` of a model folder; a ``ValueError`` naming ``config.json`` and
+    what is wrong if it is damaged."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (not a save_pretrained folder)")
-    values = json.loads(path.read_text())
-    if CONFIG_KEY not in values:
+    values = _read_json(path)
+    if not isinstance(values, dict) or CONFIG_KEY not in values:
         raise ValueError(f"{path}: no {CONFIG_KEY!r} entry (not a memcompile model folder)")
-    return config_from_dict(values[CONFIG_KEY])
+    try:
+        return config_from_dict(values[CONFIG_KEY])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: bad {CONFIG_KEY!r} entry: {error}") from None
 
 
 def from_pretrained(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
-    """The model saved in ``directory`` by :func:`save_pretrained`, in eval mode."""
-    from safetensors.torch import load_file
-
+    """The model saved in ``directory`` by :func:`save_pretrained`, in eval mode. A damaged
+    folder (bad JSON, a missing or truncated weights file, a missing, extra or misshapen tensor)
+    gives an error naming the file."""
     directory = Path(directory)
     config = load_config(directory)
-    index = directory / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [WEIGHTS_NAME]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: missing weights file {name}")
-        stored = load_file(directory / name, device=str(device))
-        state.update({key.removeprefix(PREFIX): tensor for key, tensor in stored.items()})
     with torch.device("meta"):
         model = Transformer(config)
+    state = _read_weights(directory, device, model.state_dict())
     # Buffers (RoPE tables) are not saved: the load's post hook computes them for the config.
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # also a UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _read_weights(
+    directory: Path, device: str | torch.device, expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The folder's tensors under the model's names, each checked against ``expected`` (the
+    model's state on the meta device): the same names, the same shapes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for f in weight_map.values()
+        ):
+            raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+        files = sorted(set(weight_map.values()))
+    else:
+        weight_map = {}
+        files = [WEIGHTS_NAME]
+    state: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            if weight_map:
+                raise FileNotFoundError(f"{index} lists {name}, which is not in the folder")
+            raise FileNotFoundError(f"{directory}: missing weights file {name}")
+        try:
+            stored = load_file(path, device=str(device))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        state.update(stored)
+        source.update(dict.fromkeys(stored, path))
+    expected = {PREFIX + name: tensor for name, tensor in expected.items()}
+    unexpected = sorted(state.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"{source[unexpected[0]]} holds {unexpected}, which the model has not")
+    for key, meta in expected.items():
+        if key not in state:
+            # the shard the index puts it in, or the file that should list it
+            where = directory / weight_map.get(key, WEIGHTS_INDEX_NAME if weight_map else files[0])
+            raise ValueError(f"{where} lacks the tensor {key}")
+        if state[key].shape != meta.shape:
+            raise ValueError(
+                f"{source[key]}: {key} has shape {tuple(state[key].shape)}, but "
+                f"{directory / CONFIG_NAME} makes it {tuple(meta.shape)}"
+            )
+    return {key.removeprefix(PREFIX): tensor for key, tensor in state.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,4 +55,195 @@ def test_a_folder_without_a_memcompile_config_is_refused(tmp_path: Path):
         memcompile.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="not a memcompile model folder"):
+        memcompile.from_pretrained(tmp_path)
+
+
+def _model(flavor: str, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(get_flavor(flavor)).eval()
+
+
+def test_a_resave_over_a_sharded_folder_leaves_nothing_of_the_old_save(tmp_path: Path):
+    folder = tmp_path / "model"
+    save_pretrained(_model("mem_debug", seed=0), folder, max_shard_bytes=4000)
+    assert (folder / "model.safetensors.index.json").is_file()
+    new = _model("mem_debug", seed=1)
+    save_pretrained(new, folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "modeling_memcompile.py",
+    ]
+    loaded = memcompile.from_pretrained(folder)
+    for name, tensor in new.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left
+
+
+def test_a_failed_save_leaves_the_previous_folder(tmp_path: Path):
+    old = _model("dense_debug", seed=0)
+    save_pretrained(old, tmp_path / "model", max_shard_bytes=300_000)
+
+    def fail(folder: Path) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(_model("dense_debug", seed=1), tmp_path / "model", add_files=fail)
+    loaded = memcompile.from_pretrained(tmp_path / "model")
+    assert torch.equal(loaded.output.weight, old.output.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def _a_file(path: Path) -> None:
+    path.write_text("my notes")
+
+
+def _a_user_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "notes.txt").write_text("my notes")
+
+
+def _a_dcp_checkpoint(path: Path) -> None:
+    path.mkdir()
+    (path / ".metadata").write_bytes(b"\x80")
+    (path / "__0_0.distcp").write_bytes(b"weights")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [(_a_file, "is a file"), (_a_user_folder, "not a model folder"), (_a_dcp_checkpoint, "not a")],
+)
+def test_a_save_never_replaces_what_is_not_a_model_folder(tmp_path: Path, make, message: str):
+    target = tmp_path / "target"
+    make(target)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=message):
+        save_pretrained(_model("dense_debug", seed=0), target)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """A dense model saved in 4 shards."""
+    folder = tmp_path_factory.mktemp("sharded") / "model"
+    save_pretrained(_model("dense_debug", seed=0), folder, max_shard_bytes=300_000)
+    return folder
+
+
+def _edit_config(folder: Path, edit) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return "config.json"
+
+
+def _drop(values: dict, key: str) -> None:
+    del values[key]
+
+
+def _first_shard(folder: Path) -> Path:
+    return folder / "model-00001-of-00004.safetensors"
+
+
+def _rewrite_first_shard(folder: Path, edit) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(_first_shard(folder))
+    edit(tensors)
+    save_file(tensors, _first_shard(folder))
+    return _first_shard(folder).name
+
+
+def _truncate(path: Path) -> str:
+    path.write_bytes(path.read_bytes()[:1000])
+    return path.name
+
+
+def _write(folder: Path, name: str, text: str) -> str:
+    (folder / name).write_text(text)
+    return name
+
+
+def _remove_first_shard(folder: Path) -> str:
+    _first_shard(folder).unlink()
+    return "model.safetensors.index.json"
+
+
+DAMAGES = {
+    "config not JSON": (
+        lambda f: _write(f, "config.json", "{not json"),
+        "is not valid JSON",
+    ),
+    "config entry null": (
+        lambda f: _edit_config(f, lambda c: c.update(memcompile=None)),
+        "the config is None, expected an object of TransformerConfig fields",
+    ),
+    "config entry a list": (
+        lambda f: _edit_config(f, lambda c: c.update(memcompile=[64])),
+        "the config is [64], expected an object",
+    ),
+    "unknown field": (
+        lambda f: _edit_config(f, lambda c: c["memcompile"].update(heads=4)),
+        "unknown ['heads']",
+    ),
+    "missing field": (
+        lambda f: _edit_config(f, lambda c: _drop(c["memcompile"], "dim")),
+        "missing ['dim']",
+    ),
+    "ill-typed field": (
+        lambda f: _edit_config(f, lambda c: c["memcompile"].update(n_layers="2")),
+        "n_layers is '2', expected <class 'int'>",
+    ),
+    "index not JSON": (
+        lambda f: _write(f, "model.safetensors.index.json", '{"weight_map": '),
+        "is not valid JSON",
+    ),
+    "index without weight_map": (
+        lambda f: _write(f, "model.safetensors.index.json", "{}"),
+        "no 'weight_map' object",
+    ),
+    "index naming a missing shard": (
+        _remove_first_shard,
+        "lists model-00001-of-00004.safetensors, which is not in the folder",
+    ),
+    "truncated shard": (
+        lambda f: _truncate(_first_shard(f)),
+        "not a readable safetensors file",
+    ),
+    "shard missing a tensor": (
+        lambda f: _rewrite_first_shard(f, lambda t: t.pop("model.tok_embeddings.weight")),
+        "lacks the tensor model.tok_embeddings.weight",
+    ),
+    "tensor of the wrong shape": (
+        lambda f: _rewrite_first_shard(
+            f, lambda t: t.update({"model.tok_embeddings.weight": torch.zeros(256, 32)})
+        ),
+        "model.tok_embeddings.weight has shape (256, 32), but",
+    ),
+    "unexpected tensor": (
+        lambda f: _rewrite_first_shard(f, lambda t: t.update({"model.extra": torch.zeros(1)})),
+        "holds ['model.extra'], which the model has not",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_folder_gives_an_error_naming_the_file(
+    sharded: Path, tmp_path: Path, damage: str
+):
+    folder = tmp_path / "model"
+    shutil.copytree(sharded, folder)
+    do, message = DAMAGES[damage]
+    damaged = do(folder)
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        memcompile.from_pretrained(folder)
+    assert str(folder / damaged) in str(error.value)
+    assert message in str(error.value)
+
+
+def test_a_truncated_single_weights_file_names_itself(tmp_path: Path):
+    save_pretrained(_model("dense_debug", seed=0), tmp_path)
+    _truncate(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{tmp_path}/model.safetensors: not a readable"):
         memcompile.from_pretrained(tmp_path)
