@@ -113,14 +113,50 @@ class BackgroundFrequency:
 
     @classmethod
     def load(cls, path: str | Path, num_rows: int) -> BackgroundFrequency:
-        saved = torch.load(path, weights_only=True)
-        frequency = saved["document_frequency"]
-        if frequency.shape != (num_rows,):
+        """The frequencies :meth:`save` wrote to ``path``, for a table of ``num_rows`` rows.
+        A file that is not such a cache (damaged, truncated, another model's) raises a
+        ``ValueError`` naming it and what is wrong."""
+        try:
+            saved = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # a damaged file fails in many ways (EOF, zip, pickle)
             raise ValueError(
-                f"{path}: background frequencies of {frequency.shape[0]} slots, but the model's "
-                f"table has {num_rows} rows (computed for another model?)"
+                f"{path}: not a readable slot-frequency cache ({type(error).__name__}: {error})"
+            ) from error
+        if not isinstance(saved, dict) or not {"document_frequency", "batches"} <= saved.keys():
+            raise ValueError(
+                f"{path}: not a slot-frequency cache (expected a dict with 'document_frequency' "
+                f"and 'batches', got {type(saved).__name__}"
+                + (f" with keys {sorted(saved)})" if isinstance(saved, dict) else ")")
             )
-        return cls(frequency, int(saved["batches"]))
+        background = cls(saved["document_frequency"], saved["batches"])
+        _check_frequencies(background, num_rows, path)
+        return background
+
+
+def _check_frequencies(background: BackgroundFrequency, num_rows: int, path: str | Path) -> None:
+    """Counts a background sample can have: ``num_rows`` integers in ``[0, num_batches]``,
+    ``num_batches`` an int >= 1."""
+    frequency, batches = background.document_frequency, background.num_batches
+    if not isinstance(frequency, Tensor) or frequency.dtype != torch.int64:
+        found = frequency.dtype if isinstance(frequency, Tensor) else type(frequency).__name__
+        raise ValueError(f"{path}: document frequencies must be an int64 tensor, got {found}")
+    if frequency.shape != (num_rows,):
+        raise ValueError(
+            f"{path}: background frequencies of shape {tuple(frequency.shape)}, but the model's "
+            f"table has {num_rows} rows (computed for another model?)"
+        )
+    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+        raise ValueError(
+            f"{path}: the number of background batches must be an int >= 1, got {batches!r}"
+        )
+    low, high = int(frequency.min()), int(frequency.max())
+    if low < 0 or high > batches:
+        raise ValueError(
+            f"{path}: document frequencies must lie in [0, {batches}] (the number of background "
+            f"batches), found {low if low < 0 else high}"
+        )
 
 
 def tfidf_scores(batch_counts: Tensor, background: BackgroundFrequency) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -79,6 +80,59 @@ def test_background_frequency_counts_batches_that_read_each_slot(tmp_path):
     assert torch.equal(loaded.document_frequency, background.document_frequency)
     with pytest.raises(ValueError, match="computed for another model"):
         BackgroundFrequency.load(tmp_path / "df.pt", 7)
+
+
+def _damage(path, how: str) -> None:
+    """Write the slot-frequency cache of a 4-row table at ``path``, damaged as ``how`` says."""
+    if how == "truncated":
+        BackgroundFrequency(torch.tensor([1, 0, 2, 0]), num_batches=2).save(path)
+        path.write_bytes(path.read_bytes()[:100])
+        return
+    if how == "not a torch file":
+        path.write_text("document_frequency,batches\n")
+        return
+    frequency, batches = torch.tensor([1, 0, 2, 0]), 2
+    saved = {"document_frequency": frequency, "batches": batches}
+    if how == "missing key":
+        del saved["batches"]
+    elif how == "not a dict":
+        saved = frequency
+    elif how == "wrong shape":
+        saved["document_frequency"] = torch.tensor([[1, 0], [2, 0]])
+    elif how == "NaN":
+        saved["document_frequency"] = torch.tensor([1.0, float("nan"), 2.0, 0.0])
+    elif how == "non-integer":
+        saved["document_frequency"] = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    elif how == "negative":
+        saved["document_frequency"] = torch.tensor([1, -1, 2, 0])
+    elif how == "batches < max frequency":
+        saved["batches"] = 1
+    elif how == "no batches":
+        saved["batches"] = 0
+    torch.save(saved, path)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "not a readable slot-frequency cache"),
+        ("not a torch file", "not a readable slot-frequency cache"),
+        ("missing key", "expected a dict with 'document_frequency' and 'batches'"),
+        ("not a dict", "expected a dict with 'document_frequency' and 'batches', got Tensor"),
+        ("wrong shape", "background frequencies of shape (2, 2), but the model's table has 4"),
+        ("NaN", "document frequencies must be an int64 tensor, got torch.float32"),
+        ("non-integer", "document frequencies must be an int64 tensor, got torch.float32"),
+        ("negative", "document frequencies must lie in [0, 2] (the number of background"),
+        ("batches < max frequency", "document frequencies must lie in [0, 1]"),
+        ("no batches", "the number of background batches must be an int >= 1, got 0"),
+    ],
+)
+def test_a_damaged_frequency_cache_is_refused_naming_the_file(tmp_path, how, message):
+    path = tmp_path / "slot_frequency-abc.pt"
+    _damage(path, how)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ")) as error:
+        BackgroundFrequency.load(path, num_rows=4)
+    assert message in str(error.value)
 
 
 def test_a_nested_counter_counts_each_read_once_and_leaves_no_hook():
