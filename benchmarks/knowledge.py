@@ -44,6 +44,7 @@ from memcompile.model import Transformer
 from memcompile.optim import torch_param_groups
 from memcompile.sparse_optim import RowSparseOptimizer
 from memcompile.stats import model_stats
+from recipes.checkpoints import load_tokenizer
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.loader import (
     PackedWindows,
@@ -51,7 +52,6 @@ from recipes.data.loader import (
     knowledge_source,
     load_token_stream,
 )
-from recipes.evaluate import load_tokenizer
 from recipes.knowledge_eval import evaluate_knowledge
 
 MODEL_NAMES = ("dense", "memory", "memory+")

@@ -12,8 +12,10 @@ bitwise), with ``transformers.AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` (``memcompile/hf.py``; ``generate()`` works), or pass the folder as
 ``--checkpoint`` to ``recipes.evaluate`` / ``recipes.generate``.
 
-The folder appears whole or not at all (written next to it, then renamed); an existing one is
-refused unless ``--overwrite``.
+The folder appears whole or not at all (written next to it, then swapped in: nothing of an older
+export survives); an existing one is refused unless ``--overwrite``, and even then replaced only
+if it is a model folder. An ``--out`` that is, contains or lies inside ``--checkpoint`` is
+refused: nothing is written or removed.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from memcompile.flavors import FlavorName, get_flavor
-from memcompile.pretrained import save_pretrained
+from memcompile.pretrained import check_replaceable, save_pretrained
 from memcompile.stats import model_stats
+from recipes.checkpoints import check_checkpoint, load_checkpoint, load_tokenizer
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
-from recipes.evaluate import check_checkpoint, load_checkpoint, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -61,14 +62,12 @@ class ExportConfig:
 
 
 def run(config: ExportConfig) -> Path:
+    _check_out(config)
     tokenizer = load_tokenizer(config.hf_assets_path)
     transformer = get_flavor(
         config.model, vocab_size=tokenizer.get_vocab_size(), seq_len=config.seq_len
     )
     check_checkpoint(config.checkpoint, config.model, transformer)
-    out = config.out
-    if out.exists() and not config.overwrite:
-        raise FileExistsError(f"--out {str(out)!r} exists: pass --overwrite to replace it")
     missing = [f for f in TOKENIZER_FILES if not (config.hf_assets_path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"--hf-assets-path {str(config.hf_assets_path)!r} has no {missing}")
@@ -76,31 +75,44 @@ def run(config: ExportConfig) -> Path:
     model = load_checkpoint(
         config.checkpoint, config.model, tokenizer.get_vocab_size(), seq_len=config.seq_len
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_pretrained(
-            model,
-            staging,
-            max_shard_bytes=config.max_shard_mb * 10**6,
-            config_extra={"flavor": config.model, "source_checkpoint": str(config.checkpoint)},
-        )
-        shutil.copy(config.hf_assets_path / "tokenizer_config.json", staging)
-        _write_tokenizer(config.hf_assets_path / "tokenizer.json", staging, tokenizer.bos_id)
+
+    def add_files(folder: Path) -> None:  # written into the folder before it takes --out's place
+        shutil.copy(config.hf_assets_path / "tokenizer_config.json", folder)
+        _write_tokenizer(config.hf_assets_path / "tokenizer.json", folder, tokenizer.bos_id)
         generation = {
             "bos_token_id": tokenizer.bos_id,
             "eos_token_id": tokenizer.eos_id,
             "max_length": model.config.max_seq_len,
             "do_sample": False,
         }
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (staging / "README.md").write_text(_model_card(config, model.config))
-        _replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    print(f"wrote {out}  (load it: memcompile.from_pretrained({str(out)!r}))")
-    return out
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (folder / "README.md").write_text(_model_card(config, model.config))
+
+    save_pretrained(
+        model,
+        config.out,
+        max_shard_bytes=config.max_shard_mb * 10**6,
+        config_extra={"flavor": config.model, "source_checkpoint": str(config.checkpoint)},
+        add_files=add_files,
+    )
+    print(f"wrote {config.out}  (load it: memcompile.from_pretrained({str(config.out)!r}))")
+    return config.out
+
+
+def _check_out(config: ExportConfig) -> None:
+    """Refuse, before anything is read or written, an ``--out`` whose replacement would remove
+    the checkpoint or anything that is not a model folder."""
+    out, checkpoint = config.out.resolve(), config.checkpoint.resolve()  # symlinks count
+    if out == checkpoint or checkpoint in out.parents or out in checkpoint.parents:
+        where = "is" if out == checkpoint else "lies in" if checkpoint in out.parents else "holds"
+        raise ValueError(
+            f"--out {str(config.out)!r} {where} the --checkpoint folder "
+            f"{str(config.checkpoint)!r}: exporting would change the checkpoint; pass a folder "
+            f"outside it"
+        )
+    check_replaceable(config.out)
+    if config.out.exists() and not config.overwrite:
+        raise FileExistsError(f"--out {str(config.out)!r} exists: pass --overwrite to replace it")
 
 
 def _write_tokenizer(source: Path, folder: Path, bos_id: int) -> None:
@@ -116,18 +128,6 @@ def _write_tokenizer(source: Path, folder: Path, bos_id: int) -> None:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
         )
     tokenizer.save(str(folder / "tokenizer.json"))
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``; an old ``out`` is removed only once the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _model_card(config: ExportConfig, transformer) -> str:

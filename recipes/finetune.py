@@ -40,8 +40,8 @@ from torchtitan.config.manager import ConfigManager
 
 from memcompile.flavors import fit_to_run
 from recipes import pretrain
+from recipes.checkpoints import check_checkpoint
 from recipes.data.loader import BUILTIN_DATASET
-from recipes.evaluate import check_checkpoint
 from recipes.finetune_trainer import FinetuneTrainer
 
 

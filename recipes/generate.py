@@ -21,9 +21,9 @@ from torch import nn
 
 from memcompile.flavors import FlavorName
 from memcompile.generate import generate_tokens
+from recipes.checkpoints import load_checkpoint, load_tokenizer
 from recipes.data.knowledge import question_prompt
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
-from recipes.evaluate import load_checkpoint, load_tokenizer
 from recipes.knowledge_eval import TextTokenizer
 
 

@@ -1,6 +1,6 @@
 """A memcompile model in the lm-evaluation-harness (``pip install lm_eval``).
 
-    from recipes.evaluate import load_checkpoint, load_tokenizer
+    from recipes.checkpoints import load_checkpoint, load_tokenizer
     from recipes.lm_eval_adapter import MemcompileLM
     import lm_eval
     lm = MemcompileLM(load_checkpoint(path, "mem_1b"), load_tokenizer(tokenizer_dir))

@@ -18,8 +18,9 @@ from memcompile.flavors import get_flavor  # noqa: E402
 from memcompile.generate import generate_batched  # noqa: E402
 from memcompile.model import Transformer  # noqa: E402
 from memcompile.scoring import loglikelihoods  # noqa: E402
+from recipes.checkpoints import load_checkpoint, load_tokenizer  # noqa: E402
 from recipes.data.knowledge import ATTRIBUTES, KnowledgeCorpus  # noqa: E402
-from recipes.evaluate import load_checkpoint, load_tokenizer, main  # noqa: E402
+from recipes.evaluate import main  # noqa: E402
 from tests.recipes.knowledge_doubles import OracleModel, model_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

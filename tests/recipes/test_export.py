@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
 import memcompile  # noqa: E402
-from recipes.evaluate import load_checkpoint, load_tokenizer  # noqa: E402
+from recipes.checkpoints import load_checkpoint, load_tokenizer  # noqa: E402
 from recipes.export import main  # noqa: E402
 
 
@@ -67,3 +68,37 @@ def test_bad_input_is_refused_and_writes_nothing(
     with pytest.raises(SystemExit, match=re.escape(message)):
         main([*defaults, *args])
     assert list(tmp_path.iterdir()) == []
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (lambda ckpt, tmp: ckpt, "is the --checkpoint folder"),
+        (lambda ckpt, tmp: ckpt / "exported", "lies in the --checkpoint folder"),
+        (lambda ckpt, tmp: ckpt.parent, "holds the --checkpoint folder"),
+        (lambda ckpt, tmp: tmp / "link", "is the --checkpoint folder"),  # a symlink to it
+        (lambda ckpt, tmp: tmp / "notes.txt", "is a file, not a model folder"),
+        (lambda ckpt, tmp: tmp / "mine", "not a model folder"),
+    ],
+    ids=["itself", "inside", "around", "symlink", "a-file", "a-user-folder"],
+)
+def test_export_never_removes_its_checkpoint_or_what_is_not_a_model_folder(
+    seed_checkpoint: Path, tmp_path: Path, out, message: str
+):
+    # A copy of the checkpoint: a failure here must not break the session's other tests.
+    checkpoint = tmp_path / "run" / "step-0"
+    shutil.copytree(seed_checkpoint, checkpoint)
+    (tmp_path / "link").symlink_to(checkpoint)
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.txt").write_text("my data")
+    before = _files(tmp_path)
+    args = ["--checkpoint", str(checkpoint), "--model", "mem_debug", "--overwrite"]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*args, "--out", str(out(checkpoint, tmp_path))])
+    assert _files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "notes.txt", "run"]

@@ -19,7 +19,7 @@ pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
-from recipes.evaluate import load_checkpoint  # noqa: E402
+from recipes.checkpoints import load_checkpoint  # noqa: E402
 from recipes.finetune import main  # noqa: E402
 from recipes.model import is_adapter, pretrained_name  # noqa: E402
 from tests.recipes.test_pretrain import losses, run_pretrain, run_recipe  # noqa: E402

@@ -35,7 +35,7 @@ def tokenizer_and_vocab(request):
         tokenizer = ByteTokenizer()
         return tokenizer, tokenizer.vocab_size
     pytest.importorskip("torchtitan", reason="the built-in tokenizer loads through torchtitan")
-    from recipes.evaluate import load_tokenizer
+    from recipes.checkpoints import load_tokenizer
 
     tokenizer = load_tokenizer()
     return tokenizer, tokenizer.get_vocab_size()

@@ -311,9 +311,9 @@ def _first_batch_loss(checkpoint: Path, tmp_path: Path, batch_size: int) -> floa
     """The loss of a DCP checkpoint's weights on the first batch of a fresh 1-rank run."""
     import torch
 
+    from recipes.checkpoints import load_checkpoint, load_tokenizer
     from recipes.data.knowledge import KnowledgeCorpus
     from recipes.data.loader import PackedWindows, knowledge_source, load_token_stream
-    from recipes.evaluate import load_checkpoint, load_tokenizer
 
     tokenizer = load_tokenizer()
     model = load_checkpoint(checkpoint, "mem_debug", tokenizer.get_vocab_size()).train().double()
