@@ -5,7 +5,8 @@
         --model_args pretrained=exported/mem_debug,trust_remote_code=True,add_bos_token=True
     python -m recipes.evaluate --checkpoint ... --lm-eval-tasks memcompile_knowledge
 
-Writes ``memcompile_knowledge.jsonl`` (one Q/A pair per line) and ``.yaml``: greedy
+Writes ``memcompile_knowledge.jsonl`` (one Q/A pair per line), ``.yaml`` and
+``memcompile_task.py`` (which reads the questions next to itself: the folder can move): greedy
 generation from ``Question: ...\\nAnswer:`` up to the end-of-text token, at most the longest
 answer's tokens + 3 (as :func:`recipes.knowledge_eval.fact_recall`), leading whitespace
 stripped, exact match. Its score is ``fact_recall``'s accuracy on the same questions.
@@ -25,12 +26,31 @@ from recipes.knowledge_eval import TextTokenizer
 
 TASK_NAME = "memcompile_knowledge"
 
+#: The module next to the YAML that reads the questions (lm-eval's ``custom_dataset``).
+LOADER_NAME = "memcompile_task"
+# Relative to the module, so that the folder can move: lm-eval's own ``data_files`` are read
+# relative to the current directory, not the YAML.
+_LOADER = '''"""The questions of the memcompile tasks in this folder, for lm-eval (each YAML's
+custom_dataset). Read next to this file, so the folder can move. Written by recipes.lm_eval_task."""
+
+from pathlib import Path
+
+import datasets
+
+
+def questions(data_file: str, **metadata):
+    path = Path(__file__).parent / data_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the task's questions are missing (rewrite the task:"
+                                f" python -m recipes.lm_eval_task)")
+    return datasets.load_dataset("json", data_files={"test": str(path)})
+'''
+
 _TASK_YAML = """\
 task: {task}
-dataset_path: json
+custom_dataset: !function {loader}.questions
 dataset_kwargs:
-  data_files:
-    test: {data}
+  data_file: {data}
 test_split: test
 output_type: generate_until
 doc_to_text: "{prompt}"
@@ -68,7 +88,7 @@ def write_task(
         raise ValueError(f"the corpus has no {split} questions (see --knowledge.qa-train-fraction)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = (folder / f"{task}.jsonl").resolve()
+    data = folder / f"{task}.jsonl"
     with open(data, "w") as f:
         for qa in qa_pairs:
             record = {"question": qa.question, "answer": qa.answer, "attribute": qa.attribute}
@@ -77,9 +97,12 @@ def write_task(
         len(tokenizer.encode(" " + qa.answer, add_bos=False, add_eos=True)) for qa in qa_pairs
     )
     prompt = json.dumps(question_prompt("{{question}}"))[1:-1]  # escaped for a YAML string
+    (folder / f"{LOADER_NAME}.py").write_text(_LOADER)
     yaml = folder / f"{task}.yaml"
     yaml.write_text(
-        _TASK_YAML.format(task=task, data=data, prompt=prompt, max_gen_toks=longest + 3)
+        _TASK_YAML.format(
+            task=task, loader=LOADER_NAME, data=data.name, prompt=prompt, max_gen_toks=longest + 3
+        )
     )
     return yaml
 

@@ -142,7 +142,9 @@ def test_lm_eval_adapter(tokenizer):
     ]
 
 
-def test_lm_eval_exact_match_on_the_shipped_task_equals_fact_recall(tokenizer, tmp_path: Path):
+def test_lm_eval_exact_match_on_the_shipped_task_equals_fact_recall(
+    tokenizer, tmp_path: Path, monkeypatch
+):
     pytest.importorskip("lm_eval", reason="the lm-eval adapter needs lm_eval")
     from recipes.knowledge_eval import fact_recall
     from recipes.lm_eval_adapter import run_lm_eval
@@ -151,8 +153,12 @@ def test_lm_eval_exact_match_on_the_shipped_task_equals_fact_recall(tokenizer, t
     questions = list(CORPUS.eval_qa_pairs())
     # It knows a third of the answers: lm-eval's score is not 0 or 1 by construction.
     model = OracleModel(tokenizer, tokenizer.get_vocab_size(), questions[::3]).eval()
-    write_task(tmp_path, CORPUS, tokenizer)
-    results = run_lm_eval(model, tokenizer, [TASK_NAME], include_path=str(tmp_path))
+    write_task(tmp_path / "written", CORPUS, tokenizer)
+    # The task folder travels: moved after writing, read from elsewhere.
+    tasks = (tmp_path / "written").rename(tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    results = run_lm_eval(model, tokenizer, [TASK_NAME], include_path=str(tasks))
     recall = fact_recall(model, tokenizer, questions)["accuracy"]
     assert recall == pytest.approx(1 / 3)
     assert results[TASK_NAME]["sample_len"] == len(questions)
@@ -164,7 +170,7 @@ def test_the_task_command_writes_the_yaml_and_the_questions(tmp_path: Path):
 
     write_task_main(["--out", str(tmp_path), "--knowledge.num-people", "8", "--split", "trained"])
     yaml = (tmp_path / "memcompile_knowledge.yaml").read_text()
-    assert "output_type: generate_until" in yaml and str(tmp_path) in yaml
+    assert "output_type: generate_until" in yaml and str(tmp_path) not in yaml  # relocatable
     lines = (tmp_path / "memcompile_knowledge.jsonl").read_text().splitlines()
     trained = list(KnowledgeCorpus(num_people=8).train_qa_pairs())
     assert [json.loads(line)["question"] for line in lines] == [qa.question for qa in trained]
