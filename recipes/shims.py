@@ -190,6 +190,10 @@ _TORCHDATA_SET_VITAL = "'set_vital' is deprecated"
 #: shard on every rank; ``recipes.model.TitanTransformer.init_weights`` initialises sharded
 #: parameters from an unsharded copy instead, so the warning no longer applies.
 _DTENSOR_CPU_RNG = "DTensor random operators may not have complete support on cpu device mesh"
+#: torchtitan 0.3.0's ``LRSchedulersContainer.load_state_dict`` recomputes each rate with
+#: ``LambdaLR.get_lr()`` outside a step, which torch warns against on every resume; the rate it
+#: computes is the right one (a resumed run's losses equal an uninterrupted run's).
+_TITAN_LR_SCHEDULER_LOAD = "To get the last learning rate computed by the scheduler"
 
 
 class _DropMessages(logging.Filter):
@@ -232,5 +236,6 @@ def _quiet_run_log() -> None:
     contains = (_TITAN_STEP_LINE,) if on_cpu else ()
     logging.getLogger().addFilter(_DropMessages(drop, contains))
     warnings.filterwarnings("ignore", message=_TORCHDATA_SET_VITAL, category=UserWarning)
+    warnings.filterwarnings("ignore", message=_TITAN_LR_SCHEDULER_LOAD, category=UserWarning)
     if running_on_cpu():
         warnings.filterwarnings("ignore", message=_DTENSOR_CPU_RNG, category=UserWarning)

@@ -312,6 +312,8 @@ class PretrainTrainer(Trainer):
         super().__init__(config)
         self.metrics_processor.total_steps = config.training.steps
         self._first_step: int | None = None
+        #: The checkpoint loaded was the last step: the run trains nothing and says so, last.
+        self._had_finished = False
 
     def train_step(self, data_iterator) -> None:
         with shims.gradients_clipped_by(self.clip_grad_norm_):
@@ -344,8 +346,7 @@ class PretrainTrainer(Trainer):
         more = super().should_continue_training()
         if self._first_step is None:  # first call: the checkpoint (if any) is loaded
             self._first_step = self.step
-            if not more and self.step > 0:
-                self._say_already_finished()
+            self._had_finished = not more and self.step > 0
         return more
 
     def _say_already_finished(self) -> None:
@@ -360,7 +361,8 @@ class PretrainTrainer(Trainer):
     def train(self) -> None:
         super().train()
         self._check_table_replicas()
-        if self.config.final_eval and self._can_evaluate():
+        # A rerun of a finished run reports nothing again: its message ends the log (close).
+        if self.config.final_eval and self._can_evaluate() and not self._had_finished:
             self._final_report()
 
     def _check_table_replicas(self) -> None:
@@ -427,6 +429,8 @@ class PretrainTrainer(Trainer):
         if config.metrics.enable_tensorboard:
             tb = os.path.abspath(os.path.join(config.dump_folder, config.metrics.save_tb_folder))
             logger.info(f"TensorBoard logs: {tb}   (tensorboard --logdir {tb})")
-        if config.checkpoint.enable:
+        if self._had_finished:
+            self._say_already_finished()
+        elif config.checkpoint.enable:
             ckpt = os.path.abspath(os.path.join(config.dump_folder, config.checkpoint.folder))
             logger.info(f"Checkpoints: {ckpt}   (rerun the same command to resume from the latest)")

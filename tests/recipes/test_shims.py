@@ -131,6 +131,17 @@ def test_quiet_log_drops_listed_messages_and_repeats_of_a_warning():
     assert kept(logging.INFO, "step 1") and kept(logging.INFO, "step 1")  # info is never deduped
 
 
+def test_a_resumed_lr_scheduler_still_warns_upstream():
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+
+    from recipes.shims import _TITAN_LR_SCHEDULER_LOAD
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    schedulers = LRSchedulersContainer([optimizer], lambda step: 1.0)
+    with pytest.warns(UserWarning, match=_TITAN_LR_SCHEDULER_LOAD):
+        schedulers.load_state_dict({"last_epoch": 3})  # what a resume does
+
+
 def test_per_group_clipping_is_still_needed(upstream):
     assert upstream["one_clip_for_all"], "Trainer.train_step no longer clips through dist_utils"
     assert upstream["clip_across_meshes"], "clip_grad_norm_ now handles several meshes"
