@@ -173,6 +173,34 @@ def test_a_run_reports_what_it_learnt_and_a_rerun_says_it_had_finished(tmp_path:
     assert "holds step 4 of 4. To train longer, rerun with --training.steps N" in last_line
 
 
+@pytest.fixture
+def in_process_run():
+    """``main`` in this process: it sets the single-process rendezvous variables
+    (``RANK``, ``MASTER_PORT``, ...), which go again after the test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_the_default_run_is_seeded_and_debug_seed_none_unseeds_it(tmp_path: Path, in_process_run):
+    """Without --debug.seed a run is the same run each time (the README's numbers come back);
+    --debug.seed None draws a fresh initialisation."""
+
+    def step_losses(name: str, *extra: str) -> dict[int, float]:
+        dump = tmp_path / name
+        args = ["--config", "smoke", "--dump_folder", str(dump), "--training.steps", "2"]
+        cache = ["--dataloader.cache_dir", str(tmp_path / "token-cache")]
+        quiet = ["--metrics.no-enable-tensorboard", "--checkpoint.no-enable", "--no-final-eval"]
+        main([*args, *cache, *quiet, *extra])
+        return losses(dump)
+
+    first, second = step_losses("first"), step_losses("second")
+    assert sorted(first) == [1, 2]
+    assert first == second  # bitwise: the same floats
+    assert step_losses("unseeded", "--debug.seed", "None")[1] != first[1]
+
+
 # Lazy Adam's state round trip is tested in tests/memcompile/test_sparse_optim.py; here the
 # dense default and a row-sparse rule (its state in the DCP checkpoint) keep the suite short.
 @pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
