@@ -76,15 +76,17 @@ def _checked_fields(cls: type, values: Any, *, prefix: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         where = prefix.rstrip(".") or "the config"
         raise ValueError(f"{where} is {values!r}, expected an object of {cls.__name__} fields")
-    types = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [prefix + name for name in values if name not in types]
+    unknown = [prefix + name for name in values if name not in hints]
     missing = [prefix + name for name in names if name not in values]
     if unknown or missing:
         raise ValueError(f"{cls.__name__} fields: unknown {unknown}, missing {missing}")
     for name in names:
-        if not _is_json_of(values[name], types[name]):
-            raise ValueError(f"{prefix}{name} is {values[name]!r}, expected {types[name]}")
+        hint = hints[name]
+        if not _is_json_of(values[name], hint):
+            expected = hint.__name__ if isinstance(hint, type) else hint
+            raise ValueError(f"{prefix}{name} is {values[name]!r}, expected {expected}")
     return values
 
 

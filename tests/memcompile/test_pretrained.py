@@ -193,7 +193,7 @@ DAMAGES = {
     ),
     "ill-typed field": (
         lambda f: _edit_config(f, lambda c: c["memcompile"].update(n_layers="2")),
-        "n_layers is '2', expected <class 'int'>",
+        "n_layers is '2', expected int",
     ),
     "index not JSON": (
         lambda f: _write(f, "model.safetensors.index.json", '{"weight_map": '),
