@@ -48,6 +48,7 @@ def load_checkpoint(
     in pretraining.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     checkpoint = Path(checkpoint)
     if vocab_size is None:
@@ -55,17 +56,21 @@ def load_checkpoint(
     config = get_flavor(model, vocab_size=vocab_size, seq_len=seq_len)
     if (checkpoint / CONFIG_NAME).is_file():
         return _load_exported(checkpoint, model, config, device)
-    if not (checkpoint / ".metadata").is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(checkpoint)!r} is not a DCP checkpoint folder (no .metadata); "
-            f"pass a step-N folder such as outputs/<model>/checkpoint/step-400"
-        )
+    check_checkpoint(checkpoint, model, config)
     with torch.device(device):
         transformer = Transformer(config)
     state = transformer.state_dict()
     with warnings.catch_warnings():  # a single-process load is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        try:
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        except CheckpointException as error:  # its message names neither file nor cause
+            causes = {repr(exc) for exc, _trace in error.failures.values()}
+            files = sorted(p.name for p in checkpoint.glob("*.distcp"))
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r}: its data files {files} cannot be read "
+                f"({'; '.join(causes)})"
+            ) from None
     transformer.load_state_dict(state)
     return transformer.eval()
 
@@ -77,14 +82,16 @@ def _load_exported(
     exported = load_config(folder)
     if replace(exported, max_seq_len=config.max_seq_len) != config:
         raise ValueError(
-            f"{str(folder)!r} holds a model whose config is not --model {model}'s: {exported}"
+            f"{folder / CONFIG_NAME} holds a model whose config is not --model {model}'s: "
+            f"{exported}"
         )
     return from_pretrained(folder, device)
 
 
 def check_checkpoint(checkpoint: str | Path, model: str, config: TransformerConfig) -> None:
     """Raise a clear error unless ``checkpoint`` is a DCP folder holding every parameter of
-    ``config`` (the flavor ``model``, fitted to the run) with its shape. Reads only metadata."""
+    ``config`` (the flavor ``model``, fitted to the run) with its shape. Reads only metadata;
+    :func:`load_checkpoint` checks a DCP folder with it before loading."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -98,7 +105,13 @@ def check_checkpoint(checkpoint: str | Path, model: str, config: TransformerConf
         )
     with torch.device("meta"):
         expected = Transformer(config).state_dict()
-    saved = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    try:
+        saved = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    except Exception as error:  # a damaged pickle raises anything pickle.load can
+        raise ValueError(
+            f"{checkpoint / '.metadata'}: not a readable DCP metadata file "
+            f"({type(error).__name__}: {error})"
+        ) from None
     for name, tensor in expected.items():
         stored = saved.get(pretrained_name(name))
         if stored is None:
