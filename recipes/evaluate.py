@@ -38,6 +38,7 @@ import torch
 
 from memcompile.flavors import FlavorName
 from recipes.checkpoints import load_checkpoint, load_tokenizer
+from recipes.cli import check_at_least, check_device, reported_errors
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import evaluate_knowledge, format_table
@@ -79,7 +80,18 @@ class EvaluateConfig:
     """Examples per lm-eval task (None: all)"""
 
 
+def validate(config: EvaluateConfig) -> None:
+    """Refuse values the command cannot run with (:class:`recipes.cli.UsageError`); the
+    ``--knowledge.*`` values are the corpus's own checks."""
+    check_at_least("--seq-len", config.seq_len, 1)
+    check_at_least("--max-people", config.max_people, 1)
+    check_at_least("--batch-size", config.batch_size, 1)
+    check_at_least("--lm-eval-limit", config.lm_eval_limit, 1)
+    check_device("--device", config.device)
+
+
 def run(config: EvaluateConfig) -> dict[str, Any]:
+    validate(config)
     tokenizer = load_tokenizer(config.hf_assets_path)
     model = load_checkpoint(
         config.checkpoint,
@@ -130,10 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     config = tyro.cli(
         EvaluateConfig, args=sys.argv[1:] if argv is None else argv, description=__doc__
     )
-    try:
+    with reported_errors(ValueError, FileNotFoundError, ImportError):
         run(config)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

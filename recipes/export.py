@@ -30,6 +30,7 @@ from memcompile.flavors import FlavorName, get_flavor
 from memcompile.pretrained import check_replaceable, save_pretrained
 from memcompile.stats import model_stats
 from recipes.checkpoints import check_checkpoint, load_checkpoint, load_tokenizer
+from recipes.cli import check_at_least, reported_errors
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -62,6 +63,8 @@ class ExportConfig:
 
 
 def run(config: ExportConfig) -> Path:
+    check_at_least("--seq-len", config.seq_len, 1)
+    check_at_least("--max-shard-mb", config.max_shard_mb, 1)
     _check_out(config)
     tokenizer = load_tokenizer(config.hf_assets_path)
     transformer = get_flavor(
@@ -79,10 +82,11 @@ def run(config: ExportConfig) -> Path:
     def add_files(folder: Path) -> None:  # written into the folder before it takes --out's place
         shutil.copy(config.hf_assets_path / "tokenizer_config.json", folder)
         _write_tokenizer(config.hf_assets_path / "tokenizer.json", folder, tokenizer.bos_id)
+        # No max_length: generate(max_new_tokens=...) would warn that both are set (the
+        # model's length is config.json's max_position_embeddings).
         generation = {
             "bos_token_id": tokenizer.bos_id,
             "eos_token_id": tokenizer.eos_id,
-            "max_length": model.config.max_seq_len,
             "do_sample": False,
         }
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -167,10 +171,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     config = tyro.cli(ExportConfig, args=args, description=__doc__)
-    try:
+    with reported_errors(ValueError, FileNotFoundError, FileExistsError):
         run(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

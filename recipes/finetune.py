@@ -41,8 +41,9 @@ from torchtitan.config.manager import ConfigManager
 from memcompile.flavors import fit_to_run
 from recipes import pretrain
 from recipes.checkpoints import check_checkpoint
+from recipes.cli import UsageError, check_at_least, check_finite, check_fraction
 from recipes.data.loader import BUILTIN_DATASET
-from recipes.finetune_trainer import FinetuneTrainer
+from recipes.finetune_trainer import FinetuneConfig, FinetuneTrainer
 
 
 def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
@@ -61,24 +62,18 @@ def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
 
 
 def validate(config: FinetuneTrainer.Config, world_size: int) -> None:
-    """Reject what this recipe cannot run, before any work starts (then pretraining's checks)."""
+    """Reject what this recipe cannot run, before any work starts: the flags first (with
+    pretraining's checks), then the checkpoint."""
     finetune = config.finetune
     if not finetune.checkpoint:
-        raise ValueError(
+        raise UsageError(
             "--checkpoint PATH is required: the step-N folder of a recipes.pretrain run "
             "(e.g. outputs/mem_debug_64k/checkpoint/step-400)"
         )
-    checkpoint = Path(finetune.checkpoint).expanduser().resolve()
-    if not (checkpoint / ".metadata").is_file():
-        raise FileNotFoundError(
-            f"--checkpoint {finetune.checkpoint!r} is not a DCP checkpoint folder (no "
-            f"{checkpoint / '.metadata'}); pass a step-N folder written by recipes.pretrain"
-        )
-    finetune.checkpoint = str(checkpoint)
     transformer = config.model_spec.model.transformer
     method = finetune.method
     if method == "sparse_memory" and transformer.memory is None:
-        raise ValueError(
+        raise UsageError(
             f"--finetune.method sparse_memory trains memory slots, and model {config.model!r} "
             "has no memory layers: use --finetune.method full or lora"
         )
@@ -90,21 +85,37 @@ def validate(config: FinetuneTrainer.Config, world_size: int) -> None:
                 "--finetune.method lora needs peft: pip install peft (or the recipes extra)"
             ) from None
         if world_size > 1:
-            raise ValueError(
+            raise UsageError(
                 "--finetune.method lora runs in one process (not yet on several ranks)"
             )
-    for name, value in (
-        ("trainable_slots", finetune.trainable_slots),
-        ("background_sequences", finetune.background_sequences),
-        ("lora_rank", finetune.lora_rank),
-    ):
-        if value < 1:
-            raise ValueError(f"--finetune.{name} must be >= 1, got {value}")
-    if finetune.eval_every < 0:
-        raise ValueError(f"--finetune.eval_every must be >= 0, got {finetune.eval_every}")
+    _check_values(finetune)
     _check_new_people(config)
     pretrain.validate(config, world_size)
+    checkpoint = Path(finetune.checkpoint).expanduser().resolve()
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {finetune.checkpoint!r} is not a DCP checkpoint folder (no "
+            f"{checkpoint / '.metadata'}); pass a step-N folder written by recipes.pretrain"
+        )
+    finetune.checkpoint = str(checkpoint)
     _check_matches_flavor(config, checkpoint)
+
+
+def _check_values(finetune: FinetuneConfig) -> None:
+    """The ``--finetune.*`` numbers in their ranges (the corpus's are its own checks)."""
+    for flag, value in (
+        ("--finetune.trainable_slots", finetune.trainable_slots),
+        ("--finetune.background_sequences", finetune.background_sequences),
+        ("--finetune.lora_rank", finetune.lora_rank),
+        ("--finetune.eval_max_people", finetune.eval_max_people),
+        ("--finetune.pretraining.max_documents", finetune.pretraining.max_documents),
+        ("--finetune.pretraining.prefetch_factor", finetune.pretraining.prefetch_factor),
+    ):
+        check_at_least(flag, value, 1)
+    check_at_least("--finetune.eval_every", finetune.eval_every, 0)
+    check_at_least("--finetune.pretraining.num_workers", finetune.pretraining.num_workers, 0)
+    check_finite("--finetune.lora_alpha", finetune.lora_alpha)
+    check_fraction("--finetune.lora_dropout", finetune.lora_dropout, below_one=True)
 
 
 def _check_new_people(config: FinetuneTrainer.Config) -> None:
@@ -119,7 +130,7 @@ def _check_new_people(config: FinetuneTrainer.Config) -> None:
         and (old.first_person < new.first_person + new.num_people)
     )
     if overlap:
-        raise ValueError(
+        raise UsageError(
             f"the finetuning people (--dataloader.knowledge: {new.first_person} to "
             f"{new.first_person + new.num_people - 1}) overlap the pretraining's "
             f"(--finetune.pretraining.knowledge: {old.first_person} to "

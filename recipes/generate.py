@@ -22,6 +22,14 @@ from torch import nn
 from memcompile.flavors import FlavorName
 from memcompile.generate import generate_tokens
 from recipes.checkpoints import load_checkpoint, load_tokenizer
+from recipes.cli import (
+    UsageError,
+    check_at_least,
+    check_device,
+    check_finite,
+    check_seed,
+    reported_errors,
+)
 from recipes.data.knowledge import question_prompt
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import TextTokenizer
@@ -99,10 +107,20 @@ class GenerateConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def validate(config: GenerateConfig) -> None:
+    """Refuse values the command cannot run with (:class:`recipes.cli.UsageError`)."""
+    if (config.question is None) == (config.prompt is None):
+        raise UsageError("pass exactly one of --question and --prompt")
+    check_at_least("--max-new-tokens", config.max_new_tokens, 1)
+    check_finite("--temperature", config.temperature, minimum=0)
+    check_seed("--seed", config.seed)
+    check_at_least("--seq-len", config.seq_len, 1)
+    check_device("--device", config.device)
+
+
 def run(config: GenerateConfig) -> str:
     """Print the prompt, then the continuation as it streams; returns the continuation."""
-    if (config.question is None) == (config.prompt is None):
-        raise ValueError("pass exactly one of --question and --prompt")
+    validate(config)
     if config.question is not None:
         text = question_prompt(config.question)
     else:
@@ -138,10 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     config = tyro.cli(
         GenerateConfig, args=sys.argv[1:] if argv is None else argv, description=__doc__
     )
-    try:
+    with reported_errors(ValueError, FileNotFoundError):
         run(config)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from recipes.cli import UsageError, reported_errors
 from recipes.data.knowledge import KnowledgeCorpus, question_prompt
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import TextTokenizer
@@ -85,7 +86,7 @@ def write_task(
     the YAML file (pass ``folder`` as lm-eval's ``--include_path``)."""
     qa_pairs = list(corpus.eval_qa_pairs() if split == "heldout" else corpus.train_qa_pairs())
     if not qa_pairs:
-        raise ValueError(f"the corpus has no {split} questions (see --knowledge.qa-train-fraction)")
+        raise UsageError(f"the corpus has no {split} questions (see --knowledge.qa-train-fraction)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{task}.jsonl"
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     config = tyro.cli(TaskConfig, args=args, description=__doc__)
-    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(config.hf_assets_path))
-    yaml = write_task(config.out, config.knowledge, tokenizer, split=config.split)
+    with reported_errors(ValueError, FileNotFoundError):
+        tokenizer = HuggingFaceTokenizer(tokenizer_path=str(config.hf_assets_path))
+        yaml = write_task(config.out, config.knowledge, tokenizer, split=config.split)
     print(f"wrote {yaml}  (lm_eval ... --include_path {config.out} --tasks {TASK_NAME})")
 
 

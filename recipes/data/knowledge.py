@@ -423,6 +423,10 @@ class QAPair:
 assert tuple(f.name for f in fields(Person))[1:] == ATTRIBUTES
 
 
+# A quarter of the names, so that drawing distinct ones stays quick.
+_MAX_PEOPLE = len(_FIRST_SYLLABLES) ** 2 * len(_LAST_SYLLABLES) ** 3 // 4
+
+
 @dataclass(frozen=True)
 class KnowledgeCorpus:
     """The corpus for ``num_people`` people generated from ``seed`` (see the module docstring)."""
@@ -454,16 +458,16 @@ class KnowledgeCorpus:
             )
         if not 0.0 <= self.qa_train_fraction <= 1.0:
             raise ValueError(f"qa_train_fraction must be in [0, 1], got {self.qa_train_fraction}")
+        if self.first_person + self.num_people > _MAX_PEOPLE:
+            raise ValueError(
+                f"first_person + num_people = {self.first_person + self.num_people} exceeds "
+                f"the name space ({_MAX_PEOPLE})"
+            )
 
     @cached_property
     def people(self) -> tuple[Person, ...]:
         rng = random.Random(self.seed)
-        max_names = len(_FIRST_SYLLABLES) ** 2 * len(_LAST_SYLLABLES) ** 3
         total = self.first_person + self.num_people
-        if total > max_names // 4:
-            raise ValueError(
-                f"first_person + num_people = {total} exceeds the name space ({max_names // 4})"
-            )
         names: set[str] = set()
         people = []
         while len(people) < total:

@@ -51,6 +51,8 @@ def test_command_asks_a_checkpoint_and_prints_the_stream(seed_checkpoint: Path, 
 
 
 @pytest.mark.parametrize("args", [[], ["--question", "Who?", "--prompt", "Hi"]])
-def test_command_needs_exactly_one_of_question_and_prompt(seed_checkpoint: Path, args):
-    with pytest.raises(SystemExit, match="pass exactly one of --question and --prompt"):
+def test_command_needs_exactly_one_of_question_and_prompt(seed_checkpoint: Path, args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(seed_checkpoint), *args])
+    assert exit_info.value.code == 2  # a usage error
+    assert capsys.readouterr().err == "error: pass exactly one of --question and --prompt\n"
