@@ -19,6 +19,7 @@ recomputes the whole sequence each step (no KV cache in the HF path: exact, not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,7 +70,9 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         # No HF KV cache: every step reads the whole sequence, even when the caller asks for
         # use_cache=True (lm-eval does), which would otherwise feed only the newest token.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        # What the caller asked to see (generate(output_hidden_states=True)) still goes in.
+        asked = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **asked}
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.tok_embeddings
@@ -82,29 +85,78 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> CausalLMOutput:
-        """Logits of ``input_ids``. The model takes no attention mask: right padding cannot
-        change the positions before it (causal attention), and the rows of a left-padded batch
-        (``generate()`` and lm-eval pad on the left) are run one by one without their padding,
-        so every row gets exactly its unpadded logits (0 at padding)."""
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
+        """Logits of ``input_ids`` (and the loss of ``labels``, shifted inside), as HF causal
+        LMs give them: a ``CausalLMOutput``, or with ``return_dict=False`` the tuple ``(loss,
+        logits, hidden_states)`` without the ``None`` entries. ``output_hidden_states`` gives the
+        ``n_layers + 1`` hidden states as ``LlamaForCausalLM`` does (embeddings, every block's
+        output, the last one after the final norm). Not available: a KV cache (``use_cache``
+        returns none, ``past_key_values`` is refused) and attention weights (attention runs in
+        SDPA, which never materialises them: ``output_attentions=True`` is refused).
+
+        The model takes no attention mask: right padding cannot change the positions before it
+        (causal attention), and the rows of a left-padded batch (``generate()`` and lm-eval pad
+        on the left) are run one by one without their padding, so every row gets exactly its
+        unpadded logits and hidden states (0 at padding)."""
+        if output_attentions:
+            raise ValueError(
+                "MemcompileForCausalLM: output_attentions=True is not available: attention runs "
+                "in torch's scaled_dot_product_attention, which does not return the weights"
+            )
+        if past_key_values is not None:
+            raise ValueError(
+                "MemcompileForCausalLM keeps no KV cache: pass the whole sequence as input_ids, "
+                "without past_key_values"
+            )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         if attention_mask is None or bool(attention_mask[:, 0].all()):
-            logits = self.model(input_ids)
+            logits = self.model(input_ids, hidden_states=hidden_states)
         else:
-            logits = self._rows_without_left_padding(input_ids, attention_mask)
+            logits = self._rows_without_left_padding(input_ids, attention_mask, hidden_states)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        output = CausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+        )
+        return output if return_dict else output.to_tuple()
 
     def _rows_without_left_padding(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden_states: list[torch.Tensor] | None,
     ) -> torch.Tensor:
+        """The logits of every row run alone from its first real token; ``hidden_states``, if
+        a list, receives theirs, each padded back to the batch's shape."""
         starts = attention_mask.int().argmax(dim=1).tolist()  # each row's first real token
-        rows = [self.model(input_ids[i : i + 1, start:]) for i, start in enumerate(starts)]
-        logits = rows[0].new_zeros(*input_ids.shape, rows[0].shape[-1])
-        for i, (start, row) in enumerate(zip(starts, rows)):
-            logits[i, start:] = row[0]
-        return logits
+        rows_hidden = [None if hidden_states is None else [] for _ in starts]
+        rows = [
+            self.model(input_ids[i : i + 1, start:], hidden_states=rows_hidden[i])
+            for i, start in enumerate(starts)
+        ]
+        if hidden_states is not None:
+            for layer_states in zip(*rows_hidden):
+                hidden_states.append(_left_padded(layer_states, starts, input_ids.shape[1]))
+        return _left_padded(rows, starts, input_ids.shape[1])
+
+
+def _left_padded(rows: Sequence[torch.Tensor], starts: list[int], seq_len: int) -> torch.Tensor:
+    """Rows ``[1, seq_len - start, D]`` stacked into ``[B, seq_len, D]``, 0 before each start."""
+    batch = rows[0].new_zeros(len(rows), seq_len, rows[0].shape[-1])
+    for i, (start, row) in enumerate(zip(starts, rows)):
+        batch[i, start:] = row[0]
+    return batch

@@ -188,7 +188,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens [B, S], positions=None, kv_cache=None) -> logits [B, S, vocab_size]``."""
+    """``forward(tokens [B, S], positions=None, kv_cache=None, *, hidden_states=None) -> logits
+    [B, S, vocab_size]``."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -239,7 +240,12 @@ class Transformer(nn.Module):
         _trunc_normal_(self.output.weight, config.dim**-0.5, cutoff=3.0)
 
     def forward(
-        self, tokens: Tensor, positions: Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        hidden_states: list[Tensor] | None = None,
     ) -> Tensor:
         """Logits for ``tokens [B, S]``.
 
@@ -249,6 +255,10 @@ class Transformer(nn.Module):
         ``kv_cache`` (:class:`memcompile.generate.KVCache`) makes ``tokens`` the continuation
         of the cached sequence, at the positions after it; the cache then holds them too.
         Training never passes one (see :func:`memcompile.generate.generate`).
+
+        ``hidden_states``, a list, receives the ``n_layers + 1`` hidden states ``[B, S, dim]``
+        as Hugging Face models return them: the embeddings, the output of every block but the
+        last, then the last block's output after the final norm (what ``output`` reads).
 
         Bad input raises before any compute: shapes, dtypes and devices always; token ids and
         positions outside their tables where ``memlayer::checked_indices`` reads them (on the
@@ -273,12 +283,17 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         values = None if self.memory_table is None else self.memory_table(self.memory_values)
         for layer_id, block in self.layers.items():
+            if hidden_states is not None:
+                hidden_states.append(h)
             layer_cache = None if kv_cache is None else kv_cache.layer(int(layer_id))
             # Only the blocks that read the table get it.
             h = block(h, cos, sin, values if block.is_memory_block else None, layer_cache)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return self.output(h)
 
     def _check_inputs(
         self, tokens: Tensor, positions: Tensor | None, kv_cache: KVCache | None

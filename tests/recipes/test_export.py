@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,33 @@ def test_export_never_removes_its_checkpoint_or_what_is_not_a_model_folder(
         main([*args, "--out", str(out(checkpoint, tmp_path))])
     assert _files(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "notes.txt", "run"]
+
+
+def test_generate_on_an_exported_folder_does_not_warn_about_max_length(
+    seed_checkpoint: Path, tmp_path: Path
+):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "exported"
+    main(["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    said = _Recorder()
+    hf_logger = logging.getLogger("transformers")  # it does not propagate to the root logger
+    hf_logger.addHandler(said)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            new = hf.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4)
+    finally:
+        hf_logger.removeHandler(said)
+    assert new.shape == (1, 7)
+    messages = said.messages + [str(w.message) for w in caught]
+    assert not [m for m in messages if "max_length" in m], messages
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
