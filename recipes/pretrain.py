@@ -12,7 +12,8 @@ The run's config is a function of ``recipes/config_registry.py`` (``--config``, 
 torchrun the process is a world of one (the rendezvous variables are set here). CUDA runs use
 nccl, CPU runs gloo (see ``recipes/shims.py``). Configuration errors (unknown model, bad flag,
 bad parallel degree, missing dataset path, a run that cannot fit in memory) are reported before
-any model, data or process group is built.
+any model, data or process group is built, as one line ``error: ...``; a flag's value out of
+range or one this recipe cannot run exits with code 2 (see ``recipes/cli.py``), the others with 1.
 """
 
 from __future__ import annotations
