@@ -32,6 +32,8 @@ The launchers take plain tensors of any device Triton can run on: CUDA, or CPU t
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,7 +78,8 @@ def _lookup_forward_kernel(
             other=0,
         )
         acc += tl.sum(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], axis=0)
-    tl.store(out_ptr + token * dim + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+    out = acc  # once: a sum per step would go through shared memory (bf16)
+    tl.store(out_ptr + token * dim + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @_jit
@@ -210,10 +213,15 @@ def _weights_grad_kernel(
             other=0,
         )
         acc += tl.sum(tile.to(acc_dtype) * grad.to(acc_dtype)[None, :], axis=1)
-    tl.store(grad_weights_ptr + token * bag_size + slots, acc, mask=slot_mask)
+    dots = acc  # once, after the loop: no per-step shared-memory reduction
+    tl.store(grad_weights_ptr + token * bag_size + slots, dots, mask=slot_mask)
 
 
-# --------------------------------------------------------------------------- launchers
+# --------------------------------------------------------------------------- launch choices
+#
+# What each launcher chooses (grid, compile-time constants, warps) is a pure function of shapes
+# and dtypes: the launchers call it, and so does ``benchmarks/kernels_static.py``, which compiles
+# every kernel for sm_80/sm_90 with exactly these choices.
 
 # Elements of one [rows, BLOCK_D] tile in flight per program: enough independent row loads to
 # hide gather latency, few enough registers (32 fp32 per thread at 4 warps).
@@ -221,6 +229,18 @@ _TILE_ELEMENTS = 4096
 _MAX_BLOCK_D = 512
 # Deterministic value gradient: hits one program sums serially before a hot row is split.
 _HITS_PER_PIECE = 1024
+_NUM_WARPS = 4
+
+
+class Launch(NamedTuple):
+    """One kernel launch's choices: grid, compile-time constants and warps per program."""
+
+    grid: tuple[int, ...]
+    constexprs: dict[str, Any]
+    num_warps: int = _NUM_WARPS
+
+    def __call__(self, kernel, *args) -> None:
+        kernel[self.grid](*args, **self.constexprs, num_warps=self.num_warps)
 
 
 def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
@@ -232,6 +252,45 @@ def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
 
 def _triton_dtype(dtype: torch.dtype):
     return getattr(tl, str(dtype).removeprefix("torch."))
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return _triton_dtype(accumulation_dtype(dtype))
+
+
+def forward_launch(num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
+    """``_lookup_forward_kernel``: one program per (token, D-block); ``dtype`` of the values."""
+    block_b, block_d = _tile_shape(dim, bag_size)
+    constexprs = {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_B": block_b, "BLOCK_D": block_d}
+    return Launch((num_tokens, triton.cdiv(dim, block_d)), constexprs)
+
+
+def values_grad_sorted_launches(
+    num_rows: int, max_pieces: int, bag_size: int, dim: int, dtype: torch.dtype
+) -> tuple[Launch, Launch]:
+    """``_hot_row_pieces_kernel`` (one program per piece) and ``_values_grad_sorted_kernel``
+    (one per row), both per D-block; ``dtype`` of ``grad_out``."""
+    block_hits, block_d = _tile_shape(dim, bag_size)
+    d_blocks = triton.cdiv(dim, block_d)
+    constexprs = {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_HITS": block_hits, "BLOCK_D": block_d}
+    return Launch((max_pieces, d_blocks), constexprs), Launch((num_rows, d_blocks), constexprs)
+
+
+def values_grad_atomic_launch(num_tokens: int, bag_size: int, dim: int) -> Launch:
+    """``_values_grad_atomic_kernel``: one program per (token, D-block)."""
+    block_b, block_d = _tile_shape(dim, bag_size)
+    return Launch((num_tokens, triton.cdiv(dim, block_d)), {"BLOCK_B": block_b, "BLOCK_D": block_d})
+
+
+def weights_grad_launch(num_tokens: int, bag_size: int, dim: int) -> Launch:
+    """``_weights_grad_kernel``: one program per (token, B-block)."""
+    block_b, block_d = _tile_shape(dim, bag_size)
+    return Launch(
+        (num_tokens, triton.cdiv(bag_size, block_b)), {"BLOCK_B": block_b, "BLOCK_D": block_d}
+    )
+
+
+# --------------------------------------------------------------------------- launchers
 
 
 def _unit_stride_rows(values: Tensor) -> Tensor:
@@ -246,13 +305,10 @@ def lookup_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     values = _unit_stride_rows(values)
-    block_b, block_d = _tile_shape(dim, bag_size)
-    grid = (num_tokens, triton.cdiv(dim, block_d))
-    _lookup_forward_kernel[grid](
+    forward_launch(num_tokens, bag_size, dim, values.dtype)(
+        _lookup_forward_kernel,
         values, indices.contiguous(), weights.contiguous(), out,
         values.shape[0], bag_size, dim, values.stride(0),
-        ACC_DTYPE=_triton_dtype(accumulation_dtype(values.dtype)),
-        BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
@@ -304,20 +360,20 @@ def _values_grad_sorted(
     )
     partials = grad_out.new_empty((max_pieces, dim), dtype=accumulation_dtype(grad_out.dtype))
 
-    block_hits, block_d = _tile_shape(dim, bag_size)
-    d_blocks = triton.cdiv(dim, block_d)
-    acc_dtype = _triton_dtype(accumulation_dtype(grad_out.dtype))
+    pieces_launch, rows_launch = values_grad_sorted_launches(
+        num_rows, max_pieces, bag_size, dim, grad_out.dtype
+    )
     if max_pieces > 0:
-        _hot_row_pieces_kernel[(max_pieces, d_blocks)](
+        pieces_launch(
+            _hot_row_pieces_kernel,
             grad_out, weights, hit_order, row_starts, piece_starts, piece_rows, partials,
             num_rows, bag_size, dim, hits_per_piece,
-            ACC_DTYPE=acc_dtype, BLOCK_HITS=block_hits, BLOCK_D=block_d,
         )  # fmt: skip
     grad_values = grad_out.new_empty((num_rows, dim))
-    _values_grad_sorted_kernel[(num_rows, d_blocks)](
+    rows_launch(
+        _values_grad_sorted_kernel,
         grad_out, weights, hit_order, row_starts, piece_starts, partials, grad_values,
         bag_size, dim,
-        ACC_DTYPE=acc_dtype, BLOCK_HITS=block_hits, BLOCK_D=block_d,
     )  # fmt: skip
     return grad_values
 
@@ -330,12 +386,10 @@ def _values_grad_atomic(
     buffer_dtype = accumulation_dtype(grad_out.dtype)
     grad_values = torch.zeros((num_rows, dim), dtype=buffer_dtype, device=grad_out.device)
     if num_tokens > 0:
-        block_b, block_d = _tile_shape(dim, bag_size)
-        grid = (num_tokens, triton.cdiv(dim, block_d))
-        _values_grad_atomic_kernel[grid](
+        values_grad_atomic_launch(num_tokens, bag_size, dim)(
+            _values_grad_atomic_kernel,
             grad_out, indices.contiguous(), weights, grad_values,
             num_rows, bag_size, dim,
-            BLOCK_B=block_b, BLOCK_D=block_d,
         )  # fmt: skip
     return grad_values.to(grad_out.dtype)
 
@@ -348,11 +402,9 @@ def lookup_weights_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Te
     if grad_weights.numel() == 0:
         return grad_weights
     values = _unit_stride_rows(values)
-    block_b, block_d = _tile_shape(dim, bag_size)
-    grid = (num_tokens, triton.cdiv(bag_size, block_b))
-    _weights_grad_kernel[grid](
+    weights_grad_launch(num_tokens, bag_size, dim)(
+        _weights_grad_kernel,
         grad_out.contiguous(), values, indices.contiguous(), grad_weights,
         values.shape[0], bag_size, dim, values.stride(0),
-        BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
     return grad_weights

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from ops.lookup_triton import _jit, tl, triton
+from ops.lookup_triton import Launch, _jit, tl, triton
 
 _RULES = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
 
@@ -89,6 +89,21 @@ def _block_d(dim: int) -> int:
     return triton.next_power_of_2(max(dim, 1))
 
 
+# What each launcher chooses is a pure function of shapes, shared with
+# ``benchmarks/kernels_static.py`` (see ``ops/lookup_triton.py``).
+
+
+def row_sq_norms_launch(num_touched: int, dim: int) -> Launch:
+    """``_row_sq_norms_kernel``: one program per touched row, holding the whole row."""
+    return Launch((num_touched,), {"BLOCK_D": _block_d(dim)})
+
+
+def update_rows_launch(num_touched: int, dim: int, rule: str, use_mean_sq: bool) -> Launch:
+    """``_update_rows_kernel``: one program per touched row, holding the whole row."""
+    constexprs = {"RULE": _RULES[rule], "HAS_MEAN_SQ": use_mean_sq, "BLOCK_D": _block_d(dim)}
+    return Launch((num_touched,), constexprs)
+
+
 def row_sq_norms(
     grad_out: Tensor, weights: Tensor, row_starts: Tensor, positions: Tensor
 ) -> Tensor:
@@ -96,9 +111,9 @@ def row_sq_norms(
     num_touched = row_starts.shape[0] - 1
     out = grad_out.new_empty(num_touched, dtype=torch.float64)
     if num_touched:
-        _row_sq_norms_kernel[(num_touched,)](
+        row_sq_norms_launch(num_touched, grad_out.shape[1])(
+            _row_sq_norms_kernel,
             grad_out, weights, row_starts, positions, out, weights.shape[1], grad_out.shape[1],
-            BLOCK_D=_block_d(grad_out.shape[1]),
         )  # fmt: skip
     return out
 
@@ -124,10 +139,10 @@ def update_rows(
     """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
     state0, state1 = (list(state) + [table, table])[:2]  # unused pointers for stateless rules
     use_mean_sq = row_mean_sq is not None and weight_decay == 0.0
-    _update_rows_kernel[(rows.shape[0],)](
+    update_rows_launch(rows.shape[0], table.shape[1], rule, use_mean_sq)(
+        _update_rows_kernel,
         table, state0, state1, grad_out, weights, rows, row_starts, positions,
         row_mean_sq if use_mean_sq else rows, table.shape[0], weights.shape[1], table.shape[1],
         lr, eps, beta1, beta2, weight_decay, grad_scale,
         1.0 - beta1**step, math.sqrt(1.0 - beta2**step),
-        RULE=_RULES[rule], HAS_MEAN_SQ=use_mean_sq, BLOCK_D=_block_d(table.shape[1]),
     )  # fmt: skip
