@@ -5,7 +5,9 @@
     weight grad    grad_w[t, b]   = <grad_out[t], values[idx[t, b]]>
 
 Every kernel accumulates in fp32 (fp64 when the values are fp64, so ``gradcheck`` works),
-gathers a [rows, BLOCK_D] tile per step (many independent row loads in flight), walks D in
+gathers a [rows, BLOCK_D] tile per step (many independent row loads in flight) into an
+accumulator tile of the same shape, reduced once after the loop (a reduction per step goes
+through shared memory, with a barrier, for bf16 tiles), walks D in
 masked ``BLOCK_D`` tiles so any D works, computes row offsets in int64 (N * D can exceed 2**31)
 and masks every index outside ``[0, N)``: such an index is never read and contributes nothing
 (a zero to the forward and the value gradient, a zero weight gradient).
@@ -55,16 +57,32 @@ def _jit(kernel):
 
 
 @_jit
+def _fold_rows(terms, ACC_ROWS: tl.constexpr):
+    """A step's [rows, BLOCK_D] terms as the accumulator's [ACC_ROWS, BLOCK_D] addend.
+
+    Summing the rows at every step is free when each thread holds whole columns, but goes
+    through shared memory, with barriers, when the rows of a column are spread over threads
+    (bf16 tiles, narrow fp32 ones): then ACC_ROWS is the tile's row count and the rows are
+    summed once, after the loop.
+    """
+    if ACC_ROWS == 1:
+        folded = tl.sum(terms, axis=0, keep_dims=True)
+    else:
+        folded = terms
+    return folded
+
+
+@_jit
 def _lookup_forward_kernel(
     values_ptr, indices_ptr, weights_ptr, out_ptr,
     num_rows, bag_size, dim, values_row_stride,
-    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, D-block): gathers BLOCK_B rows per step, sums them in registers."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < dim
-    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    acc = tl.zeros([ACC_ROWS, BLOCK_D], dtype=ACC_DTYPE)
     for b0 in range(0, bag_size, BLOCK_B):
         slots = b0 + tl.arange(0, BLOCK_B)
         slot_mask = slots < bag_size
@@ -77,18 +95,18 @@ def _lookup_forward_kernel(
             mask=valid[:, None] & col_mask[None, :],
             other=0,
         )
-        acc += tl.sum(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], axis=0)
-    out = acc  # once: a sum per step would go through shared memory (bf16)
+        acc += _fold_rows(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], ACC_ROWS)
+    out = tl.sum(acc, axis=0)
     tl.store(out_ptr + token * dim + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @_jit
 def _sum_hits(
     grad_out_ptr, weights_ptr, hit_order_ptr, first_hit, end_hit, bag_size, dim, cols, col_mask,
-    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_HITS: tl.constexpr,
 ):  # fmt: skip
     """The sum of w * grad_out[token] over the hits hit_order[first_hit:end_hit], in order."""
-    acc = tl.zeros(cols.shape, dtype=ACC_DTYPE)
+    acc = tl.zeros([ACC_ROWS, cols.shape[0]], dtype=ACC_DTYPE)
     for h0 in range(first_hit, end_hit, BLOCK_HITS):
         hits = h0 + tl.arange(0, BLOCK_HITS)
         hit_mask = hits < end_hit
@@ -100,15 +118,16 @@ def _sum_hits(
             mask=hit_mask[:, None] & col_mask[None, :],
             other=0,
         )
-        acc += tl.sum(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], axis=0)
-    return acc
+        acc += _fold_rows(tile.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[:, None], ACC_ROWS)
+    return tl.sum(acc, axis=0)
 
 
 @_jit
 def _hot_row_pieces_kernel(
     grad_out_ptr, weights_ptr, hit_order_ptr, row_starts_ptr, piece_starts_ptr, piece_rows_ptr,
     partials_ptr, num_rows, bag_size, dim, hits_per_piece,
-    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_HITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (piece, D-block): the partial sum of one piece of a hot row's run.
 
@@ -126,7 +145,7 @@ def _hot_row_pieces_kernel(
         end_hit = tl.minimum(first_hit + hits_per_piece, tl.load(row_starts_ptr + row + 1))
         acc = _sum_hits(
             grad_out_ptr, weights_ptr, hit_order_ptr, first_hit, end_hit,
-            bag_size, dim, cols, col_mask, ACC_DTYPE, BLOCK_HITS,
+            bag_size, dim, cols, col_mask, ACC_DTYPE, ACC_ROWS, BLOCK_HITS,
         )  # fmt: skip
         tl.store(partials_ptr + piece * dim + cols, acc, mask=col_mask)
 
@@ -135,7 +154,8 @@ def _hot_row_pieces_kernel(
 def _values_grad_sorted_kernel(
     grad_out_ptr, weights_ptr, hit_order_ptr, row_starts_ptr, piece_starts_ptr, partials_ptr,
     grad_values_ptr, bag_size, dim,
-    ACC_DTYPE: tl.constexpr, BLOCK_HITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_HITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (row, D-block): sums the row's hits in sorted order, stores the row once.
 
@@ -153,7 +173,7 @@ def _values_grad_sorted_kernel(
         acc = _sum_hits(
             grad_out_ptr, weights_ptr, hit_order_ptr,
             tl.load(row_starts_ptr + row), tl.load(row_starts_ptr + row + 1),
-            bag_size, dim, cols, col_mask, ACC_DTYPE, BLOCK_HITS,
+            bag_size, dim, cols, col_mask, ACC_DTYPE, ACC_ROWS, BLOCK_HITS,
         )  # fmt: skip
     else:
         acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
@@ -185,6 +205,7 @@ def _values_grad_atomic_kernel(
             grad_values_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :],
             weights.to(acc_dtype)[:, None] * grad[None, :],
             mask=valid[:, None] & col_mask[None, :],
+            sem="relaxed",  # no ordering needed between the adds; acq_rel fences every one
         )
 
 
@@ -202,7 +223,7 @@ def _weights_grad_kernel(
     rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
     valid = slot_mask & (rows >= 0) & (rows < num_rows)
     row_offsets = rows.to(tl.int64) * values_row_stride
-    acc = tl.zeros([BLOCK_B], dtype=acc_dtype)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=acc_dtype)
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < dim
@@ -212,8 +233,8 @@ def _weights_grad_kernel(
             mask=valid[:, None] & col_mask[None, :],
             other=0,
         )
-        acc += tl.sum(tile.to(acc_dtype) * grad.to(acc_dtype)[None, :], axis=1)
-    dots = acc  # once, after the loop: no per-step shared-memory reduction
+        acc += tile.to(acc_dtype) * grad.to(acc_dtype)[None, :]
+    dots = tl.sum(acc, axis=1)  # once, after the loop: no per-step shared-memory reduction
     tl.store(grad_weights_ptr + token * bag_size + slots, dots, mask=slot_mask)
 
 
@@ -250,6 +271,16 @@ def _tile_shape(dim: int, num_rows_per_step: int) -> tuple[int, int]:
     return block_rows, block_d
 
 
+def _accumulator_rows(dtype: torch.dtype, block_rows: int, block_d: int) -> int:
+    """The rows of a gather kernel's accumulator: 1 when each thread holds whole columns of the
+    [block_rows, block_d] tile, so a step's rows sum in registers; else block_rows (see
+    ``_fold_rows``). Triton's default layout gives a thread 16 bytes of a row and spreads the
+    threads along the row first: they cover the row when ``block_d`` is that wide.
+    """
+    columns_covered = _NUM_WARPS * 32 * (16 // dtype.itemsize)
+    return 1 if block_d >= columns_covered else block_rows
+
+
 def _triton_dtype(dtype: torch.dtype):
     return getattr(tl, str(dtype).removeprefix("torch."))
 
@@ -261,7 +292,12 @@ def _acc_dtype(dtype: torch.dtype):
 def forward_launch(num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
     """``_lookup_forward_kernel``: one program per (token, D-block); ``dtype`` of the values."""
     block_b, block_d = _tile_shape(dim, bag_size)
-    constexprs = {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_B": block_b, "BLOCK_D": block_d}
+    constexprs = {
+        "ACC_DTYPE": _acc_dtype(dtype),
+        "ACC_ROWS": _accumulator_rows(dtype, block_b, block_d),
+        "BLOCK_B": block_b,
+        "BLOCK_D": block_d,
+    }
     return Launch((num_tokens, triton.cdiv(dim, block_d)), constexprs)
 
 
@@ -272,7 +308,12 @@ def values_grad_sorted_launches(
     (one per row), both per D-block; ``dtype`` of ``grad_out``."""
     block_hits, block_d = _tile_shape(dim, bag_size)
     d_blocks = triton.cdiv(dim, block_d)
-    constexprs = {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_HITS": block_hits, "BLOCK_D": block_d}
+    constexprs = {
+        "ACC_DTYPE": _acc_dtype(dtype),
+        "ACC_ROWS": _accumulator_rows(dtype, block_hits, block_d),
+        "BLOCK_HITS": block_hits,
+        "BLOCK_D": block_d,
+    }
     return Launch((max_pieces, d_blocks), constexprs), Launch((num_rows, d_blocks), constexprs)
 
 

@@ -4,7 +4,18 @@ One program per touched row holds the whole row (``BLOCK_D`` = D rounded up to a
 as FBGEMM's row-wise kernels hold a row per warp group): it sums the row's gradient over its
 recorded positions in their fixed order (bitwise deterministic, no atomics: rows are unique),
 then updates the row and its optimizer state. A row outside ``[0, N)`` is masked, so a bad row
-is never written. A hot row's positions are summed serially by its program.
+is never written. Warps grow with the row (8 elements of each row vector per thread, up to 32
+warps at D = 8192): registers stay flat, nothing spills at any width, and occupancy stays at
+or above the lookup kernels' (``python -m benchmarks.kernels_static`` checks both).
+
+Not done yet: a hot row's positions are summed serially by its program (the lookup's value
+gradient splits such rows into pieces summed in parallel; the same pieces would serve here).
+With gradient clipping, ``row_sq_norms`` and ``update_rows`` each sum a row's gradient, which
+is cheaper on a GPU than keeping the sums for the update: the global norm must be known before
+any row is updated, so keeping them means writing and reading a ``[U, D]`` fp32 buffer, 8 bytes
+per element, where summing again re-reads the row's hits, ``4 * hits / U`` bytes per element,
+and there are ~1.3 hits per touched row at the paper's sizes (412K of 1M rows touched by 524K
+hits) -- and the buffer would be 6.7 GB at D = 4096.
 
 The launchers take plain tensors of any device Triton runs on: CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1`` (how the tests run them without a GPU).
@@ -85,8 +96,18 @@ def _update_rows_kernel(
     tl.store(table_ptr + at, new.to(table_ptr.dtype.element_ty), mask=mask)
 
 
+# Elements of each live row vector (gradient, weights, moments) one thread holds: warps grow with
+# the row so registers do not (at 4 warps, Adam at D = 8192 needs 255 registers and spills).
+_ELEMENTS_PER_THREAD = 8
+_MAX_NUM_WARPS = 32  # 1024 threads, a block's limit
+
+
 def _block_d(dim: int) -> int:
     return triton.next_power_of_2(max(dim, 1))
+
+
+def _num_warps(block_d: int) -> int:
+    return min(max(block_d // (32 * _ELEMENTS_PER_THREAD), 4), _MAX_NUM_WARPS)
 
 
 # What each launcher chooses is a pure function of shapes, shared with
@@ -95,13 +116,15 @@ def _block_d(dim: int) -> int:
 
 def row_sq_norms_launch(num_touched: int, dim: int) -> Launch:
     """``_row_sq_norms_kernel``: one program per touched row, holding the whole row."""
-    return Launch((num_touched,), {"BLOCK_D": _block_d(dim)})
+    block_d = _block_d(dim)
+    return Launch((num_touched,), {"BLOCK_D": block_d}, _num_warps(block_d))
 
 
 def update_rows_launch(num_touched: int, dim: int, rule: str, use_mean_sq: bool) -> Launch:
     """``_update_rows_kernel``: one program per touched row, holding the whole row."""
-    constexprs = {"RULE": _RULES[rule], "HAS_MEAN_SQ": use_mean_sq, "BLOCK_D": _block_d(dim)}
-    return Launch((num_touched,), constexprs)
+    block_d = _block_d(dim)
+    constexprs = {"RULE": _RULES[rule], "HAS_MEAN_SQ": use_mean_sq, "BLOCK_D": block_d}
+    return Launch((num_touched,), constexprs, _num_warps(block_d))
 
 
 def row_sq_norms(
