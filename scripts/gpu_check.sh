@@ -3,7 +3,14 @@
 #
 #   scripts/gpu_check.sh [STAGE...]        (default: gpu-tests lookup models)
 #
+# First, whatever the stages, the static check: python -m benchmarks.kernels_static compiles
+# every Triton kernel of ops/ for sm_80 and sm_90 with the wheel's ptxas (no GPU needed) and
+# fails on a compile error or a spill; a failure stops the script before any device time is
+# spent. `scripts/gpu_check.sh static` runs only that, on any machine: do it before borrowing
+# a GPU.
+#
 # Stages (sized to fit one 10-minute device command each on an H100; run them as separate calls):
+#   static        only the static check (no CUDA needed)
 #   gpu-tests     pytest -m gpu: the CUDA tests at realistic sizes (a minute or two)
 #   tests         the whole suite on CUDA (tests/recipes left out when torchtitan is missing)
 #   lookup        python -m benchmarks.lookup: the default CUDA sweep (N 64K..16M, D 256..4096,
@@ -32,8 +39,8 @@ stages=("$@")
 [ "${#stages[@]}" -gt 0 ] || stages=(gpu-tests lookup models)
 for stage in "${stages[@]}"; do
     case "$stage" in
-        gpu-tests | tests | lookup | models | models-large | value-step) ;;
-        *) echo "unknown stage '$stage': expected gpu-tests, tests, lookup, models," \
+        static | gpu-tests | tests | lookup | models | models-large | value-step) ;;
+        *) echo "unknown stage '$stage': expected static, gpu-tests, tests, lookup, models," \
                 "models-large or value-step" >&2
            exit 2 ;;
     esac
@@ -49,6 +56,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "=== static"
+jobs=$(( $(nproc) < 8 ? $(nproc) : 8 ))
+if ! python3 -m benchmarks.kernels_static --jobs "$jobs" --out "$out/static.json" \
+        >"$out/static.log" 2>&1; then
+    tail -n 20 "$out/static.log"
+    echo "gpu_check.sh: the static kernel check failed (see $out/static.log): no device stage run" >&2
+    exit 1
+fi
+grep -E "^[0-9]+ cases, [0-9]+ failures" "$out/static.log"
+[ "${stages[*]}" != static ] || exit 0
 
 python3 - <<'EOF'
 import torch, triton, tyro
@@ -86,6 +104,7 @@ run_stage() {
 # Every stage runs even if an earlier one fails; the exit status says whether all passed.
 status=0
 for stage in "${stages[@]}"; do
+    [ "$stage" != static ] || continue  # done above
     echo "=== $stage"
     run_stage "$stage" 2>&1 | tee "$out/$stage.log" || status=1
 done
