@@ -24,7 +24,7 @@ from recipes import shims
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.loader import CorpusDataLoader
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
-from recipes.finetune_trainer import FinetuneConfig, FinetuneTrainer
+from recipes.finetune_trainer import FinetuneConfig, FinetuneOptimizers, FinetuneTrainer
 from recipes.memory_parallel import MemoryParallelismConfig
 from recipes.parallelize import SelectiveAC
 from recipes.trainer import DEFAULT_MODEL, MemoryOptimizers, PretrainTrainer, ProgressMetrics
@@ -89,8 +89,9 @@ def smoke() -> PretrainTrainer.Config:
 def finetune() -> FinetuneTrainer.Config:
     """``recipes.finetune``'s default: teach a ``default``-pretrained model the 20 people after
     its 100 (biographies and Q/A pairs), for 200 steps, with sparse memory finetuning. The
-    checkpoint (``--checkpoint``) and flavor (``--model``) are the pretraining's; the learning
-    rate (``--finetune.lr``, by default per method) is constant after a short warmup."""
+    checkpoint (``--checkpoint``) and flavor (``--model``) are the pretraining's; the optimizers
+    and the learning rate (``--optimizer.*``, by default per method: ``FinetuneOptimizers``) are
+    constant after a short warmup."""
     base = default()
     config = FinetuneTrainer.Config(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init},
@@ -103,6 +104,7 @@ def finetune() -> FinetuneTrainer.Config:
         seed=pretrained.seed,
         qa_train_fraction=1.0,
     )
+    config.optimizer = FinetuneOptimizers()  # lr, name and memory_optimizer: per method
     config.dump_folder = "outputs/{model}_finetune_{method}"
     config.training.steps = 200
     config.checkpoint.interval = 50

@@ -4,7 +4,7 @@
     python -m recipes.finetune --checkpoint outputs/mem_debug_64k/checkpoint/step-400 \\
         --model mem_debug_64k --finetune.method sparse_memory
     python -m recipes.finetune ... --finetune.method full     # or lora (peft)
-    python -m recipes.finetune ... --finetune.optimizer adamw --finetune.trainable_slots 4000
+    python -m recipes.finetune ... --optimizer.memory_optimizer adam --finetune.trainable_slots 4000
     python -m recipes.finetune --help                         # every flag
 
 Methods (``--finetune.method``), as compared by Lin et al. 2025 ("Continual Learning via Sparse
@@ -12,11 +12,17 @@ Memory Finetuning", arXiv 2510.15103):
 
 - ``sparse_memory`` (default): only the memory slots most specific to each batch train: the top
   ``--finetune.trainable_slots`` by TF-IDF of the batch's reads against the base model's reads
-  of its pretraining data (counted once, cached in the checkpoint folder). SGD by default (the
-  paper's choice; on the small CPU models lazy AdamW with more slots learns more, see
-  ``benchmarks/RESULTS.md``); a step updates only those table rows. Everything else is frozen.
-- ``full``: every parameter (AdamW by default).
+  of its pretraining data (counted once, cached in the checkpoint folder). The table's optimizer
+  is ``--optimizer.memory_optimizer``: sgd by default (the paper's choice; on the small CPU
+  models lazy AdamW, ``adam``, with more slots learns more, see ``benchmarks/RESULTS.md``); a
+  step updates only those table rows. Everything else is frozen.
+- ``full``: every parameter (``--optimizer.name``: AdamW by default, or SGD).
 - ``lora``: LoRA adapters (peft) on the attention and feed-forward linears (AdamW by default).
+
+``--optimizer.lr`` defaults per method and optimizer (``--help`` lists the rates); the value
+table's rate is ``--optimizer.memory_lr_multiplier`` (10) times it. The run logs the rates it
+trains with; an ``--optimizer.*`` flag the method cannot honour (``--optimizer.name`` with
+``sparse_memory``, a row-sparse table with ``full``) is refused.
 
 By default the data are 20 *new* people of the built-in knowledge corpus (``--dataloader.*``:
 people 100-119 of the pretraining's sequence, their biographies and Q/A pairs); any Hugging Face
@@ -48,7 +54,9 @@ from recipes.finetune_trainer import FinetuneConfig, FinetuneTrainer
 
 def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
     """The run's config: ``finetune`` of ``recipes/config_registry.py`` (or ``--config``)
-    overridden by every other flag; ``--checkpoint PATH`` is ``--finetune.checkpoint PATH``."""
+    overridden by every other flag; ``--checkpoint PATH`` is ``--finetune.checkpoint PATH``.
+    The ``--optimizer.*`` settings no flag gave follow ``--finetune.method``; one that
+    contradicts it is a ``ValueError``."""
     expanded: list[str] = []
     args = iter(argv)
     for arg in args:
@@ -58,7 +66,8 @@ def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
             expanded += ["--finetune.checkpoint", arg.split("=", 1)[1]]
         else:
             expanded.append(arg)
-    return ConfigManager().parse_args(["--module", "recipes", "--config", "finetune", *expanded])
+    config = ConfigManager().parse_args(["--module", "recipes", "--config", "finetune", *expanded])
+    return config.for_method()  # the --optimizer.* settings a flag left to the method
 
 
 def validate(config: FinetuneTrainer.Config, world_size: int) -> None:

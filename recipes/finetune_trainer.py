@@ -1,6 +1,7 @@
 """torchtitan's Trainer for finetuning a pretrained memcompile model on new facts.
 
 - :class:`FinetuneConfig`: the ``--finetune.*`` flags (method, slots, LoRA, evaluation).
+- :class:`FinetuneOptimizers`: the ``--optimizer.*`` flags, those not given following the method.
 - :class:`FinetuneTrainer`: ``PretrainTrainer`` starting from a pretrained checkpoint
   (``recipes.model.FinetuneTransformer``), with sparse memory finetuning's slot choice and the
   learning / forgetting measurements.
@@ -22,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torchtitan.tools.logging import logger
@@ -38,7 +39,7 @@ from recipes.data.loader import (
 )
 from recipes.knowledge_eval import learning_and_forgetting
 from recipes.model import FinetuneTransformer, is_adapter, model_spec, pretrained_name
-from recipes.trainer import PretrainTrainer
+from recipes.trainer import MemoryOptimizers, PretrainTrainer
 
 FinetuneMethod = Literal["sparse_memory", "full", "lora"]
 
@@ -57,13 +58,6 @@ class FinetuneConfig:
     """sparse_memory: only the top slots of each batch's memory reads train (TF-IDF, Lin et al.
     2025); full: every parameter; lora: LoRA adapters (peft) on the attention and feed-forward
     linears"""
-
-    optimizer: Literal["sgd", "adamw"] | None = None
-    """sgd or adamw (default: sgd for sparse_memory, adamw for full and lora)"""
-
-    lr: float | None = None
-    """Learning rate (sets --optimizer.lr; the value table's is --optimizer.memory-lr-multiplier
-    times it). Default: per method and optimizer, see DEFAULT_LEARNING_RATES"""
 
     trainable_slots: int = 500
     """sparse_memory: the slots (value-table rows) each step may train, the t of the paper"""
@@ -89,42 +83,84 @@ class FinetuneConfig:
     eval_max_people: int | None = None
     """Measure on at most this many people per split (None: all)"""
 
-    @property
-    def optimizer_name(self) -> Literal["sgd", "adamw"]:
-        if self.optimizer is not None:
-            return self.optimizer
-        return "sgd" if self.method == "sparse_memory" else "adamw"
 
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return DEFAULT_LEARNING_RATES[self.method, self.optimizer_name]
-
-
-#: --optimizer.lr by (method, optimizer), the table's 10x that. The AdamW ones and sparse
-#: memory's SGD were chosen on benchmarks.continual's sweep (benchmarks/RESULTS.md): the value
-#: gradients of a mean loss over a batch are small, so SGD on the slots needs a large rate. The
-#: SGD rates of full and LoRA are starting points, not tuned.
+#: --optimizer.lr by (method, the optimizer that trains); the table's is
+#: --optimizer.memory_lr_multiplier (10) times that. The AdamW ones and sparse memory's SGD were
+#: chosen on benchmarks.continual's sweep (benchmarks/RESULTS.md): the value gradients of a mean
+#: loss over a batch are small, so SGD on the slots needs a large rate. The SGD rates of full
+#: and LoRA are starting points, not tuned. FinetuneOptimizers.lr's help lists them.
 DEFAULT_LEARNING_RATES: dict[tuple[str, str], float] = {
     ("sparse_memory", "sgd"): 100.0,
-    ("sparse_memory", "adamw"): 1e-2,
-    ("full", "adamw"): 1e-3,
-    ("full", "sgd"): 1e-1,
-    ("lora", "adamw"): 1e-2,
-    ("lora", "sgd"): 1.0,
+    ("sparse_memory", "adam"): 1e-2,
+    ("full", "AdamW"): 1e-3,
+    ("full", "SGD"): 1e-1,
+    ("lora", "AdamW"): 1e-2,
+    ("lora", "SGD"): 1.0,
 }
 
 
-def _optimizer_settings(finetune: FinetuneConfig) -> dict[str, Any]:
-    """``MemoryOptimizers.Config`` fields for a method and optimizer: sparse memory finetuning
-    trains the table alone, row-sparsely (SGD, or AdamW applied lazily to the touched rows);
-    full and LoRA train the trainable parameters densely."""
-    sgd = finetune.optimizer_name == "sgd"
-    lr = finetune.learning_rate
-    if finetune.method == "sparse_memory":
-        return {"lr": lr, "memory_optimizer": "sgd" if sgd else "adam"}
-    return {"lr": lr, "memory_optimizer": "adamw", "name": "SGD" if sgd else "AdamW"}
+@dataclass(kw_only=True, slots=True)
+class FinetuneOptimizers(MemoryOptimizers.Config):
+    """``--optimizer.*`` of ``recipes.finetune``: what a flag leaves unset (None) follows
+    ``--finetune.method`` (:func:`optimizer_for_method`); a flag that contradicts it is refused."""
+
+    lr: float | None = None
+    """Learning rate of the dense parameters; the value table's is
+    --optimizer.memory-lr-multiplier times it. Default per method and optimizer: sparse_memory
+    100 (sgd) or 1e-2 (adam), rowwise_adagrad has none (pass it); full 1e-3 (AdamW) or 0.1
+    (SGD); lora 1e-2 (AdamW) or 1 (SGD)"""
+
+    memory_optimizer: Literal["adamw", "sgd", "rowwise_adagrad", "adam"] | None = None
+    """Optimizer of the value table. sparse_memory: row-sparse, sgd (default, the paper's),
+    adam (lazy AdamW) or rowwise_adagrad. full and lora: adamw (default and only: the table
+    trains in the dense optimizer, --optimizer.name; LoRA freezes it)"""
+
+    name: Literal["AdamW", "SGD"] | None = None
+    """full and lora: the optimizer of the trainable parameters, AdamW (default) or SGD (plain,
+    without momentum). sparse_memory: not allowed (only the table trains)"""
+
+
+def optimizer_for_method(
+    method: FinetuneMethod, optimizer: FinetuneOptimizers
+) -> FinetuneOptimizers:
+    """``optimizer`` with what it leaves unset filled in for ``method``: sparse memory finetuning
+    trains the table alone, row-sparsely (SGD by default); full and LoRA train their parameters
+    densely (AdamW by default), the table in its own group (full) or frozen (LoRA). A setting the
+    method cannot honour raises a ``ValueError`` naming the flag. Completing a completed
+    ``optimizer`` changes nothing."""
+    if method == "sparse_memory":
+        if optimizer.name is not None:
+            raise ValueError(
+                f"--optimizer.name {optimizer.name}: sparse_memory trains only the value table, "
+                "every other parameter is frozen; pick the table's optimizer with "
+                "--optimizer.memory_optimizer sgd, adam or rowwise_adagrad"
+            )
+        table = optimizer.memory_optimizer or "sgd"
+        if table == "adamw":
+            raise ValueError(
+                "--optimizer.memory_optimizer adamw trains the whole table densely; sparse_memory "
+                "trains each step's top slots row-sparsely: sgd (default), adam (lazy AdamW) or "
+                "rowwise_adagrad"
+            )
+        rule, settings = table, {"memory_optimizer": table}  # name stays None: nothing dense
+    else:
+        if optimizer.memory_optimizer not in (None, "adamw"):
+            raise ValueError(
+                f"--optimizer.memory_optimizer {optimizer.memory_optimizer} trains the table "
+                f"row-sparsely, which only --finetune.method sparse_memory does; {method} "
+                "finetuning takes adamw (the default) and --optimizer.name AdamW or SGD"
+            )
+        rule = optimizer.name or "AdamW"
+        settings = {"memory_optimizer": "adamw", "name": rule}
+    lr = optimizer.lr
+    if lr is None:
+        if (method, rule) not in DEFAULT_LEARNING_RATES:
+            raise ValueError(
+                f"--finetune.method {method} with {rule} has no default learning rate: pass "
+                "--optimizer.lr"
+            )
+        lr = DEFAULT_LEARNING_RATES[method, rule]
+    return replace(optimizer, lr=lr, **settings)
 
 
 class FinetuneTrainer(PretrainTrainer):
@@ -141,29 +177,70 @@ class FinetuneTrainer(PretrainTrainer):
             finetunes = spec is not None and isinstance(spec.model, FinetuneTransformer.Config)
             if not finetunes or spec.flavor != self.model:
                 self.model_spec = model_spec(self.model, FinetuneTransformer)
-            # The method decides which optimizer trains what (see _optimizer_settings).
-            self.optimizer = replace(self.optimizer, **_optimizer_settings(self.finetune))
             PretrainTrainer.Config.__post_init__(self)
+
+        def for_method(self) -> FinetuneTrainer.Config:
+            """This config with its ``--optimizer.*`` settings completed for
+            ``--finetune.method`` (:func:`optimizer_for_method`). Not in ``__post_init__``:
+            the flags are applied after it runs, and must find the unset ones still unset."""
+            if not isinstance(self.optimizer, FinetuneOptimizers):  # a config's own choice
+                return self
+            optimizer = optimizer_for_method(self.finetune.method, self.optimizer)
+            return replace(self, optimizer=optimizer)
 
     def __init__(self, config: Config) -> None:
         finetune = config.finetune
         # "{method}" in the dump folder: each method's run resumes from its own checkpoints.
         config = replace(
-            config, dump_folder=config.dump_folder.replace("{method}", finetune.method)
+            config.for_method(), dump_folder=config.dump_folder.replace("{method}", finetune.method)
         )
         super().__init__(config)
+        self._log_what_trains()
         self.new_corpus = _builtin_corpus(config.dataloader)
         self.old_corpus = _builtin_corpus(finetune.pretraining)
         if finetune.method == "sparse_memory":
             selector = TfidfSlotSelector(self._background_frequency(), finetune.trainable_slots)
             self.optimizers.row_sparse.trainable_rows = selector
 
+    def _log_what_trains(self) -> None:
+        """What trains, with which optimizer, at which rate: the rates the built optimizers hold
+        (their peak, which the LR schedule's warmup ramps up to)."""
+        config = self.config
+        optimizer, method = config.optimizer, config.finetune.method
+        table = getattr(self.model_parts[0], "memory_values", None)
+        table_lr = dense_lr = None
+        for part in self.optimizers:
+            for group in part.param_groups:
+                lr = group.get("initial_lr", group["lr"])
+                if any(p is table for p in group["params"]):
+                    table_lr = lr
+                else:
+                    dense_lr = lr
+        multiplier = (
+            f"--optimizer.lr {optimizer.lr:g} x --optimizer.memory_lr_multiplier "
+            f"{optimizer.memory_lr_multiplier:g}"
+        )
+        if method == "sparse_memory":
+            trains = (
+                f"the value table trains with {optimizer.memory_optimizer} (row-sparse: each "
+                f"step's top {config.finetune.trainable_slots} slots) at lr {table_lr:g} "
+                f"({multiplier}); every other parameter is frozen"
+            )
+        else:
+            what = "every parameter trains" if method == "full" else "the LoRA adapters train"
+            trains = f"{what} with {optimizer.name} at lr {dense_lr:g}"
+            if table_lr is not None:
+                trains += f", the value table at lr {table_lr:g} ({multiplier})"
+            if method == "lora":
+                trains += "; every pretrained weight is frozen"
+        logger.info(f"Finetuning ({method}): {trains}. Peak rates, after the LR warmup.")
+
     # ------------------------------------------------------------------ slot ranking
 
     def _background_frequency(self) -> BackgroundFrequency:
         """How many of ``background_sequences`` pretraining sequences read each slot, measured
         on the base model (before any step, resumed or not) and cached in the checkpoint
-        folder."""
+        folder. A damaged cache is measured again and replaced, with a warning naming it."""
         config, finetune = self.config, self.config.finetune
         data = finetune.pretraining
         model = self.model_parts[0]
@@ -176,8 +253,13 @@ class FinetuneTrainer(PretrainTrainer):
         }
         path = Path(finetune.checkpoint) / f"slot_frequency-{cache_key(sample, self.tokenizer)}.pt"
         if path.is_file():
-            logger.info(f"Background slot frequencies: {path} (cached)")
-            return BackgroundFrequency.load(path, num_rows)
+            try:
+                background = BackgroundFrequency.load(path, num_rows)
+            except ValueError as error:  # only a cache: measure again and replace it
+                logger.warning(f"{error}; measuring the background slot frequencies again")
+            else:
+                logger.info(f"Background slot frequencies: {path} (cached)")
+                return background
         started = time.perf_counter()
         tokens = load_token_stream(data.source(), data.documents, self.tokenizer, data.cache_dir)
         windows = iter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,13 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return dump / "checkpoint" / "step-0"
+
+
+@pytest.fixture
+def in_process_run():
+    """For a test that trains with a recipe's ``main`` in its own process: ``main`` sets the
+    single-process rendezvous variables (``RANK``, ``MASTER_PORT``, ...), which go after it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

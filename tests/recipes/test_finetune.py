@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,8 @@ pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from recipes.checkpoints import load_checkpoint  # noqa: E402
-from recipes.finetune import main  # noqa: E402
+from recipes.finetune import main, parse_args  # noqa: E402
+from recipes.finetune_trainer import DEFAULT_LEARNING_RATES  # noqa: E402
 from recipes.model import is_adapter, pretrained_name  # noqa: E402
 from tests.recipes.test_pretrain import losses, run_pretrain, run_recipe  # noqa: E402
 
@@ -50,23 +52,30 @@ def base_checkpoint(tmp_path_factory) -> Path:
     return dump / "checkpoint" / "step-8"
 
 
-def run_finetune(
-    base: Path, dump: Path, method: str, steps: int, *extra: str
-) -> subprocess.CompletedProcess:
-    args = [
+def finetune_args(
+    base: Path, dump: Path, method: str, steps: int, *extra: str, token_cache: Path | None = None
+) -> list[str]:
+    """``finetune_smoke`` from ``base``; tokens cached next to ``base``'s run unless given."""
+    token_cache = token_cache or base.parents[2] / "cache"
+    return [
         "--config", "finetune_smoke",
         "--checkpoint", str(base),
         "--model", MODEL,
         "--finetune.method", method,
         "--dump_folder", str(dump),
-        "--dataloader.cache_dir", str(base.parents[2] / "cache"),
-        "--finetune.pretraining.cache_dir", str(base.parents[2] / "cache"),
+        "--dataloader.cache_dir", str(token_cache),
+        "--finetune.pretraining.cache_dir", str(token_cache),
         "--training.steps", str(steps),
         "--metrics.no-enable-tensorboard",
         "--debug.seed", "0",
         *extra,
     ]  # fmt: skip
-    result = run_recipe("recipes.finetune", args)
+
+
+def run_finetune(
+    base: Path, dump: Path, method: str, steps: int, *extra: str
+) -> subprocess.CompletedProcess:
+    result = run_recipe("recipes.finetune", finetune_args(base, dump, method, steps, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -92,7 +101,15 @@ def stored_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_sparse_memory_finetuning_writes_only_a_few_slots_and_measures(
     base_checkpoint: Path, tmp_path: Path
 ):
-    run_finetune(base_checkpoint, tmp_path, "sparse_memory", 6, "--finetune.trainable_slots", "4")
+    result = run_finetune(
+        base_checkpoint, tmp_path, "sparse_memory", 6, "--finetune.trainable_slots", "4",
+        "--optimizer.lr", "20",
+    )  # fmt: skip
+    # The rate the table's optimizer holds: the flag's, times the table's multiplier.
+    assert (
+        "Finetuning (sparse_memory): the value table trains with sgd (row-sparse: each step's "
+        "top 4 slots) at lr 200 (--optimizer.lr 20 x --optimizer.memory_lr_multiplier 10)"
+    ) in result.stdout
     base = load_checkpoint(base_checkpoint, MODEL).state_dict()
     tuned = load_checkpoint(tmp_path / "checkpoint" / "step-6", MODEL).state_dict()
     for name, tensor in base.items():
@@ -107,11 +124,47 @@ def test_sparse_memory_finetuning_writes_only_a_few_slots_and_measures(
     assert list(base_checkpoint.glob("slot_frequency-*.pt"))
 
 
+def test_a_damaged_slot_frequency_cache_is_measured_again(
+    base_checkpoint: Path, tmp_path: Path, capfd, in_process_run
+):
+    """The background frequencies are only a cache: a damaged one is measured again and
+    replaced, with a warning naming the file, and the run goes on."""
+    base = tmp_path / "base"
+    shutil.copytree(base_checkpoint, base, ignore=shutil.ignore_patterns("slot_frequency-*"))
+
+    def finetune(dump: str) -> None:
+        quick = ["--no-final-eval", "--checkpoint.no-enable"]
+        token_cache = base_checkpoint.parents[2] / "cache"
+        main(
+            finetune_args(
+                base, tmp_path / dump, "sparse_memory", 1, *quick, token_cache=token_cache
+            )
+        )
+
+    finetune("first")
+    [cache] = base.glob("slot_frequency-*.pt")
+    measured = torch.load(cache, weights_only=True)
+    cache.write_bytes(cache.read_bytes()[:64])  # truncated, as by a full disk
+    capfd.readouterr()
+    finetune("second")
+    log = capfd.readouterr().out  # torchtitan logs to stdout
+    assert f"{cache}: not a readable slot-frequency cache" in log
+    assert "measuring the background slot frequencies again" in log
+    remeasured = torch.load(cache, weights_only=True)  # replaced by a whole one
+    assert remeasured["batches"] == measured["batches"]
+    assert torch.equal(remeasured["document_frequency"], measured["document_frequency"])
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_full_and_lora_finetuning_train(base_checkpoint: Path, tmp_path: Path, method: str):
     if method == "lora":
         pytest.importorskip("peft")
-    run_finetune(base_checkpoint, tmp_path, method, 12, "--finetune.lr", "1e-2")
+    result = run_finetune(base_checkpoint, tmp_path, method, 12, "--optimizer.lr", "1e-2")
+    trains = {
+        "full": "every parameter trains with AdamW at lr 0.01, the value table at lr 0.1",
+        "lora": "the LoRA adapters train with AdamW at lr 0.01; every pretrained weight is frozen",
+    }
+    assert f"Finetuning ({method}): {trains[method]}" in result.stdout
     loss = losses(tmp_path)
     assert sum(loss[s] for s in (10, 11, 12)) < sum(loss[s] for s in (1, 2, 3))
     base = stored_state(base_checkpoint)
@@ -169,6 +222,19 @@ def test_a_resumed_finetuning_equals_an_uninterrupted_one(base_checkpoint: Path,
         (["--checkpoint", "/no/such/step-1"], "is not a DCP checkpoint folder"),
         (["--model", "mem_debug"], "holds memory_values of shape (65536, 64)"),
         (["--model", "dense_debug", "--finetune.method", "full"], "was not trained as"),
+        (["--optimizer.name", "SGD"], "--optimizer.name SGD: sparse_memory trains only the"),
+        (
+            ["--optimizer.memory_optimizer", "adamw"],
+            "--optimizer.memory_optimizer adamw trains the whole table densely; sparse_memory",
+        ),
+        (
+            ["--finetune.method", "full", "--optimizer.memory_optimizer", "sgd"],
+            "--optimizer.memory_optimizer sgd trains the table row-sparsely, which only",
+        ),
+        (
+            ["--optimizer.memory_optimizer", "rowwise_adagrad"],
+            "sparse_memory with rowwise_adagrad has no default learning rate: pass --optimizer.lr",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_any_work(
@@ -187,13 +253,42 @@ def test_bad_configuration_fails_before_any_work(
         main([*defaults, *args])  # the last --checkpoint / --model wins
 
 
+@pytest.mark.parametrize(
+    "args, table_optimizer, dense_optimizer, lr",
+    [
+        ([], "sgd", None, None),
+        (["--optimizer.lr", "0.5"], "sgd", None, 0.5),
+        (["--optimizer.memory_optimizer", "adam"], "adam", None, None),
+        (["--optimizer.memory_optimizer", "rowwise_adagrad", "--optimizer.lr", "0.3"],
+         "rowwise_adagrad", None, 0.3),
+        (["--finetune.method", "full"], "adamw", "AdamW", None),
+        (["--finetune.method", "full", "--optimizer.name", "SGD"], "adamw", "SGD", None),
+        (["--finetune.method", "lora", "--optimizer.name", "SGD", "--optimizer.lr", "2e-3"],
+         "adamw", "SGD", 2e-3),
+    ],
+)  # fmt: skip
+def test_optimizer_flags_are_honoured(args, table_optimizer, dense_optimizer, lr):
+    """An --optimizer.* flag a user gives is the run's; what no flag gives follows the method."""
+    config = parse_args(["--checkpoint", "unused", *args])
+    method = config.finetune.method
+    optimizer = config.optimizer
+    assert optimizer.memory_optimizer == table_optimizer
+    assert config.parallelism.row_sparse_table == (table_optimizer != "adamw")
+    if dense_optimizer is not None:
+        assert optimizer.name == dense_optimizer
+    if lr is None:  # the method's default for its optimizer
+        lr = DEFAULT_LEARNING_RATES[method, dense_optimizer or table_optimizer]
+    assert optimizer.lr == lr
+
+
 def test_help_lists_the_finetuning_flags():
     result = run_recipe("recipes.finetune", ["--help"])
     assert result.returncode == 0, result.stderr
     for flag in (
         "--finetune.method",
         "--finetune.trainable-slots",
-        "--finetune.optimizer",
+        "--optimizer.memory-optimizer",
+        "--optimizer.name",
         "--finetune.lora-rank",
         "--finetune.eval-every",
         "--finetune.pretraining.knowledge.num-people",

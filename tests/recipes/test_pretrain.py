@@ -165,16 +165,6 @@ def test_a_run_reports_what_it_learnt_and_a_rerun_says_it_had_finished(tmp_path:
     assert "holds step 4 of 4. To train longer, rerun with --training.steps N" in last_line
 
 
-@pytest.fixture
-def in_process_run():
-    """``main`` in this process: it sets the single-process rendezvous variables
-    (``RANK``, ``MASTER_PORT``, ...), which go again after the test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_the_default_run_is_seeded_and_debug_seed_none_unseeds_it(tmp_path: Path, in_process_run):
     """Without --debug.seed a run is the same run each time (the README's numbers come back);
     --debug.seed None draws a fresh initialisation."""
