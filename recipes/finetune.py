@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> FinetuneTrainer.Config:
     """The run's config: ``finetune`` of ``recipes/config_registry.py`` (or ``--config``)
     overridden by every other flag; ``--checkpoint PATH`` is ``--finetune.checkpoint PATH``.
     The ``--optimizer.*`` settings no flag gave follow ``--finetune.method``; one that
-    contradicts it is a ``ValueError``."""
+    contradicts it is a usage error (exit code 2)."""
     expanded: list[str] = []
     args = iter(argv)
     for arg in args:

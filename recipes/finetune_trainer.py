@@ -29,6 +29,7 @@ import torch
 from torchtitan.tools.logging import logger
 
 from memcompile.slot_ranking import BackgroundFrequency, TfidfSlotSelector
+from recipes.cli import UsageError
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.loader import (
     BUILTIN_DATASET,
@@ -126,18 +127,18 @@ def optimizer_for_method(
     """``optimizer`` with what it leaves unset filled in for ``method``: sparse memory finetuning
     trains the table alone, row-sparsely (SGD by default); full and LoRA train their parameters
     densely (AdamW by default), the table in its own group (full) or frozen (LoRA). A setting the
-    method cannot honour raises a ``ValueError`` naming the flag. Completing a completed
-    ``optimizer`` changes nothing."""
+    method cannot honour raises a :class:`recipes.cli.UsageError` naming the flag. Completing a
+    completed ``optimizer`` changes nothing."""
     if method == "sparse_memory":
         if optimizer.name is not None:
-            raise ValueError(
+            raise UsageError(
                 f"--optimizer.name {optimizer.name}: sparse_memory trains only the value table, "
                 "every other parameter is frozen; pick the table's optimizer with "
                 "--optimizer.memory_optimizer sgd, adam or rowwise_adagrad"
             )
         table = optimizer.memory_optimizer or "sgd"
         if table == "adamw":
-            raise ValueError(
+            raise UsageError(
                 "--optimizer.memory_optimizer adamw trains the whole table densely; sparse_memory "
                 "trains each step's top slots row-sparsely: sgd (default), adam (lazy AdamW) or "
                 "rowwise_adagrad"
@@ -145,7 +146,7 @@ def optimizer_for_method(
         rule, settings = table, {"memory_optimizer": table}  # name stays None: nothing dense
     else:
         if optimizer.memory_optimizer not in (None, "adamw"):
-            raise ValueError(
+            raise UsageError(
                 f"--optimizer.memory_optimizer {optimizer.memory_optimizer} trains the table "
                 f"row-sparsely, which only --finetune.method sparse_memory does; {method} "
                 "finetuning takes adamw (the default) and --optimizer.name AdamW or SGD"
@@ -155,7 +156,7 @@ def optimizer_for_method(
     lr = optimizer.lr
     if lr is None:
         if (method, rule) not in DEFAULT_LEARNING_RATES:
-            raise ValueError(
+            raise UsageError(
                 f"--finetune.method {method} with {rule} has no default learning rate: pass "
                 "--optimizer.lr"
             )

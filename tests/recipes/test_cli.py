@@ -216,6 +216,19 @@ def test_pretrain_refuses(args, message, tmp_path: Path, capsys, monkeypatch):
         (["--finetune.lora_alpha", "nan"], "--finetune.lora_alpha must be a finite number"),
         (["--training.local_batch_size", "0"], "--training.local_batch_size must be >= 1"),
         (["--model", "dense_debug"], "model 'dense_debug' has no memory layers"),
+        (["--optimizer.name", "SGD"], "--optimizer.name SGD: sparse_memory trains only the"),
+        (
+            ["--optimizer.memory_optimizer", "adamw"],
+            "--optimizer.memory_optimizer adamw trains the whole table densely; sparse_memory",
+        ),
+        (
+            ["--finetune.method", "full", "--optimizer.memory_optimizer", "sgd"],
+            "--optimizer.memory_optimizer sgd trains the table row-sparsely, which only",
+        ),
+        (
+            ["--optimizer.memory_optimizer", "rowwise_adagrad"],
+            "sparse_memory with rowwise_adagrad has no default learning rate: pass --optimizer.lr",
+        ),
         (
             ["--dataloader.knowledge.first_person", "30"],
             "overlap the pretraining's (--finetune.pretraining.knowledge: 0 to 39)",

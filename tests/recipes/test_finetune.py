@@ -222,19 +222,6 @@ def test_a_resumed_finetuning_equals_an_uninterrupted_one(base_checkpoint: Path,
         (["--checkpoint", "/no/such/step-1"], "is not a DCP checkpoint folder"),
         (["--model", "mem_debug"], "holds memory_values of shape (65536, 64)"),
         (["--model", "dense_debug", "--finetune.method", "full"], "was not trained as"),
-        (["--optimizer.name", "SGD"], "--optimizer.name SGD: sparse_memory trains only the"),
-        (
-            ["--optimizer.memory_optimizer", "adamw"],
-            "--optimizer.memory_optimizer adamw trains the whole table densely; sparse_memory",
-        ),
-        (
-            ["--finetune.method", "full", "--optimizer.memory_optimizer", "sgd"],
-            "--optimizer.memory_optimizer sgd trains the table row-sparsely, which only",
-        ),
-        (
-            ["--optimizer.memory_optimizer", "rowwise_adagrad"],
-            "sparse_memory with rowwise_adagrad has no default learning rate: pass --optimizer.lr",
-        ),
     ],
 )
 def test_bad_configuration_fails_before_any_work(
