@@ -153,12 +153,12 @@ def _sorted_grad_args(case: Case):
 
     grad_out, positions = _stand_in(DTYPES[case.dtype]), _stand_in(torch.int64)
     weights, partials = _stand_in(torch.float32), _stand_in(torch.float32)
-    launches = k.values_grad_sorted_launches(NUM_ROWS, 1, case.bag_size, case.dim, grad_out.dtype)
-    return k, grad_out, positions, weights, partials, launches
+    launch = k.hits_launch(NUM_ROWS, case.bag_size, case.dim, grad_out.dtype)
+    return k, grad_out, positions, weights, partials, launch
 
 
 def _hot_row_pieces(case: Case):
-    k, grad_out, positions, weights, partials, (launch, _) = _sorted_grad_args(case)
+    k, grad_out, positions, weights, partials, launch = _sorted_grad_args(case)
     args = (
         grad_out, weights, positions, positions, positions, positions, partials,
         NUM_ROWS, case.bag_size, case.dim, k._HITS_PER_PIECE,
@@ -167,7 +167,7 @@ def _hot_row_pieces(case: Case):
 
 
 def _values_grad_sorted(case: Case):
-    k, grad_out, positions, weights, partials, (_, launch) = _sorted_grad_args(case)
+    k, grad_out, positions, weights, partials, launch = _sorted_grad_args(case)
     args = (
         grad_out, weights, positions, positions, positions, partials, grad_out,
         case.bag_size, case.dim,
@@ -200,11 +200,8 @@ def _row_sq_norms(case: Case):
 
     grad_out, groups, out = (_stand_in(d) for d in (torch.float32, torch.int64, torch.float64))
     launch = k.row_sq_norms_launch(1, case.dim)
-    return (
-        k._row_sq_norms_kernel,
-        launch,
-        (grad_out, grad_out, groups, groups, out, case.bag_size, case.dim),
-    )
+    args = (grad_out, grad_out, groups, groups, groups, grad_out, out, case.bag_size, case.dim)
+    return k._row_sq_norms_kernel, launch, args
 
 
 def _update_rows(rule: str, use_mean_sq: bool = False):
@@ -216,7 +213,8 @@ def _update_rows(rule: str, use_mean_sq: bool = False):
         mean_sq = _stand_in(torch.float64) if use_mean_sq else groups
         launch = k.update_rows_launch(1, case.dim, rule, use_mean_sq)
         args = (
-            table, state, state, grad_out, grad_out, groups, groups, groups, mean_sq,
+            table, state, state, grad_out, grad_out, groups, groups, groups, groups, grad_out,
+            mean_sq,
             NUM_ROWS, case.bag_size, case.dim,
             1e-3, 1e-8, 0.9, 0.999, 0.0, 1.0, 0.5, 0.5,  # lr, eps, betas, decay, scale, biases
         )  # fmt: skip

@@ -301,20 +301,17 @@ def forward_launch(num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype)
     return Launch((num_tokens, triton.cdiv(dim, block_d)), constexprs)
 
 
-def values_grad_sorted_launches(
-    num_rows: int, max_pieces: int, bag_size: int, dim: int, dtype: torch.dtype
-) -> tuple[Launch, Launch]:
-    """``_hot_row_pieces_kernel`` (one program per piece) and ``_values_grad_sorted_kernel``
-    (one per row), both per D-block; ``dtype`` of ``grad_out``."""
+def hits_launch(num_programs: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
+    """``_hot_row_pieces_kernel`` (one program per piece) or ``_values_grad_sorted_kernel`` (one
+    per row), per D-block: both sum hits of sorted runs; ``dtype`` of ``grad_out``."""
     block_hits, block_d = _tile_shape(dim, bag_size)
-    d_blocks = triton.cdiv(dim, block_d)
     constexprs = {
         "ACC_DTYPE": _acc_dtype(dtype),
         "ACC_ROWS": _accumulator_rows(dtype, block_hits, block_d),
         "BLOCK_HITS": block_hits,
         "BLOCK_D": block_d,
     }
-    return Launch((max_pieces, d_blocks), constexprs), Launch((num_rows, d_blocks), constexprs)
+    return Launch((num_programs, triton.cdiv(dim, block_d)), constexprs)
 
 
 def values_grad_atomic_launch(num_tokens: int, bag_size: int, dim: int) -> Launch:
@@ -378,6 +375,46 @@ def lookup_values_grad(
     return _values_grad_atomic(grad_out, indices, weights, num_rows)
 
 
+class HotRowPieces(NamedTuple):
+    """Runs of more than ``hits_per_piece`` hits, cut into pieces summed in parallel."""
+
+    starts: Tensor
+    """[R + 1]: row r's pieces are ``partials[starts[r]:starts[r + 1]]`` (none for most rows)."""
+    partials: Tensor
+    """[max pieces, D] fp32 (fp64): each piece's sum, in order within its row."""
+
+
+def hot_row_pieces(
+    grad_out: Tensor, weights: Tensor, hit_order: Tensor, row_starts: Tensor, hits_per_piece: int
+) -> HotRowPieces:
+    """The pieces of the hot rows of runs in CSR form (row r's hits, flat positions ``t * B + b``,
+    are ``hit_order[row_starts[r]:row_starts[r + 1]]``), and their sums of
+    ``weights.flatten()[p] * grad_out[p // B]``.
+
+    Each piece holds ``hits_per_piece`` consecutive hits of its run (the last one fewer), so one
+    hot row does not serialize the kernel that sums it. Each hot row has more than
+    ``hits_per_piece`` hits, so there are fewer than 2 * hits / hits_per_piece pieces: the grid
+    is that upper bound (no host sync), and its spare programs exit.
+    """
+    num_rows, device = row_starts.shape[0] - 1, grad_out.device
+    run_lengths = row_starts.diff()
+    pieces_per_row = torch.where(
+        run_lengths > hits_per_piece, (run_lengths + hits_per_piece - 1) // hits_per_piece, 0
+    )
+    starts = F.pad(pieces_per_row.cumsum(0), (1, 0))  # CSR over pieces, like row_starts
+    max_pieces = 2 * hit_order.numel() // hits_per_piece
+    piece_rows = torch.searchsorted(starts[1:], torch.arange(max_pieces, device=device), right=True)
+    dim = grad_out.shape[1]
+    partials = grad_out.new_empty((max_pieces, dim), dtype=accumulation_dtype(grad_out.dtype))
+    if max_pieces > 0 and dim > 0:
+        hits_launch(max_pieces, weights.shape[1], dim, grad_out.dtype)(
+            _hot_row_pieces_kernel,
+            grad_out, weights, hit_order, row_starts, starts, piece_rows, partials,
+            num_rows, weights.shape[1], dim, hits_per_piece,
+        )  # fmt: skip
+    return HotRowPieces(starts, partials)
+
+
 def _values_grad_sorted(
     grad_out: Tensor, indices: Tensor, weights: Tensor, num_rows: int, hits_per_piece: int
 ) -> Tensor:
@@ -386,34 +423,12 @@ def _values_grad_sorted(
     # only on the indices. Out-of-range indices sort outside every row's [start, end).
     sorted_rows, hit_order = torch.sort(indices.reshape(-1), stable=True)
     row_starts = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=device))
-
-    # Hot rows: their runs are cut into pieces of hits_per_piece hits, summed in parallel, then
-    # added up in piece order by the row's program. Each hot row has more than hits_per_piece
-    # hits, so there are fewer than 2 * num_hits / hits_per_piece pieces: an upper-bound grid.
-    run_lengths = row_starts.diff()
-    pieces_per_row = torch.where(
-        run_lengths > hits_per_piece, (run_lengths + hits_per_piece - 1) // hits_per_piece, 0
-    )
-    piece_starts = F.pad(pieces_per_row.cumsum(0), (1, 0))  # CSR over pieces, like row_starts
-    max_pieces = 2 * indices.numel() // hits_per_piece
-    piece_rows = torch.searchsorted(
-        piece_starts[1:], torch.arange(max_pieces, device=device), right=True
-    )
-    partials = grad_out.new_empty((max_pieces, dim), dtype=accumulation_dtype(grad_out.dtype))
-
-    pieces_launch, rows_launch = values_grad_sorted_launches(
-        num_rows, max_pieces, bag_size, dim, grad_out.dtype
-    )
-    if max_pieces > 0:
-        pieces_launch(
-            _hot_row_pieces_kernel,
-            grad_out, weights, hit_order, row_starts, piece_starts, piece_rows, partials,
-            num_rows, bag_size, dim, hits_per_piece,
-        )  # fmt: skip
+    # A hot row's program adds up its pieces' partial sums, in piece order.
+    pieces = hot_row_pieces(grad_out, weights, hit_order, row_starts, hits_per_piece)
     grad_values = grad_out.new_empty((num_rows, dim))
-    rows_launch(
+    hits_launch(num_rows, bag_size, dim, grad_out.dtype)(
         _values_grad_sorted_kernel,
-        grad_out, weights, hit_order, row_starts, piece_starts, partials, grad_values,
+        grad_out, weights, hit_order, row_starts, pieces.starts, pieces.partials, grad_values,
         bag_size, dim,
     )  # fmt: skip
     return grad_values

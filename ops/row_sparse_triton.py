@@ -4,12 +4,13 @@ One program per touched row holds the whole row (``BLOCK_D`` = D rounded up to a
 as FBGEMM's row-wise kernels hold a row per warp group): it sums the row's gradient over its
 recorded positions in their fixed order (bitwise deterministic, no atomics: rows are unique),
 then updates the row and its optimizer state. A row outside ``[0, N)`` is masked, so a bad row
-is never written. Warps grow with the row (8 elements of each row vector per thread, up to 32
-warps at D = 8192): registers stay flat, nothing spills at any width, and occupancy stays at
-or above the lookup kernels' (``python -m benchmarks.kernels_static`` checks both).
+is never written. A hot row (more than ``hits_per_piece`` hits) is first summed in pieces by
+parallel programs, as the lookup's value gradient does (``ops.lookup_triton.hot_row_pieces``),
+then in piece order: still deterministic. Warps grow with the row (8 elements of each row
+vector per thread, up to 32 warps at D = 8192): registers stay flat, nothing spills at any
+width, and occupancy stays at or above the lookup kernels' (``python -m
+benchmarks.kernels_static`` checks both).
 
-Not done yet: a hot row's positions are summed serially by its program (the lookup's value
-gradient splits such rows into pieces summed in parallel; the same pieces would serve here).
 With gradient clipping, ``row_sq_norms`` and ``update_rows`` each sum a row's gradient, which
 is cheaper on a GPU than keeping the sums for the update: the global norm must be known before
 any row is updated, so keeping them means writing and reading a ``[U, D]`` fp32 buffer, 8 bytes
@@ -28,24 +29,45 @@ import math
 import torch
 from torch import Tensor
 
-from ops.lookup_triton import Launch, _jit, tl, triton
+from ops.lookup_triton import _HITS_PER_PIECE, Launch, _jit, hot_row_pieces, tl, triton
 
 _RULES = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
 
 
 @_jit
-def _row_sq_norms_kernel(
-    grad_out_ptr, weights_ptr, row_starts_ptr, positions_ptr, out_ptr, bag_size, dim,
-    BLOCK_D: tl.constexpr,
+def _row_grad(
+    grad_out_ptr, weights_ptr, row_starts_ptr, positions_ptr, piece_starts_ptr, partials_ptr,
+    u, bag_size, dim, offs,
 ):  # fmt: skip
-    u = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_D)
+    """Touched row u's summed gradient: over its positions in order, or, for a hot row, over
+    the partial sums of its pieces in order."""
     mask = offs < dim
-    g = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(tl.load(row_starts_ptr + u), tl.load(row_starts_ptr + u + 1)):
+    first_piece = tl.load(piece_starts_ptr + u)
+    end_piece = tl.load(piece_starts_ptr + u + 1)
+    first_hit = tl.load(row_starts_ptr + u)
+    # Two loops, one of them empty, rather than a branch (which made ptxas spill for sm_80).
+    end_hit = tl.where(first_piece == end_piece, tl.load(row_starts_ptr + u + 1), first_hit)
+    g = tl.zeros(offs.shape, dtype=tl.float32)
+    for i in range(first_hit, end_hit):
         p = tl.load(positions_ptr + i)
         token = grad_out_ptr + (p // bag_size) * dim
         g += tl.load(weights_ptr + p) * tl.load(token + offs, mask=mask, other=0.0)
+    for piece in range(first_piece, end_piece):
+        g += tl.load(partials_ptr + piece * dim + offs, mask=mask, other=0.0)
+    return g
+
+
+@_jit
+def _row_sq_norms_kernel(
+    grad_out_ptr, weights_ptr, row_starts_ptr, positions_ptr, piece_starts_ptr, partials_ptr,
+    out_ptr, bag_size, dim,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    u = tl.program_id(0)
+    g = _row_grad(
+        grad_out_ptr, weights_ptr, row_starts_ptr, positions_ptr, piece_starts_ptr, partials_ptr,
+        u, bag_size, dim, tl.arange(0, BLOCK_D),
+    )  # fmt: skip
     g64 = g.to(tl.float64)
     tl.store(out_ptr + u, tl.sum(g64 * g64, axis=0))
 
@@ -53,17 +75,16 @@ def _row_sq_norms_kernel(
 @_jit
 def _update_rows_kernel(
     table_ptr, state0_ptr, state1_ptr, grad_out_ptr, weights_ptr, rows_ptr, row_starts_ptr,
-    positions_ptr, mean_sq_ptr, num_rows, bag_size, dim,
+    positions_ptr, piece_starts_ptr, partials_ptr, mean_sq_ptr, num_rows, bag_size, dim,
     lr, eps, beta1, beta2, weight_decay, grad_scale, bias1, bias2_sqrt,
     RULE: tl.constexpr, HAS_MEAN_SQ: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     u = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
-    g = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(tl.load(row_starts_ptr + u), tl.load(row_starts_ptr + u + 1)):
-        p = tl.load(positions_ptr + i)
-        token = grad_out_ptr + (p // bag_size) * dim
-        g += tl.load(weights_ptr + p) * tl.load(token + offs, mask=offs < dim, other=0.0)
+    g = _row_grad(
+        grad_out_ptr, weights_ptr, row_starts_ptr, positions_ptr, piece_starts_ptr, partials_ptr,
+        u, bag_size, dim, offs,
+    )  # fmt: skip
     g = g * grad_scale
 
     row = tl.load(rows_ptr + u)
@@ -128,15 +149,23 @@ def update_rows_launch(num_touched: int, dim: int, rule: str, use_mean_sq: bool)
 
 
 def row_sq_norms(
-    grad_out: Tensor, weights: Tensor, row_starts: Tensor, positions: Tensor
+    grad_out: Tensor,
+    weights: Tensor,
+    row_starts: Tensor,
+    positions: Tensor,
+    *,
+    hits_per_piece: int = _HITS_PER_PIECE,
 ) -> Tensor:
-    """Each touched row's squared gradient norm, fp64 ``[U]``."""
+    """Each touched row's squared gradient norm, fp64 ``[U]``; a row with more than
+    ``hits_per_piece`` hits is summed in pieces in parallel first."""
     num_touched = row_starts.shape[0] - 1
     out = grad_out.new_empty(num_touched, dtype=torch.float64)
     if num_touched:
+        pieces = hot_row_pieces(grad_out, weights, positions, row_starts, hits_per_piece)
         row_sq_norms_launch(num_touched, grad_out.shape[1])(
             _row_sq_norms_kernel,
-            grad_out, weights, row_starts, positions, out, weights.shape[1], grad_out.shape[1],
+            grad_out, weights, row_starts, positions, pieces.starts, pieces.partials, out,
+            weights.shape[1], grad_out.shape[1],
         )  # fmt: skip
     return out
 
@@ -158,14 +187,19 @@ def update_rows(
     weight_decay: float,
     grad_scale: float,
     step: int,
+    *,
+    hits_per_piece: int = _HITS_PER_PIECE,
 ) -> None:
-    """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
+    """The in-place update of the touched ``rows`` of ``table`` and ``state``; a row with more
+    than ``hits_per_piece`` hits has its gradient summed in pieces in parallel first."""
     state0, state1 = (list(state) + [table, table])[:2]  # unused pointers for stateless rules
     use_mean_sq = row_mean_sq is not None and weight_decay == 0.0
+    pieces = hot_row_pieces(grad_out, weights, positions, row_starts, hits_per_piece)
     update_rows_launch(rows.shape[0], table.shape[1], rule, use_mean_sq)(
         _update_rows_kernel,
         table, state0, state1, grad_out, weights, rows, row_starts, positions,
-        row_mean_sq if use_mean_sq else rows, table.shape[0], weights.shape[1], table.shape[1],
+        pieces.starts, pieces.partials, row_mean_sq if use_mean_sq else rows,
+        table.shape[0], weights.shape[1], table.shape[1],
         lr, eps, beta1, beta2, weight_decay, grad_scale,
         1.0 - beta1**step, math.sqrt(1.0 - beta2**step),
     )  # fmt: skip

@@ -40,13 +40,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 TRITON_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 
 
-def launch_update(table, state, grad_out, weights, groups, hyper, mean_sq=None):
+def launch_update(table, state, grad_out, weights, groups, hyper, mean_sq=None, **options):
     """``row_sparse_triton.update_rows`` with :func:`ops.row_sparse.update_rows`'s keywords."""
     beta1, beta2 = hyper.get("betas", (0.9, 0.999))
     row_sparse_triton.update_rows(
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions, mean_sq,
         hyper["rule"], hyper["lr"], hyper.get("eps", 1e-8), beta1, beta2,
         hyper.get("weight_decay", 0.0), hyper.get("grad_scale", 1.0), hyper.get("step", 1),
+        **options,
     )  # fmt: skip
 
 
@@ -189,6 +190,30 @@ def test_update_is_bitwise_reproducible(rule):
         results.append([t.cpu() for t in (table, *state)])
     for actual, expected in zip(*results):
         assert_bitwise_equal(actual, expected)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_hot_rows_summed_in_pieces_give_the_same_update_and_norms(rule):
+    """With ``hits_per_piece=2`` every row hit 3+ times (the hot row: half of all reads) is
+    summed in parallel pieces, then in piece order. Dyadic inputs sum exactly in fp32, so the
+    update and the norms must equal the serial sums' bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    indices = draw_indices(gen, 16, 8, 4, "hot", torch.int64)
+    grad_out, weights = to_device(dyadic(gen, (8, 7), 4), dyadic(gen, (8, 4), 8))
+    table0, state0 = torch.randn(16, 7, generator=gen), fresh_state(rule, 16, 7, gen)
+    groups = group_by_row(indices.to(DEVICE))
+    assert int(groups.row_starts.diff().max()) > 2 * 2  # a row of several pieces
+    results = []
+    for options in ({}, {"hits_per_piece": 2}):
+        table, *state = to_device(table0, *state0)
+        hyper = dict(rule=rule, lr=0.1, weight_decay=0.01, step=3)
+        launch_update(table, state, grad_out, weights, groups, hyper, **options)
+        norms = row_sparse_triton.row_sq_norms(
+            grad_out, weights, groups.row_starts, groups.positions, **options
+        )
+        results.append([t.cpu() for t in (table, norms, *state)])
+    for in_pieces, serial in zip(*results):
+        assert_bitwise_equal(in_pieces, serial)
 
 
 # --------------------------------------------------------------------------- CUDA, realistic
