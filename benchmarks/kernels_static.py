@@ -74,7 +74,6 @@ class SmLimits:
 
 
 SM_LIMITS: dict[int, SmLimits] = {90: SmLimits(), 80: SmLimits(shared_memory=164 * 1024)}
-GPU_NAMES = {90: "H100", 80: "A100"}
 
 
 def occupancy(arch: int, registers: int, shared_bytes: int, num_warps: int) -> float:
@@ -106,7 +105,8 @@ def benchmark_widths() -> tuple[set[int], set[int]]:
     from benchmarks.lookup import LookupBenchmark, _defaults
 
     lookup = _defaults(LookupBenchmark(), torch.device("cuda"))
-    return set(lookup.dim) | {1024, 2048}, {lookup.rows_per_token}  # value-step: D 1024, 2048
+    value_step_dims = {1024, 2048}  # gpu_check.sh's value-step stage
+    return set(lookup.dim) | value_step_dims, {lookup.rows_per_token}
 
 
 def default_dims() -> tuple[int, ...]:
@@ -303,7 +303,10 @@ def _environment_variable(name: str, value: str):
     try:
         yield
     finally:
-        os.environ[name] = previous
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 def compile_case(case: Case) -> dict[str, Any]:
@@ -452,6 +455,7 @@ _COLUMNS = [
     ("BLOCK_B", "BLOCK_B", "d"),
     ("BLOCK_HITS", "BLOCK_HITS", "d"),
     ("BLOCK_D", "BLOCK_D", "d"),
+    ("ACC_ROWS", "acc rows", "d"),
     ("num_warps", "warps", "d"),
     ("registers", "regs", "d"),
     ("spill_bytes", "spill B", "d"),
