@@ -5,12 +5,13 @@
     weight grad    grad_w[t, b]   = <grad_out[t], values[idx[t, b]]>
 
 Every kernel accumulates in fp32 (fp64 when the values are fp64, so ``gradcheck`` works),
-gathers a [rows, BLOCK_D] tile per step (many independent row loads in flight) into an
-accumulator tile of the same shape, reduced once after the loop (a reduction per step goes
-through shared memory, with a barrier, for bf16 tiles), walks D in
+gathers a [rows, BLOCK_D] tile per step (many independent row loads in flight), walks D in
 masked ``BLOCK_D`` tiles so any D works, computes row offsets in int64 (N * D can exceed 2**31)
 and masks every index outside ``[0, N)``: such an index is never read and contributes nothing
-(a zero to the forward and the value gradient, a zero weight gradient).
+(a zero to the forward and the value gradient, a zero weight gradient). No loop reduces through
+shared memory at every step: where a step's sum would cross threads (bf16 tiles, narrow fp32
+ones, the weight gradient's dot products), the accumulator is a tile summed once after the loop
+(``python -m benchmarks.kernels_static`` counts the barriers in loops).
 
 The value gradient has two modes:
 
@@ -23,7 +24,8 @@ The value gradient has two modes:
   in pieces by parallel programs (an upper-bound grid, again no sync), then in piece order.
 - atomic (``deterministic=False``): one program per (token, D-block) atomically adds
   ``w * grad_out[t]`` into a zeroed buffer (fp32 for bf16/fp16 values, as low-precision atomics
-  would lose the sum). Not bitwise stable; useful as a cross-check and where sorting dominates.
+  would lose the sum), with relaxed atomics (the adds need no ordering; the default acq_rel
+  fences every one). Not bitwise stable; useful as a cross-check and where sorting dominates.
 
 The ops check index ranges before launching only in debug mode on CUDA (see ``ops/checks.py``):
 the masking is what keeps an unchecked bad index from ever being read.
