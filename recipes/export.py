@@ -30,7 +30,7 @@ from memcompile.flavors import FlavorName, get_flavor
 from memcompile.pretrained import check_replaceable, save_pretrained
 from memcompile.stats import model_stats
 from recipes.checkpoints import check_checkpoint, load_checkpoint, load_tokenizer
-from recipes.cli import check_at_least, reported_errors
+from recipes.cli import UsageError, check_at_least, reported_errors
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -109,7 +109,7 @@ def _check_out(config: ExportConfig) -> None:
     out, checkpoint = config.out.resolve(), config.checkpoint.resolve()  # symlinks count
     if out == checkpoint or checkpoint in out.parents or out in checkpoint.parents:
         where = "is" if out == checkpoint else "lies in" if checkpoint in out.parents else "holds"
-        raise ValueError(
+        raise UsageError(
             f"--out {str(config.out)!r} {where} the --checkpoint folder "
             f"{str(config.checkpoint)!r}: exporting would change the checkpoint; pass a folder "
             f"outside it"

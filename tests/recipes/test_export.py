@@ -89,7 +89,7 @@ def _files(root: Path) -> dict[Path, bytes]:
     ids=["itself", "inside", "around", "symlink", "a-file", "a-user-folder"],
 )
 def test_export_never_removes_its_checkpoint_or_what_is_not_a_model_folder(
-    seed_checkpoint: Path, tmp_path: Path, out, message: str
+    seed_checkpoint: Path, tmp_path: Path, out, message: str, capsys
 ):
     # A copy of the checkpoint: a failure here must not break the session's other tests.
     checkpoint = tmp_path / "run" / "step-0"
@@ -100,8 +100,13 @@ def test_export_never_removes_its_checkpoint_or_what_is_not_a_model_folder(
     (tmp_path / "mine" / "data.txt").write_text("my data")
     before = _files(tmp_path)
     args = ["--checkpoint", str(checkpoint), "--model", "mem_debug", "--overwrite"]
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit) as refused:
         main([*args, "--out", str(out(checkpoint, tmp_path))])
+    # An --out over the checkpoint is a bad flag value (exit 2, message on stderr); a folder
+    # that is not ours is a refusal of what is on disk (exit 1, message in the exit).
+    usage_error = refused.value.code == 2
+    assert usage_error == ("--checkpoint folder" in message)
+    assert message in (capsys.readouterr().err if usage_error else refused.value.code)
     assert _files(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "notes.txt", "run"]
 
