@@ -216,6 +216,7 @@ def test_pretrain_refuses(args, message, tmp_path: Path, capsys, monkeypatch):
         (["--finetune.lora_alpha", "nan"], "--finetune.lora_alpha must be a finite number"),
         (["--training.local_batch_size", "0"], "--training.local_batch_size must be >= 1"),
         (["--model", "dense_debug"], "model 'dense_debug' has no memory layers"),
+        (["--checkpoint", ""], "--checkpoint PATH is required"),
         (["--optimizer.name", "SGD"], "--optimizer.name SGD: sparse_memory trains only the"),
         (
             ["--optimizer.memory_optimizer", "adamw"],

@@ -218,7 +218,6 @@ def test_a_resumed_finetuning_equals_an_uninterrupted_one(base_checkpoint: Path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--checkpoint", ""], "--checkpoint PATH is required"),
         (["--checkpoint", "/no/such/step-1"], "is not a DCP checkpoint folder"),
         (["--model", "mem_debug"], "holds memory_values of shape (65536, 64)"),
         (["--model", "dense_debug", "--finetune.method", "full"], "was not trained as"),
