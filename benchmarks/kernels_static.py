@@ -255,11 +255,16 @@ KernelName = Literal[tuple(KERNELS)]  # type: ignore[valid-type]
 
 
 def ptxas_missing() -> str | None:
-    """Why the Triton wheel cannot compile for sm_80/sm_90 here, or None when it can."""
+    """Why this Triton cannot compile for sm_80/sm_90 here (no NVIDIA backend or ptxas, or not
+    the internals :func:`compile_case` binds arguments with), or None when it can."""
     try:
+        from triton import knobs  # noqa: F401
         from triton.backends.nvidia.compiler import get_ptxas
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
     except ImportError as error:
-        return f"Triton's NVIDIA backend is not installed ({error})"
+        return f"this Triton lacks what the static check compiles with ({error})"
+    if not hasattr(JITFunction, "_pack_args"):
+        return "this Triton's JITFunction has no _pack_args (the static check binds with it)"
     for arch in SM_LIMITS:
         try:
             path = get_ptxas(arch).path
@@ -501,7 +506,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run(tyro.cli(KernelsStatic, args=argv), argv)
 
 
+#: Exit code when this Triton cannot run the check (told apart from a failing check, 1).
+CANNOT_CHECK = 3
+
 if __name__ == "__main__":
     if (missing := ptxas_missing()) is not None:
-        sys.exit(f"benchmarks.kernels_static: {missing}")
+        print(f"benchmarks.kernels_static: {missing}", file=sys.stderr)
+        sys.exit(CANNOT_CHECK)
     sys.exit(1 if main()["failures"] else 0)

@@ -4,10 +4,11 @@
 #   scripts/gpu_check.sh [STAGE...]        (default: gpu-tests lookup models)
 #
 # First, whatever the stages, the static check: python -m benchmarks.kernels_static compiles
-# every Triton kernel of ops/ for sm_80 and sm_90 with the wheel's ptxas (no GPU needed) and
-# fails on a compile error or a spill; a failure stops the script before any device time is
-# spent. `scripts/gpu_check.sh static` runs only that, on any machine: do it before borrowing
-# a GPU.
+# every Triton kernel of ops/ with the wheel's ptxas (no GPU needed; before device stages for
+# sm_90 only) and fails on a compile error or a spill; a failure stops the script before any
+# device time is spent (a Triton too old for the checker is reported and does not stop it).
+# `scripts/gpu_check.sh static` runs only that, for sm_80 and sm_90, on any machine: do it
+# before borrowing a GPU.
 #
 # Stages (sized to fit one 10-minute device command each on an H100; run them as separate calls):
 #   static        only the static check (no CUDA needed)
@@ -59,13 +60,24 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "=== static"
 jobs=$(( $(nproc) < 8 ? $(nproc) : 8 ))
-if ! python3 -m benchmarks.kernels_static --jobs "$jobs" --out "$out/static.json" \
-        >"$out/static.log" 2>&1; then
-    tail -n 20 "$out/static.log"
-    echo "gpu_check.sh: the static kernel check failed (see $out/static.log): no device stage run" >&2
-    exit 1
-fi
-grep -E "^[0-9]+ cases, [0-9]+ failures" "$out/static.log"
+# Before device stages only the GPU's own arch (sm_90): device time is scarce, and the CPU box
+# checks both archs in CI.
+archs=(80 90)
+[ "${stages[*]}" = static ] || archs=(90)
+static=0
+python3 -m benchmarks.kernels_static --jobs "$jobs" --archs "${archs[@]}" \
+    --out "$out/static.json" >"$out/static.log" 2>&1 || static=$?
+case "$static" in
+    0) grep -E "^[0-9]+ cases, [0-9]+ failures" "$out/static.log" ;;
+    3) # This Triton cannot run the check (an older one lacks the internals it binds with): a
+       # limit of the checker, not a finding, so the device stages still run.
+       cat "$out/static.log" >&2
+       echo "gpu_check.sh: static check not available with this Triton; run it on the CPU box" >&2
+       [ "${stages[*]}" != static ] || exit 3 ;;
+    *) tail -n 20 "$out/static.log"
+       echo "gpu_check.sh: the static kernel check failed (see $out/static.log): no device stage run" >&2
+       exit 1 ;;
+esac
 [ "${stages[*]}" != static ] || exit 0
 
 python3 - <<'EOF'
