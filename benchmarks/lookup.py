@@ -19,17 +19,26 @@ Every backward produces both a dense [N, D] value gradient and the [T, B] weight
 ``torch.autograd.grad`` (so no gradient accumulates across runs). Indices are uniform in [0, N);
 weights are in the values' dtype (ATen requires it).
 
-Effective bandwidth counts the fewest bytes a pass must move, whatever the implementation
-(e, ei, ew: bytes per element of values, indices, weights):
+Effective bandwidth counts the fewest bytes the op's Triton kernels must move
+(``benchmarks/kernel_bytes.py``: one model per kernel; a pass is the sum of its kernels), with
+e, ei, ew the bytes per element of values, indices, weights, H = T*B hits, and indices without
+hot rows (uniform ones have none):
 
-    forward           T*B*D*e (gathered rows) + T*B*(ei + ew) + T*D*e (output)
-    backward          T*D*e (grad_out) + T*B*(ei + ew) + N*D*e (the dense value gradient is
-                      written whole) + T*B*D*e (rows re-read for the weight gradient)
-                      + T*B*ew (weight gradient)
+    forward           lookup_forward:      H*(ei + ew) + H*D*e (gathered rows) + T*D*e (output)
+    backward          values_grad_sorted:  2*(N + 1)*8 (row offsets) + H*(8 + ew) (positions,
+                                           weights) + H*D*e (grad_out row per hit) + N*D*e (the
+                                           dense value gradient, written whole)
+                      (ours_atomic: values_grad_atomic: T*D*e + H*(ei + ew) + 2*H*D*4, atomics)
+                      + hot_row_pieces:    (2*H // 1024)*8 (its upper-bound grid)
+                      + weights_grad:      T*D*e + H*ei + H*D*e (rows re-read) + H*4 (fp32 dots)
     forward+backward  the sum of both
 
 and is reported as a fraction of the device's copy bandwidth (``dst.copy_(src)``, read + write)
-measured at the start of the same run.
+measured at the start of the same run; every implementation is measured against the same bytes
+(ours_atomic's against its own kernels'). On CUDA, each ``ours*`` pass is also profiled
+(``torch.profiler``) and a second table gives each Triton kernel's time, fewest bytes, FLOPs,
+GB/s and fraction of copy bandwidth ("other": the torch kernels around them, e.g. the sort);
+on CPU the ops run C++ kernels and that table is skipped.
 
 ``product_key_topk`` (ours) is timed against the plain PyTorch formulation (einsum, top-k per
 half, top-k of the k x k candidate sums, with autograd) for the same N = n * n, with ``--heads``
@@ -51,6 +60,7 @@ import tyro
 from torch import Tensor
 
 import ops  # noqa: F401  (registers torch.ops.memlayer)
+from benchmarks import kernel_bytes
 from benchmarks.common import (
     DTYPES,
     Target,
@@ -235,15 +245,23 @@ def _prepare_pass(
     return backward_of_fresh_forward
 
 
-def lookup_bytes(shape: Shape, which: Pass, index_bytes: int = 8) -> int:
-    """The fewest bytes a pass must move (see the module docstring)."""
-    N, D, T, B = shape.num_rows, shape.dim, shape.tokens, shape.rows_per_token
-    elem = DTYPES[shape.dtype].itemsize
-    forward = T * B * D * elem + T * B * (index_bytes + elem) + T * D * elem
-    backward = (
-        T * D * elem + T * B * (index_bytes + elem) + N * D * elem + T * B * D * elem + T * B * elem
-    )
+def lookup_kernels(
+    shape: Shape, which: Pass, index_bytes: int = 8, deterministic: bool = True
+) -> list[kernel_bytes.KernelCost]:
+    """The Triton launches of a pass at ``shape`` (indices without hot rows), each with the
+    fewest bytes it must move."""
+    hits = kernel_bytes.Hits(shape.tokens, shape.rows_per_token)
+    sizes = kernel_bytes.Sizes(value=DTYPES[shape.dtype].itemsize, index=index_bytes)
+    forward = [kernel_bytes.lookup_forward(hits, shape.dim, sizes)]
+    backward = kernel_bytes.lookup_backward(hits, shape.num_rows, shape.dim, sizes, deterministic)
     return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[which]
+
+
+def lookup_bytes(
+    shape: Shape, which: Pass, index_bytes: int = 8, deterministic: bool = True
+) -> int:
+    """The fewest bytes a pass must move: the sum of its kernels' (see the module docstring)."""
+    return kernel_bytes.total_bytes(lookup_kernels(shape, which, index_bytes, deterministic))
 
 
 def _fits_on_device(shape: Shape, device: torch.device) -> bool:
@@ -293,9 +311,17 @@ def benchmark_lookup(
             row = {"op": "lookup", "impl": name, "pass": which, **asdict(shape)}
             row.update(measure(prepare, device, warmup=config.warmup, repeats=config.repeats))
             if "time_ms" in row:
-                row["bytes"] = lookup_bytes(shape, which, indices.element_size())
+                deterministic = "atomic" not in name
+                kernels = lookup_kernels(shape, which, indices.element_size(), deterministic)
+                row["bytes"] = kernel_bytes.total_bytes(kernels)
                 row["gbps"] = row["bytes"] / (row["time_ms"] * 1e-3) / 1e9
                 row["copy_fraction"] = row["gbps"] / copy_gbps
+                if device.type == "cuda" and name.startswith("ours"):
+                    times = kernel_bytes.profile_kernels(prepare, config.repeats)
+                    context = {"impl": name, "pass": which, **asdict(shape)}
+                    row["kernels"] = kernel_bytes.kernel_rows(
+                        kernels, times, copy_gbps, config.repeats, **context
+                    )
             rows.append(row)
     return rows
 
@@ -440,6 +466,15 @@ _LOOKUP_COLUMNS = [
     ("peak_memory_mb", "peak MiB", ".0f"),
     ("error", "error", "s"),
 ]
+_KERNEL_COLUMNS = [
+    ("num_rows", "N", "d"),
+    ("dim", "D", "d"),
+    ("tokens", "T", "d"),
+    ("dtype", "dtype", "s"),
+    ("impl", "impl", "s"),
+    ("pass", "pass", "s"),
+    *kernel_bytes.KERNEL_COLUMNS,
+]
 _PRODUCT_KEY_COLUMNS = [
     ("num_rows", "N", "d"),
     ("key_dim", "Kd", "d"),
@@ -452,6 +487,16 @@ _PRODUCT_KEY_COLUMNS = [
     ("peak_memory_mb", "peak MiB", ".0f"),
     ("error", "error", "s"),
 ]
+
+
+def _print_kernel_table(rows: Sequence[dict[str, Any]], device: torch.device) -> None:
+    """Each profiled pass's Triton kernels (CUDA), or why there are none."""
+    if device.type != "cuda":
+        print(kernel_bytes.CPU_REASON)
+        return
+    kernel_rows = [kernel for row in rows for kernel in row.get("kernels", [])]
+    print("per kernel, one run (ms over fewest bytes: benchmarks/kernel_bytes.py):")
+    print(format_table(kernel_rows, _KERNEL_COLUMNS))
 
 
 def plot_bandwidth(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -523,6 +568,8 @@ def run(config: LookupBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     targets = evaluate_targets(TARGETS, rows, device, context=SHAPE_KEYS)
 
     print(format_table(lookup_rows, _LOOKUP_COLUMNS))
+    print()
+    _print_kernel_table(lookup_rows, device)
     if product_key_rows:
         print()
         print(format_table(product_key_rows, _PRODUCT_KEY_COLUMNS))

@@ -48,17 +48,21 @@ Reported per method:
   it sits on transparent huge pages;
 - ``GB/s`` and ``of copy``: the fewest bytes the step must move over its time, and that as a
   fraction of the copy bandwidth (``dst.copy_(src)``, read + write) measured at the start of the
-  same run. With ``e = 4`` (fp32), ``ei = 8`` (int64 indices), ``U`` touched rows:
+  same run. The lookup's and the row-sparse update's bytes are the sums of their Triton kernels'
+  (``benchmarks/kernel_bytes.py``, which gives each formula); with ``e`` the table's element
+  bytes, ``ei = 8`` (int64 indices), ``U`` touched rows:
 
-      lookup (all)      T*B*D*e + T*B*(ei + e) + T*D*e            (gather, output)
-                        + T*D*e + T*B*(ei + e) + T*B*D*e + T*B*e  (weight gradient)
-      dense AdamW       + N*D*e (write the gradient) + N*D*e (clip: read it)
+      lookup (all)      lookup_forward + weights_grad (fp32 weights)
+      dense AdamW       + the deterministic value gradient's kernels (the [N, D] gradient
+                        written whole) + N*D*e (clip: read it)
                         + 7*N*D*e (AdamW: read table, grad, 2 moments; write table, 2 moments)
       SparseAdam        + U*(D*e + ei) (coalesced gradient) + U*D*e (clip) + 7*U*D*e (update)
-      row-sparse        + 2*T*D*e (clip and update re-read grad_out) + U*ei (touched rows)
-                        + 2*U*D*e (read, write the rows) + state: sgd none,
-                          rowwise_adagrad 2*U*4, adam 4*U*D*e
+      row-sparse        + row_sq_norms + update_rows[rule] (each with hot_row_pieces)
 
+  On CUDA, each ``ours_*`` step is also profiled (``torch.profiler``) and a second table gives
+  each Triton kernel's time, fewest bytes, FLOPs, GB/s and fraction of copy bandwidth ("other":
+  the torch kernels around them: sorting, AdamW, the norm); on CPU the ops run C++ kernels and
+  that table is skipped.
 - ``x aten``: the fastest ATen method's time over this one's, at the same shape.
 
 Transparent huge pages: PyTorch's CPU allocator asks for huge pages for large tensors only when
@@ -83,6 +87,7 @@ import tyro
 from torch import Tensor, nn
 
 import ops  # noqa: F401  (registers torch.ops.memlayer)
+from benchmarks import kernel_bytes
 from benchmarks.common import (
     DTYPES,
     config_as_json,
@@ -305,18 +310,36 @@ def build_step(name: Method, table: Tensor, inputs: Inputs, config: ValueStepBen
 # --------------------------------------------------------------------------- accounting
 
 
+def step_kernels(name: Method, shape: Shape, touched: int) -> list[kernel_bytes.KernelCost]:
+    """The Triton launches of one step of method ``name`` (uniform indices: no hot rows), each
+    with the fewest bytes it must move; for the ATen methods, those of the same lookup."""
+    hits = kernel_bytes.Hits(shape.tokens, shape.rows_per_token, touched)
+    sizes = kernel_bytes.Sizes(value=DTYPES[shape.dtype].itemsize, weight=4)
+    D = shape.dim
+    lookup = [
+        kernel_bytes.lookup_forward(hits, D, sizes),
+        kernel_bytes.weights_grad(hits, D, sizes),
+    ]
+    if name == "ours_dense_adamw_fused":
+        return [lookup[0], *kernel_bytes.lookup_backward(hits, shape.num_rows, D, sizes)]
+    if name.startswith("ours_row_sparse_"):
+        rule = name.removeprefix("ours_row_sparse_")
+        return lookup + kernel_bytes.row_sparse_step(hits, D, sizes, rule)
+    return lookup
+
+
 def step_bytes(name: Method, shape: Shape, touched: int) -> int:
     """The fewest bytes a step must move (see the module docstring)."""
-    N, D, T, B, U = shape.num_rows, shape.dim, shape.tokens, shape.rows_per_token, touched
+    N, D, U = shape.num_rows, shape.dim, touched
     e, ei = DTYPES[shape.dtype].itemsize, 8
-    lookup = T * B * D * e + T * B * (ei + e) + T * D * e
-    lookup += T * D * e + T * B * (ei + e) + T * B * D * e + T * B * e
-    if name in ("aten_adamw_fused", "aten_adamw_foreach", "ours_dense_adamw_fused"):
-        return lookup + 9 * N * D * e
+    if name in ("aten_adamw_fused", "aten_adamw_foreach"):
+        name = "ours_dense_adamw_fused"  # measured against the same lookup's bytes
+    kernels = kernel_bytes.total_bytes(step_kernels(name, shape, touched))
+    if name == "ours_dense_adamw_fused":
+        return kernels + 8 * N * D * e
     if name == "aten_sparse_adam":
-        return lookup + U * (D * e + ei) + 8 * U * D * e
-    state = {"sgd": 0, "rowwise_adagrad": 2 * U * 4, "adam": 4 * U * D * 4}
-    return lookup + 2 * T * D * e + U * ei + 2 * U * D * e + state[name.split("sparse_", 1)[1]]
+        return kernels + U * (D * e + ei) + 8 * U * D * e
+    return kernels
 
 
 def _estimated_peak_bytes(name: Method, shape: Shape) -> int:
@@ -450,6 +473,12 @@ def benchmark_shape(
             row["bytes"] = step_bytes(name, shape, touched)
             row["gbps"] = row["bytes"] / (row["time_ms"] * 1e-3) / 1e9
             row["copy_fraction"] = row["gbps"] / copy_gbps
+            if device.type == "cuda" and name.startswith("ours_"):
+                times = kernel_bytes.profile_kernels(lambda step=step: step.timed, config.repeats)
+                row["kernels"] = kernel_bytes.kernel_rows(
+                    step_kernels(name, shape, touched), times, copy_gbps, config.repeats,
+                    method=name, **vars(shape),
+                )  # fmt: skip
         del step
         rows.append(row)
     del inputs
@@ -492,6 +521,13 @@ _COLUMNS = [
 ]
 
 
+_KERNEL_COLUMNS = [
+    ("num_rows", "N", "d"),
+    ("method", "method", "s"),
+    *kernel_bytes.KERNEL_COLUMNS,
+]
+
+
 def run(config: ValueStepBenchmark, argv: Sequence[str]) -> dict[str, Any]:
     _validate(config)
     device = resolve_device(config.device)
@@ -519,6 +555,13 @@ def run(config: ValueStepBenchmark, argv: Sequence[str]) -> dict[str, Any]:
         f"kernel THP {thp or 'unknown'}; x aten = fastest ATen method's ms / ms"
     )
     print(format_table(rows + skipped, _COLUMNS))
+    print()
+    if device.type == "cuda":
+        print("per kernel, one step (ms over fewest bytes: benchmarks/kernel_bytes.py):")
+        kernel_rows = [kernel for row in rows for kernel in row.get("kernels", [])]
+        print(format_table(kernel_rows, _KERNEL_COLUMNS))
+    else:
+        print(kernel_bytes.CPU_REASON)
 
     payload = {
         "benchmark": "value_step",

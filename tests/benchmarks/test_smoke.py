@@ -118,15 +118,6 @@ def test_plain_product_key_topk_is_the_search_it_is_timed_against():
     assert torch.equal(indices, expected_indices)
 
 
-def test_lookup_bytes_formula():
-    shape = lookup.Shape(num_rows=10, dim=4, tokens=3, rows_per_token=2, dtype="bf16")
-    forward = 3 * 2 * 4 * 2 + 3 * 2 * (8 + 2) + 3 * 4 * 2
-    backward = 3 * 4 * 2 + 3 * 2 * (8 + 2) + 10 * 4 * 2 + 3 * 2 * 4 * 2 + 3 * 2 * 2
-    assert lookup.lookup_bytes(shape, "forward") == forward
-    assert lookup.lookup_bytes(shape, "backward") == backward
-    assert lookup.lookup_bytes(shape, "forward+backward") == forward + backward
-
-
 def test_lookup_rejects_rows_per_token_not_divisible_by_heads():
     with pytest.raises(ValueError, match="--rows-per-token .* multiple of --heads"):
         lookup.main([*TINY_LOOKUP, "--rows-per-token", "5", "--impls", "aten"])
@@ -269,6 +260,8 @@ def test_value_step_writes_json(tmp_path, capsys):
             assert row["state_mb"] < 2 * table_mb + 0.01
     printed = capsys.readouterr().out
     assert all(method in printed for method in value_step.METHODS)
+    # The per-kernel table profiles Triton kernels: on CPU it says why it is not there.
+    assert "per-kernel table skipped" in printed and all("kernels" not in row for row in rows)
 
 
 def test_value_step_skips_what_does_not_fit(monkeypatch):
