@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from memcompile.cli import check_at_least, check_device, reported_errors
 from memcompile.flavors import FlavorName
 from recipes.checkpoints import load_checkpoint, load_tokenizer
-from recipes.cli import check_at_least, check_device, reported_errors
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import evaluate_knowledge, format_table
@@ -81,7 +81,7 @@ class EvaluateConfig:
 
 
 def validate(config: EvaluateConfig) -> None:
-    """Refuse values the command cannot run with (:class:`recipes.cli.UsageError`); the
+    """Refuse values the command cannot run with (:class:`memcompile.cli.UsageError`); the
     ``--knowledge.*`` values are the corpus's own checks."""
     check_at_least("--seq-len", config.seq_len, 1)
     check_at_least("--max-people", config.max_people, 1)

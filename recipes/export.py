@@ -26,11 +26,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from memcompile.cli import UsageError, check_at_least, reported_errors
 from memcompile.flavors import FlavorName, get_flavor
 from memcompile.pretrained import check_replaceable, save_pretrained
 from memcompile.stats import model_stats
 from recipes.checkpoints import check_checkpoint, load_checkpoint, load_tokenizer
-from recipes.cli import UsageError, check_at_least, reported_errors
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -44,10 +44,10 @@ from pathlib import Path
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config.manager import ConfigManager
 
+from memcompile.cli import UsageError, check_at_least, check_finite, check_fraction
 from memcompile.flavors import fit_to_run
 from recipes import pretrain
 from recipes.checkpoints import check_checkpoint
-from recipes.cli import UsageError, check_at_least, check_finite, check_fraction
 from recipes.data.loader import BUILTIN_DATASET
 from recipes.finetune_trainer import FinetuneConfig, FinetuneTrainer
 

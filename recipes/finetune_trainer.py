@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torchtitan.tools.logging import logger
 
+from memcompile.cli import UsageError
 from memcompile.slot_ranking import BackgroundFrequency, TfidfSlotSelector
-from recipes.cli import UsageError
 from recipes.data.knowledge import KnowledgeCorpus
 from recipes.data.loader import (
     BUILTIN_DATASET,
@@ -127,7 +127,7 @@ def optimizer_for_method(
     """``optimizer`` with what it leaves unset filled in for ``method``: sparse memory finetuning
     trains the table alone, row-sparsely (SGD by default); full and LoRA train their parameters
     densely (AdamW by default), the table in its own group (full) or frozen (LoRA). A setting the
-    method cannot honour raises a :class:`recipes.cli.UsageError` naming the flag. Completing a
+    method cannot honour raises a :class:`memcompile.cli.UsageError` naming the flag. Completing a
     completed ``optimizer`` changes nothing."""
     if method == "sparse_memory":
         if optimizer.name is not None:

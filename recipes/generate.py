@@ -19,10 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memcompile.flavors import FlavorName
-from memcompile.generate import generate_tokens
-from recipes.checkpoints import load_checkpoint, load_tokenizer
-from recipes.cli import (
+from memcompile.cli import (
     UsageError,
     check_at_least,
     check_device,
@@ -30,6 +27,9 @@ from recipes.cli import (
     check_seed,
     reported_errors,
 )
+from memcompile.flavors import FlavorName
+from memcompile.generate import generate_tokens
+from recipes.checkpoints import load_checkpoint, load_tokenizer
 from recipes.data.knowledge import question_prompt
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import TextTokenizer
@@ -108,7 +108,7 @@ class GenerateConfig:
 
 
 def validate(config: GenerateConfig) -> None:
-    """Refuse values the command cannot run with (:class:`recipes.cli.UsageError`)."""
+    """Refuse values the command cannot run with (:class:`memcompile.cli.UsageError`)."""
     if (config.question is None) == (config.prompt is None):
         raise UsageError("pass exactly one of --question and --prompt")
     check_at_least("--max-new-tokens", config.max_new_tokens, 1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from recipes.cli import UsageError, reported_errors
+from memcompile.cli import UsageError, reported_errors
 from recipes.data.knowledge import KnowledgeCorpus, question_prompt
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 from recipes.knowledge_eval import TextTokenizer

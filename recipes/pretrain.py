@@ -27,8 +27,7 @@ import torch
 from torchtitan.config.manager import ConfigManager
 from torchtitan.tools.logging import init_logger, logger
 
-from recipes import shims
-from recipes.cli import (
+from memcompile.cli import (
     UsageError,
     check_at_least,
     check_finite,
@@ -37,12 +36,13 @@ from recipes.cli import (
     check_seed,
     reported_errors,
 )
+from recipes import shims
 from recipes.preflight import check_memory
 from recipes.trainer import PretrainTrainer
 
 
 def check_values(config: PretrainTrainer.Config, world_size: int) -> None:
-    """Every number of the run in its range (a :class:`recipes.cli.UsageError` names the flag);
+    """Every number of the run in its range (a :class:`memcompile.cli.UsageError` names the flag);
     torchtitan checks ``--checkpoint.interval`` and ``--checkpoint.keep_latest_k`` itself."""
     training, optimizer, schedule = config.training, config.optimizer, config.lr_scheduler
     for flag, value in (

@@ -16,14 +16,14 @@ import pytest
 
 pytest.importorskip("torchtitan", reason="the recipes need the 'recipes' extra")
 
-from recipes import evaluate, export, finetune, generate, lm_eval_task, pretrain  # noqa: E402
-from recipes.cli import (  # noqa: E402
+from memcompile.cli import (  # noqa: E402
     UsageError,
     check_at_least,
     check_finite,
     check_fraction,
     check_positive,
 )
+from recipes import evaluate, export, finetune, generate, lm_eval_task, pretrain  # noqa: E402
 from tests.recipes.test_pretrain import run_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,6 @@
-"""The recipes' command-line values: range checks and how a command reports an error.
+"""Command-line values of memcompile's commands (``recipes.*``, ``benchmarks.*``): range checks and
+how a command reports an error (here, not in ``recipes``, so that the benchmarks use it without
+torchtitan).
 
 A value out of its range (``--batch-size 0``, ``--temperature nan``) is a :class:`UsageError`,
 raised before any file is read or written: the command prints one line, ``error: --batch-size
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +28,12 @@ def check_at_least(flag: str, value: float | None, minimum: float) -> None:
     """``value >= minimum`` (NaN is refused); ``None``, an unset optional flag, passes."""
     if value is not None and not value >= minimum:  # `not >=`: NaN compares false
         raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def check_each_at_least(flag: str, values: Iterable[float] | None, minimum: float) -> None:
+    """Every one of a list flag's ``values`` is ``>= minimum``; ``None`` (unset) passes."""
+    for value in values or ():
+        check_at_least(flag, value, minimum)
 
 
 def check_positive(flag: str, value: float | None) -> None:
