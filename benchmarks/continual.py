@@ -39,6 +39,7 @@ from typing import Any
 import tyro
 
 from benchmarks.common import config_as_json, matplotlib_pyplot, write_json
+from memcompile.cli import UsageError, check_at_least, check_finite, reported_errors
 
 METHODS = ("sparse_memory", "full", "lora")
 REPO = Path(__file__).resolve().parents[1]
@@ -262,13 +263,33 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def run(config: ContinualBenchmarkConfig) -> dict[str, Any]:
+def _validate(config: ContinualBenchmarkConfig) -> None:
     unknown = set(config.methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+        raise UsageError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     missing = set(config.methods) - set(config.learning_rates)
     if missing:
-        raise ValueError(f"--learning-rates has no learning rate for {sorted(missing)}")
+        raise UsageError(f"--learning-rates has no learning rate for {sorted(missing)}")
+    for method in config.methods:
+        check_finite(f"--learning-rates {method}", config.learning_rates[method], 0)
+    if not config.seeds:
+        raise UsageError("--seeds needs at least one seed")
+    for flag, value in (
+        ("--pretrain-steps", config.pretrain_steps),
+        ("--base-people", config.base_people),
+        ("--new-people", config.new_people),
+        ("--seq-len", config.seq_len),
+        ("--batch-size", config.batch_size),
+        ("--finetune-steps", config.finetune_steps),
+        ("--trainable-slots", config.trainable_slots),
+        ("--eval-max-people", config.eval_max_people),
+    ):
+        check_at_least(flag, value, 1)
+    check_at_least("--eval-every", config.eval_every, 0)
+
+
+def run(config: ContinualBenchmarkConfig) -> dict[str, Any]:
+    _validate(config)
     work = config.output_dir / "runs"
     shutil.rmtree(work, ignore_errors=True)  # every run starts fresh (no resuming)
     work.mkdir(parents=True)
@@ -301,4 +322,5 @@ def run(config: ContinualBenchmarkConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(tyro.cli(ContinualBenchmarkConfig, description=__doc__))
+    with reported_errors():
+        run(tyro.cli(ContinualBenchmarkConfig, description=__doc__))

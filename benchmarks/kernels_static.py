@@ -52,6 +52,7 @@ import torch
 import tyro
 
 from benchmarks.common import DTYPES, config_as_json, environment, format_table, write_json
+from memcompile.cli import UsageError, check_between, check_each_at_least, reported_errors
 
 DtypeName = Literal["fp32", "bf16"]
 IndexDtypeName = Literal["int64", "int32"]
@@ -414,11 +415,11 @@ def cases(config: KernelsStatic) -> list[list[Case]]:
 
 
 def _validate(config: KernelsStatic) -> None:
-    if not 1 <= config.jobs <= (os.cpu_count() or 1):
-        raise ValueError(f"--jobs must lie in [1, {os.cpu_count()}] (CPUs), got {config.jobs}")
+    check_between("--jobs", config.jobs, 1, os.cpu_count() or 1)
     for name, values in (("--dims", config.dims), ("--bag-sizes", config.bag_sizes)):
-        if values is not None and (not values or min(values) < 1):
-            raise ValueError(f"{name} must be positive integers, got {list(values)}")
+        if values is not None and not values:
+            raise UsageError(f"{name} needs at least one value")
+        check_each_at_least(name, values, 1)
 
 
 def compile_all(config: KernelsStatic) -> list[dict[str, Any]]:
@@ -513,4 +514,5 @@ if __name__ == "__main__":
     if (missing := ptxas_missing()) is not None:
         print(f"benchmarks.kernels_static: {missing}", file=sys.stderr)
         sys.exit(CANNOT_CHECK)
-    sys.exit(1 if main()["failures"] else 0)
+    with reported_errors():
+        sys.exit(1 if main()["failures"] else 0)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+from memcompile.cli import check_at_least, check_each_at_least, check_finite, reported_errors
 from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig, llama_ffn_hidden_dim
 from memcompile.model import Transformer
 from memcompile.optim import torch_param_groups
@@ -330,7 +331,35 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _validate(config: KnowledgeBenchmarkConfig) -> None:
+    for flag, value in (
+        ("--num-people", config.num_people),
+        ("--dim", config.dim),
+        ("--n-layers", config.n_layers),
+        ("--n-heads", config.n_heads),
+        ("--n-keys", config.n_keys),
+        ("--memory-heads", config.memory_heads),
+        ("--memory-topk", config.memory_topk),
+        ("--steps", config.steps),
+        ("--batch-size", config.batch_size),
+        ("--seq-len", config.seq_len),
+        ("--evals", config.evals),
+        ("--eval-people", config.eval_people),
+        ("--threads", config.threads),
+    ):
+        check_at_least(flag, value, 1)
+    check_each_at_least("--memory-plus-layers", config.memory_plus_layers, 0)
+    check_at_least("--warmup-steps", config.warmup_steps, 0)
+    for flag, value in (
+        ("--lr", config.lr),
+        ("--weight-decay", config.weight_decay),
+        ("--memory-lr-multiplier", config.memory_lr_multiplier),
+    ):
+        check_finite(flag, value, 0)
+
+
 def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
+    _validate(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     corpus = KnowledgeCorpus(num_people=config.num_people, seed=config.seed)
@@ -373,4 +402,5 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(tyro.cli(KnowledgeBenchmarkConfig, description=__doc__))
+    with reported_errors():
+        run(tyro.cli(KnowledgeBenchmarkConfig, description=__doc__))

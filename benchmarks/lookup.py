@@ -76,6 +76,7 @@ from benchmarks.common import (
     resolve_device,
     write_json,
 )
+from memcompile.cli import UsageError, check_at_least, check_each_at_least, reported_errors
 
 DtypeName = Literal["fp32", "bf16"]
 Pass = Literal["forward", "backward", "forward+backward"]
@@ -434,19 +435,29 @@ def _defaults(config: LookupBenchmark, device: torch.device) -> LookupBenchmark:
 
 
 def _validate(config: LookupBenchmark) -> None:
-    if config.rows_per_token < 1:
-        raise ValueError(f"--rows-per-token must be >= 1, got {config.rows_per_token}")
+    check_each_at_least("--num-rows", config.num_rows, 1)
+    check_each_at_least("--dim", config.dim, 1)
+    check_each_at_least("--tokens", config.tokens, 0)  # an empty batch is a case worth timing
+    for flag, value in (
+        ("--rows-per-token", config.rows_per_token),
+        ("--heads", config.heads),
+        ("--key-dim", config.key_dim),
+        ("--repeats", config.repeats),
+        ("--copy-megabytes", config.copy_megabytes),
+    ):
+        check_at_least(flag, value, 1)
+    check_at_least("--warmup", config.warmup, 0)
     if config.product_key and config.rows_per_token % config.heads:
-        raise ValueError(
+        raise UsageError(
             f"--rows-per-token ({config.rows_per_token}) must be a multiple of --heads "
             f"({config.heads}): product-key k = rows_per_token / heads"
         )
     if config.key_dim is not None and config.key_dim % 2:
-        raise ValueError(f"--key-dim must be even (two halves), got {config.key_dim}")
+        raise UsageError(f"--key-dim must be even (two halves), got {config.key_dim}")
     k = config.rows_per_token // config.heads
     too_small = [n for n in config.num_rows if math.isqrt(n) < k]
     if config.product_key and too_small:
-        raise ValueError(
+        raise UsageError(
             f"--num-rows {too_small}: product-key search needs sqrt(N) >= k = rows_per_token / "
             f"heads = {k} (each half keeps its top k of sqrt(N) sub-keys)"
         )
@@ -599,4 +610,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_errors():
+        main()

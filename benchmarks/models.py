@@ -44,6 +44,7 @@ from benchmarks.common import (
     resolve_device,
     write_json,
 )
+from memcompile.cli import check_at_least, check_finite, reported_errors
 from memcompile.config import TransformerConfig
 from memcompile.flavors import get_flavor
 from memcompile.model import Transformer
@@ -291,6 +292,18 @@ def plot_step_times(rows: Sequence[dict[str, Any]], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _validate(config: ModelBenchmark) -> None:
+    for flag, value in (
+        ("--memory-values", config.memory_values),
+        ("--batch-size", config.batch_size),
+        ("--seq-len", config.seq_len),
+        ("--repeats", config.repeats),
+    ):
+        check_at_least(flag, value, 1)
+    check_at_least("--warmup", config.warmup, 0)
+    check_finite("--lr", config.lr, 0)
+
+
 def _defaults(config: ModelBenchmark, device: torch.device) -> ModelBenchmark:
     on_cuda = device.type == "cuda"
     config.bases = config.bases or (("134m", "373m", "1b") if on_cuda else ("tiny",))
@@ -300,6 +313,7 @@ def _defaults(config: ModelBenchmark, device: torch.device) -> ModelBenchmark:
 
 
 def run(config: ModelBenchmark, argv: Sequence[str]) -> dict[str, Any]:
+    _validate(config)
     device = resolve_device(config.device)
     config = _defaults(config, device)
     env = environment(device, "benchmarks.models", argv)
@@ -335,4 +349,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_errors():
+        main()

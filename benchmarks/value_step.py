@@ -102,6 +102,15 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.lookup import DtypeName, Shape
+from memcompile.cli import (
+    UsageError,
+    check_at_least,
+    check_between,
+    check_each_at_least,
+    check_finite,
+    check_positive,
+    reported_errors,
+)
 from memcompile.memory import ValueLookup
 from memcompile.sparse_optim import RowSparseOptimizer
 from ops.row_sparse import RULES
@@ -409,16 +418,22 @@ def transparent_hugepage_settings() -> dict[str, str]:
 
 
 def _validate(config: ValueStepBenchmark) -> None:
+    if not config.rows:
+        raise UsageError("--rows needs at least one table size")
+    check_each_at_least("--rows", config.rows, 1)
     for flag, value in (
-        ("--rows", min(config.rows, default=0)),
         ("--dim", config.dim),
         ("--tokens", config.tokens),
         ("--rows-per-token", config.rows_per_token),
+        ("--repeats", config.repeats),
+        ("--copy-megabytes", config.copy_megabytes),
     ):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if config.max_norm is not None and not config.max_norm > 0:
-        raise ValueError(f"--max-norm must be > 0 (or None), got {config.max_norm}")
+        check_at_least(flag, value, 1)
+    check_at_least("--warmup", config.warmup, 0)
+    check_finite("--lr", config.lr, 0)
+    check_positive("--max-norm", config.max_norm)
+    check_between("--memory-headroom", config.memory_headroom, 0, 1)
+    check_positive("--memory-headroom", config.memory_headroom)
 
 
 def _inputs(shape: Shape, device: torch.device, seed: int) -> Inputs:
@@ -584,4 +599,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_errors():
+        main()
