@@ -477,15 +477,7 @@ _LOOKUP_COLUMNS = [
     ("peak_memory_mb", "peak MiB", ".0f"),
     ("error", "error", "s"),
 ]
-_KERNEL_COLUMNS = [
-    ("num_rows", "N", "d"),
-    ("dim", "D", "d"),
-    ("tokens", "T", "d"),
-    ("dtype", "dtype", "s"),
-    ("impl", "impl", "s"),
-    ("pass", "pass", "s"),
-    *kernel_bytes.KERNEL_COLUMNS,
-]
+_KERNEL_COLUMNS = [*_LOOKUP_COLUMNS[:6], *kernel_bytes.KERNEL_COLUMNS]  # shape, impl, pass
 _PRODUCT_KEY_COLUMNS = [
     ("num_rows", "N", "d"),
     ("key_dim", "Kd", "d"),
