@@ -6,7 +6,9 @@ Names read ``<architecture>_<base>[_<memory size>]``:
 - ``mem_<base>``: Memory+ (3 memory layers sharing 1M = 1024² values), the paper's default.
 - ``mem_<base>_<4m|16m|64m>``: Memory+ with a larger table (memory scaling study);
   ``mem_debug_64k``: ``mem_debug`` with 64K values, few enough reads per sequence that most
-  slots are specific to some text (sparse memory finetuning on a CPU).
+  slots are specific to some text (sparse memory finetuning on a CPU); ``mem_debug_1m``: the
+  paper's 1M-row table at debug width (a real-size table that a CPU can train, for checks
+  such as ``benchmarks.plan_check``).
 - ``memplain_<base>``: one plain memory layer (no W1/W2) in the middle block, 1M values.
 
 Bases: ``134m``, ``373m``, ``720m``, ``1b`` (the paper's 1.3B) with the Llama2 tokenizer
@@ -94,8 +96,9 @@ _BASES: dict[str, tuple[TransformerConfig, tuple[int, ...]]] = {
 _MEMORY_SIZES = {"64k": 256, "1m": 1024, "4m": 2048, "16m": 4096, "64m": 8192}
 
 #: The memory scaling study (1.3B), the 4096² table of the paper's 8B memory model, and a
-#: debug model whose table is large next to its reads (sparse memory finetuning).
-_LARGER_MEMORIES = {"1b": ("4m", "16m", "64m"), "8b": ("16m",), "debug": ("64k",)}
+#: debug model whose table is large next to its reads (sparse memory finetuning), and one with
+#: the paper's 1M rows (checks of the parallel plan against real runs on a CPU).
+_LARGER_MEMORIES = {"1b": ("4m", "16m", "64m"), "8b": ("16m",), "debug": ("64k", "1m")}
 
 #: Smaller tables (and reads) for the CPU flavors: n_keys and MemoryConfig overrides.
 _SMALL_MEMORY = {"tiny": (128, {}), "debug": (32, {"heads": 2, "topk": 8})}
