@@ -19,8 +19,10 @@ Only ``torch`` and ``safetensors`` are needed here: no ``transformers``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import mmap as mmap_module
 import secrets
 import shutil
 import types
@@ -260,21 +262,60 @@ def load_config(directory: str | Path) -> TransformerConfig:
 
 
 def from_pretrained(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    mmap: bool = False,
 ) -> Transformer:
     """The model saved in ``directory`` by :func:`save_pretrained`, in eval mode. A damaged
     folder (bad JSON, a missing or truncated weights file, a missing, extra or misshapen tensor)
-    gives an error naming the file."""
+    gives an error naming the file.
+
+    By default the weights are read into memory. ``mmap=True`` leaves them in the folder's
+    files, mapped into memory (CPU only, in the stored dtype: a move or a cast would copy
+    them): loading reads nothing, and a table row comes from disk the first time a lookup
+    reads it, then stays in the OS page cache, which may drop it again under memory pressure.
+    For tables larger than RAM, or one table shared by several processes. The table's mapping
+    is marked random-access, so a read brings in its page, not the rows around it. Changing a
+    mapped weight (training) copies its page and never writes the file.
+    """
     directory = Path(directory)
+    if mmap and (torch.device(device).type != "cpu" or dtype is not None):
+        raise ValueError(
+            f"from_pretrained(mmap=True) maps the stored weights as they are: it needs "
+            f"device='cpu' and no dtype, got device={str(device)!r}, dtype={dtype}"
+        )
     config = load_config(directory)
     with torch.device("meta"):
         model = Transformer(config)
     state = _read_weights(directory, device, model.state_dict())
+    if mmap:
+        if model.memory_values is not None:
+            _advise_random_access(state["memory_values"])
+    elif torch.device(device).type == "cpu":
+        # safetensors maps the file; a copy makes the model independent of it.
+        state = {name: tensor.clone() for name, tensor in state.items()}
     # Buffers (RoPE tables) are not saved: the load's post hook computes them for the config.
+    # assign=True keeps the loaded tensors themselves (no copy into fresh parameters).
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _advise_random_access(tensor: torch.Tensor) -> None:
+    """``madvise(MADV_RANDOM)`` on the pages of a file-mapped ``tensor``: without it a page
+    fault reads ahead and maps the pages around it, and a few decode steps' scattered row
+    reads bring most of a table into memory. Best effort: a no-op where it is unsupported."""
+    advice = getattr(mmap_module, "MADV_RANDOM", None)
+    if advice is None or tensor.numel() == 0:
+        return
+    page = mmap_module.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    length = tensor.data_ptr() + tensor.nbytes - start
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
 
 
 def _read_json(path: Path) -> Any:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,16 +232,17 @@ DAMAGES = {
 }
 
 
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_folder_gives_an_error_naming_the_file(
-    sharded: Path, tmp_path: Path, damage: str
+    sharded: Path, tmp_path: Path, damage: str, mmap: bool
 ):
     folder = tmp_path / "model"
     shutil.copytree(sharded, folder)
     do, message = DAMAGES[damage]
     damaged = do(folder)
     with pytest.raises((ValueError, FileNotFoundError)) as error:
-        memcompile.from_pretrained(folder)
+        memcompile.from_pretrained(folder, mmap=mmap)
     assert str(folder / damaged) in str(error.value)
     assert message in str(error.value)
 
@@ -247,3 +252,101 @@ def test_a_truncated_single_weights_file_names_itself(tmp_path: Path):
     _truncate(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=f"{tmp_path}/model.safetensors: not a readable"):
         memcompile.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- mmap=True
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose mappings (``/proc/self/maps``) hold ``tensor``'s first byte."""
+    address = tensor.data_ptr()
+    files = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # address range, mode, offset, device, inode[, path]
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if start <= address < end and len(fields) == 6:
+            files.add(fields[5].strip())
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 40_000], ids=["one file", "sharded"])
+def test_mmap_keeps_the_table_in_the_file_and_generates_the_same(
+    tmp_path: Path, max_shard_bytes: int
+):
+    from memcompile.generate import generate
+
+    save_pretrained(_model("mem_debug", seed=0), tmp_path, max_shard_bytes=max_shard_bytes)
+    mapped = memcompile.from_pretrained(tmp_path, mmap=True)
+    read = memcompile.from_pretrained(tmp_path)
+    table_files = _mapped_files(mapped.memory_values)
+    assert len(table_files) == 1 and table_files.pop().startswith(str(tmp_path.resolve()))
+    assert not any(f.endswith(".safetensors") for f in _mapped_files(read.memory_values))
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate(mapped, prompt, 12), generate(read, prompt, 12))
+
+
+def test_mmap_refuses_a_move_or_a_cast(tmp_path: Path):
+    save_pretrained(_model("mem_debug", seed=0), tmp_path)
+    for kwargs in ({"device": "meta"}, {"dtype": torch.bfloat16}):
+        with pytest.raises(ValueError, match="mmap=True.*needs device='cpu' and no dtype"):
+            memcompile.from_pretrained(tmp_path, mmap=True, **kwargs)
+
+
+_MEASURE_RSS = """
+import gc, json, os, sys
+import torch
+from memcompile.generate import generate
+from memcompile.pretrained import from_pretrained
+
+def resident_mb():  # anonymous and file-backed pages of this process
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return sum(int(status[key].split()[0]) for key in ("RssAnon", "RssFile")) / 1024
+
+folder = sys.argv[1]
+prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+generate(from_pretrained(folder, mmap=True), prompt, 2)  # first-call allocations, code pages
+results = {}
+for mode in ("mmap", "read"):
+    gc.collect()
+    fd = os.open(os.path.join(folder, "model.safetensors"), os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a cold page cache: rows on disk only
+    os.close(fd)
+    before = resident_mb()
+    model = from_pretrained(folder, mmap=mode == "mmap")
+    loaded = resident_mb()
+    tokens = generate(model, prompt, 8)
+    results[mode] = {"load_mb": loaded - before, "generate_mb": resident_mb() - before,
+                     "tokens": tokens.tolist()}
+    del model
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's RSS")
+def test_a_mapped_table_stays_out_of_memory_until_its_rows_are_read(tmp_path: Path):
+    """A table 50x the rest of the model: mapped, loading and decoding a few tokens keep the
+    process's resident memory far below its size; read, it is all resident."""
+    config = get_flavor("mem_debug")
+    memory = dataclasses.replace(config.memory, num_values=512**2)
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(config, memory=memory)).eval()
+    table_mb = model.memory_values.nbytes / 2**20
+    assert table_mb > 50 * (sum(t.nbytes for t in model.state_dict().values()) / 2**20 - table_mb)
+    save_pretrained(model, tmp_path)
+    del model
+    with (tmp_path / "model.safetensors").open("rb+") as file:
+        os.fsync(file.fileno())  # dirty pages cannot be dropped from the page cache
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE_RSS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    measured = json.loads(result.stdout.splitlines()[-1])
+    mapped, read = measured["mmap"], measured["read"]
+    assert mapped["load_mb"] < table_mb / 20, measured
+    assert mapped["generate_mb"] < table_mb / 4, measured
+    assert read["load_mb"] > 0.9 * table_mb, measured  # the measurement sees a resident table
+    assert mapped["tokens"] == read["tokens"]
