@@ -73,6 +73,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+# --------------------------------------------------------------------------- masks
+
+
+def causal_mask(
+    seq_len: int, cached: int, padding: Tensor | None = None, *, device: torch.device | None = None
+) -> Tensor:
+    """Which keys the queries of ``seq_len`` new tokens read, after ``cached`` positions.
+
+    Query ``i`` sits at position ``cached + i`` and reads keys ``0 .. cached + i``: a boolean
+    ``[seq_len, cached + seq_len]`` mask. With ``padding`` (``[B, cached + seq_len]``, nonzero at
+    real tokens, Hugging Face's ``attention_mask``), padded keys are hidden too, giving
+    ``[B, 1, seq_len, cached + seq_len]``; every query still reads itself, so a padded query's
+    row is never empty (an empty row would make SDPA's output NaN, and that NaN would reach the
+    real tokens through the next layer's values even though their weight on it is 0).
+    """
+    keys = torch.arange(cached + seq_len, device=device)
+    queries = keys[cached:, None]
+    mask = keys <= queries
+    if padding is None:
+        return mask
+    return (mask & padding[:, None, None, :].bool()) | (keys == queries)
+
+
 # --------------------------------------------------------------------------- blocks
 
 
@@ -95,27 +118,34 @@ class Attention(nn.Module):
         _trunc_normal_(self.wo.weight, out_std)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: LayerKVCache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: LayerKVCache | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """With ``kv_cache``, ``x`` continues the cached sequence: its keys and values are
-        appended to the cache and its queries attend to everything cached so far."""
+        """Causal attention of ``x``, or, with ``mask`` (boolean, ``[S, K]`` or ``[B, 1, S, K]``,
+        True where a query may read a key: see :func:`causal_mask`), what it allows.
+
+        With ``kv_cache``, ``x`` continues the cached sequence: its keys and values are appended
+        to the cache and its queries read the ``K`` keys cached so far, as ``mask`` says; without
+        a mask every query reads every key (right for one new token; several need the mask, as
+        plain causal attention would align them with the first keys)."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-            # Query i sits at position (cached length + i): it sees keys 0 .. cached length + i.
-            cached = k.shape[1] - seq_len
-            mask = torch.ones(seq_len, k.shape[1], dtype=torch.bool, device=x.device).tril(cached)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=mask,
-            is_causal=mask is None,
+            # The training path builds no mask tensor; a single cached query needs none.
+            is_causal=mask is None and kv_cache is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         # Explicit sizes: an empty batch has no -1 to infer.
@@ -176,8 +206,9 @@ class TransformerBlock(nn.Module):
         sin: Tensor,
         memory_values: Tensor | None,
         kv_cache: LayerKVCache | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, mask)
         normed = self.ffn_norm(h)
         if self.is_memory_block:
             return h + self.feed_forward(normed, memory_values)
@@ -245,16 +276,25 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         kv_cache: KVCache | None = None,
         *,
+        attention_mask: Tensor | None = None,
         hidden_states: list[Tensor] | None = None,
     ) -> Tensor:
         """Logits for ``tokens [B, S]``.
 
-        ``positions`` (``[S]`` or ``[B, S]`` ints below ``max_seq_len``, default ``0..S-1``)
-        selects the RoPE angles, e.g. for packed documents or an offset continuation.
+        ``positions`` (``[S]`` or ``[B, S]`` ints below ``max_seq_len``, default ``0..S-1``, or
+        the positions after the cached ones) selects the RoPE angles, e.g. for packed documents,
+        an offset continuation or the rows of a left-padded batch.
 
-        ``kv_cache`` (:class:`memcompile.generate.KVCache`) makes ``tokens`` the continuation
-        of the cached sequence, at the positions after it; the cache then holds them too.
-        Training never passes one (see :func:`memcompile.generate.generate`).
+        ``kv_cache`` (:class:`memcompile.generate.KVCache`, or anything with its ``length``,
+        ``next_positions``, ``layer(i).update`` and ``advance``, as :mod:`memcompile.hf`'s view
+        of a transformers cache) makes ``tokens`` the continuation of the cached sequence; the
+        cache then holds them too. Training never passes one (see
+        :func:`memcompile.generate.generate`).
+
+        ``attention_mask`` (``[B, cached + S]``, nonzero at real tokens, 0 at padding) hides
+        padded keys from every query (see :func:`causal_mask`); what the model computes at
+        padded positions is meaningless. Without it, and without a cache, attention is plain
+        causal attention with no mask tensor (the training path).
 
         ``hidden_states``, a list, receives the ``n_layers + 1`` hidden states ``[B, S, dim]``
         as Hugging Face models return them: the embeddings, the output of every block but the
@@ -264,21 +304,28 @@ class Transformer(nn.Module):
         positions outside their tables where ``memlayer::checked_indices`` reads them (on the
         CPU always; on CUDA with ``MEMCOMPILE_CHECK_INDICES=1``, as it costs a sync).
         """
-        self._check_inputs(tokens, positions, kv_cache)
+        self._check_inputs(tokens, positions, kv_cache, attention_mask)
         seq_len = tokens.shape[1]
         tokens = ops.checked_indices(
             tokens, self.config.vocab_size, "Transformer: tokens", "the vocabulary"
         )
+        cached = 0
         if kv_cache is not None:
-            positions = kv_cache.next_positions(seq_len, tokens.device)  # checked by the cache
-        elif positions is not None:
+            cached = kv_cache.length
+            next_positions = kv_cache.next_positions(seq_len, tokens.device)  # checks the room
+        if positions is not None:
             positions = ops.checked_indices(
                 positions, self.config.max_seq_len, "Transformer: positions", "max_seq_len"
             )
+        elif kv_cache is not None:
+            positions = next_positions
         if positions is None:
             cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = None  # plain causal attention, or one token reading every cached key
+        if attention_mask is not None or (kv_cache is not None and seq_len > 1):
+            mask = causal_mask(seq_len, cached, attention_mask, device=tokens.device)
 
         h = self.tok_embeddings(tokens)
         values = None if self.memory_table is None else self.memory_table(self.memory_values)
@@ -287,7 +334,7 @@ class Transformer(nn.Module):
                 hidden_states.append(h)
             layer_cache = None if kv_cache is None else kv_cache.layer(int(layer_id))
             # Only the blocks that read the table get it.
-            h = block(h, cos, sin, values if block.is_memory_block else None, layer_cache)
+            h = block(h, cos, sin, values if block.is_memory_block else None, layer_cache, mask)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         h = self.norm(h)
@@ -296,7 +343,11 @@ class Transformer(nn.Module):
         return self.output(h)
 
     def _check_inputs(
-        self, tokens: Tensor, positions: Tensor | None, kv_cache: KVCache | None
+        self,
+        tokens: Tensor,
+        positions: Tensor | None,
+        kv_cache: KVCache | None,
+        attention_mask: Tensor | None,
     ) -> None:
         """Checks of shapes, dtypes and devices: they read no data (no device sync)."""
         if tokens.dim() != 2:
@@ -319,18 +370,12 @@ class Transformer(nn.Module):
                 f"{model_device}: move one to the other"
             )
         seq_len = tokens.shape[1]
-        if kv_cache is not None:
-            if positions is not None:
-                raise ValueError(
-                    "Transformer: pass positions or kv_cache, not both: the cache sets positions"
-                )
-        elif positions is None:
-            if seq_len > self.config.max_seq_len:
-                raise ValueError(
-                    f"Transformer: sequence length {seq_len} exceeds max_seq_len "
-                    f"{self.config.max_seq_len}"
-                )
-        elif (
+        if positions is None and kv_cache is None and seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"Transformer: sequence length {seq_len} exceeds max_seq_len "
+                f"{self.config.max_seq_len}"
+            )
+        if positions is not None and (
             positions.dim() not in (1, 2)
             or positions.shape[-1] != seq_len
             or (positions.dim() == 2 and positions.shape[0] != tokens.shape[0])
@@ -339,6 +384,14 @@ class Transformer(nn.Module):
                 f"Transformer: positions must have shape [seq_len] = [{seq_len}] or "
                 f"[batch, seq_len] = {list(tokens.shape)}, got {tuple(positions.shape)}"
             )
+        if attention_mask is not None:
+            keys = seq_len + (0 if kv_cache is None else kv_cache.length)
+            if tuple(attention_mask.shape) != (tokens.shape[0], keys):
+                raise ValueError(
+                    f"Transformer: attention_mask must have shape [batch, cached + seq_len] = "
+                    f"[{tokens.shape[0]}, {keys}] (one entry per key, 0 at padding), got "
+                    f"{tuple(attention_mask.shape)}"
+                )
 
 
 def _materialise_buffers(model: Transformer, incompatible_keys) -> None:

@@ -71,6 +71,32 @@ def test_positions_select_rope_angles():
         model(torch.zeros(1, 257, dtype=torch.long))
 
 
+def test_a_left_padded_batch_in_one_forward_gives_each_row_its_own_logits():
+    """Rows of different lengths, left-padded, with the padding mask and each row's positions:
+    one forward gives every real token what the row alone gives (padding is never read, and
+    no NaN from the padded queries reaches the real ones through later layers)."""
+    torch.manual_seed(0)
+    model = Transformer(debug_config()).eval()
+    lengths = [7, 3, 5]
+    rows = [torch.randint(1, 256, (n,)) for n in lengths]
+    width = max(lengths)
+    tokens = torch.stack([F.pad(row, (width - len(row), 0)) for row in rows])
+    mask = torch.stack([torch.arange(width) >= width - n for n in lengths])
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(tokens, positions, attention_mask=mask)
+        assert not logits.isnan().any()
+        for i, row in enumerate(rows):
+            alone = model(row[None])[0]
+            torch.testing.assert_close(logits[i, width - len(row) :], alone, rtol=1e-5, atol=1e-5)
+        # An all-ones mask is plain causal attention.
+        torch.testing.assert_close(
+            model(tokens, attention_mask=torch.ones_like(mask)), model(tokens), rtol=0, atol=1e-6
+        )
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, cached \+ "):
+        model(tokens, attention_mask=mask[:, 1:])
+
+
 def test_memory_usage_reports_each_layer_and_resets():
     model = Transformer(debug_config())
     model(torch.randint(0, 256, (2, 8)))
