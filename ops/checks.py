@@ -5,6 +5,9 @@ device, value), ``TypeError`` (dtype, layout) or ``IndexError`` (an index out of
 message starts with the op's name and names the argument. Shape, dtype, device and layout checks
 read no data, so the fake kernels run them too (meta device, ``torch.compile``).
 
+Each op's kernels are registered per device type (``torch.library.impl(op, "CPU")``,
+``"CUDA"``); :func:`refuse_other_devices` gives every other device a kernel that says so.
+
 Index ranges need the data. On the CPU they are always checked. On CUDA the check costs a
 device-to-host sync, so it runs only with ``MEMCOMPILE_CHECK_INDICES=1`` (read at every call);
 the CUDA kernels mask indices outside the range either way, so a bad index is never read.
@@ -13,7 +16,7 @@ the CUDA kernels mask indices outside the range either way, so a bad index is ne
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -85,6 +88,28 @@ def check_indices_in_range(indices: Tensor, size: int, argument: str, what: str 
         raise IndexError(
             f"{argument} must lie in [0, {size}){what}, found {low if low < 0 else high}"
         )
+
+
+#: The device types memlayer ops have kernels for.
+KERNEL_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def refuse_other_devices(op: str, check: Callable[..., object]) -> None:
+    """Register for ``op`` (``"memlayer::name"``) a kernel for every device type and layout
+    without one of its own: it runs ``check`` on the op's arguments (the op's fake kernel, so a
+    sparse tensor gets the layout error) and raises a ``NotImplementedError`` naming the op and
+    the device type (the dispatcher's own error would list dispatch keys). The meta device runs
+    the fake kernel."""
+    name = op.split("::")[-1]
+
+    def no_kernel(*args, **kwargs):
+        check(*args, **kwargs)
+        device = next(arg.device for arg in args if isinstance(arg, Tensor))
+        raise NotImplementedError(
+            f"{name}: no kernel for device type {device.type!r} ({', '.join(KERNEL_DEVICE_TYPES)})"
+        )
+
+    torch.library.impl(op, "default", no_kernel)
 
 
 # --------------------------------------------------------------------------- checked_indices

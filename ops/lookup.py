@@ -16,9 +16,9 @@ all three are differentiable to any order, in reverse and forward mode, and unde
 (``ops/_autograd.py``). ``deterministic`` only affects the value gradient on CUDA: True (default)
 gives bitwise identical gradients run to run; False allows the faster atomic-add kernel.
 
-This file holds the policy: argument checks (``ops/checks.py``), which kernel runs where, the
-fake kernels (meta device, torch.compile), vmap batching rules, autograd, the float64 reference
-and the DTensor rules.
+This file holds the policy: argument checks (``ops/checks.py``), each device type's kernel
+(``torch.library.impl(op, "CPU")``, ``"CUDA"``), the fake kernels (meta device,
+torch.compile), vmap batching rules, autograd, the float64 reference and the DTensor rules.
 Kernels: CPU in ``ops/lookup_cpu.py`` (C++), CUDA in ``ops/lookup_triton.py`` (Triton).
 """
 
@@ -38,6 +38,7 @@ from ops.checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    refuse_other_devices,
 )
 
 _TAGS = (torch.Tag.pt2_compliant_tag,)
@@ -114,23 +115,16 @@ def _check_rows(op: str, indices: Tensor, num_rows: int) -> None:
     check_indices_in_range(indices, num_rows, f"{op}: indices", "the rows of values")
 
 
-def _no_kernel(op: str, device: torch.device) -> NotImplementedError:
-    return NotImplementedError(f"{op}: no kernel for device type {device.type!r} (cpu, cuda)")
-
-
 # --------------------------------------------------------------------------- kernels
 #
-# One kernel per op, registered for every device: checks, then the device's implementation.
+# One kernel per op and device type, each checking its arguments first; any other device gets
+# the checks and a NotImplementedError naming it (refuse_other_devices, after the fakes).
 
 
-@torch.library.impl("memlayer::lookup", "default")
-def _lookup_kernel(values, indices, weights, deterministic=True):
+@torch.library.impl("memlayer::lookup", "CPU")
+def _lookup_cpu(values, indices, weights, deterministic=True):
     _check_lookup(values, indices, weights)
     _check_rows("lookup", indices, values.shape[0])
-    if values.device.type == "cuda":
-        return lookup_triton.lookup_forward(values, indices, weights)
-    if values.device.type != "cpu":
-        raise _no_kernel("lookup", values.device)
     if indices.numel() == 0 or values.shape[1] == 0:
         return values.new_zeros((indices.shape[0], values.shape[1]))
     if values.dtype in (torch.float32, torch.float64):
@@ -143,26 +137,39 @@ def _lookup_kernel(values, indices, weights, deterministic=True):
     return lookup_cpu.lookup_forward(values, indices, weights)
 
 
-@torch.library.impl("memlayer::lookup_values_grad", "default")
-def _lookup_values_grad_kernel(grad_out, indices, weights, num_rows, deterministic):
+@torch.library.impl("memlayer::lookup", "CUDA")
+def _lookup_cuda(values, indices, weights, deterministic=True):
+    _check_lookup(values, indices, weights)
+    _check_rows("lookup", indices, values.shape[0])
+    return lookup_triton.lookup_forward(values, indices, weights)
+
+
+@torch.library.impl("memlayer::lookup_values_grad", "CPU")
+def _lookup_values_grad_cpu(grad_out, indices, weights, num_rows, deterministic):
     _check_values_grad(grad_out, indices, weights, num_rows)
     _check_rows("lookup_values_grad", indices, num_rows)
-    if grad_out.device.type == "cuda":
-        return lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, deterministic)
-    if grad_out.device.type != "cpu":
-        raise _no_kernel("lookup_values_grad", grad_out.device)
     return lookup_cpu.lookup_values_grad(grad_out, indices, weights, num_rows)
 
 
-@torch.library.impl("memlayer::lookup_weights_grad", "default")
-def _lookup_weights_grad_kernel(grad_out, values, indices):
+@torch.library.impl("memlayer::lookup_values_grad", "CUDA")
+def _lookup_values_grad_cuda(grad_out, indices, weights, num_rows, deterministic):
+    _check_values_grad(grad_out, indices, weights, num_rows)
+    _check_rows("lookup_values_grad", indices, num_rows)
+    return lookup_triton.lookup_values_grad(grad_out, indices, weights, num_rows, deterministic)
+
+
+@torch.library.impl("memlayer::lookup_weights_grad", "CPU")
+def _lookup_weights_grad_cpu(grad_out, values, indices):
     _check_weights_grad(grad_out, values, indices)
     _check_rows("lookup_weights_grad", indices, values.shape[0])
-    if values.device.type == "cuda":
-        return lookup_triton.lookup_weights_grad(grad_out, values, indices)
-    if values.device.type != "cpu":
-        raise _no_kernel("lookup_weights_grad", values.device)
     return lookup_cpu.lookup_weights_grad(grad_out, values, indices)
+
+
+@torch.library.impl("memlayer::lookup_weights_grad", "CUDA")
+def _lookup_weights_grad_cuda(grad_out, values, indices):
+    _check_weights_grad(grad_out, values, indices)
+    _check_rows("lookup_weights_grad", indices, values.shape[0])
+    return lookup_triton.lookup_weights_grad(grad_out, values, indices)
 
 
 @torch.library.register_fake("memlayer::lookup")
@@ -181,6 +188,11 @@ def _lookup_values_grad_fake(grad_out, indices, weights, num_rows, deterministic
 def _lookup_weights_grad_fake(grad_out, values, indices):
     _check_weights_grad(grad_out, values, indices)
     return grad_out.new_empty(indices.shape, dtype=accumulation_dtype(values.dtype))
+
+
+refuse_other_devices("memlayer::lookup", _lookup_fake)
+refuse_other_devices("memlayer::lookup_values_grad", _lookup_values_grad_fake)
+refuse_other_devices("memlayer::lookup_weights_grad", _lookup_weights_grad_fake)
 
 
 # --------------------------------------------------------------------------- vmap

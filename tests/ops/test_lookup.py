@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._lazy.ts_backend
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -180,6 +181,34 @@ def test_meta_device():
     weights = torch.empty(4096, 128, device="meta")
     out = torch.ops.memlayer.lookup(values, indices, weights)
     assert out.shape == (4096, 2048) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+def lazy_device() -> torch.device:
+    """A device type every torch build has and no memlayer op has a kernel for (the lazy tensor
+    device, TorchScript backend)."""
+    torch._lazy.ts_backend.init()
+    return torch.device("lazy")
+
+
+def test_a_device_without_a_kernel_gets_an_error_naming_it():
+    """Kernels are registered per device type (CPU, CUDA); any other device gets the op's
+    checks, then an error naming the op and the device type."""
+    device = lazy_device()
+    values, indices, weights = make_inputs(6, 4, 3, 2, torch.float32, torch.int64, "none", 0)
+    values, indices, weights = (t.detach().to(device) for t in (values, indices, weights))
+    grad_out = torch.randn(3, 4).to(device)
+    calls = {
+        "lookup": lambda: ops.lookup(values, indices, weights),
+        "lookup_values_grad": lambda: lookup_values_grad(grad_out, indices, weights, 6, True),
+        "lookup_weights_grad": lambda: lookup_weights_grad(grad_out, values, indices),
+    }
+    for name, call in calls.items():
+        with pytest.raises(
+            NotImplementedError, match=rf"^{name}: no kernel for device type 'lazy'"
+        ):
+            call()
+    with pytest.raises(ValueError, match=r"^lookup: weights must have shape \(3, 2\)"):
+        ops.lookup(values, indices, weights[:2])  # checked first
 
 
 @pytest.mark.parametrize(
