@@ -12,20 +12,25 @@ than a registration: a registered class needs an ``import memcompile.hf`` before
 which lm-eval's command line and HF pipelines cannot do; the two lines of remote code only
 import the installed package, so what runs is memcompile's own tested model.
 
-``MemcompileForCausalLM.model`` is the plain ``memcompile.model.Transformer``. Generation
-recomputes the whole sequence each step (no KV cache in the HF path: exact, not fast; use
-``memcompile.generate`` for speed). Needs ``transformers`` (not a core dependency).
+``MemcompileForCausalLM.model`` is the plain ``memcompile.model.Transformer``, and generation
+runs through the same attention code as :mod:`memcompile.generate`: transformers' caches
+(``DynamicCache`` by default, ``cache_implementation="static"``, a ``Cache`` passed as ``cache``
+or, deprecated, ``past_key_values``) are handed to ``Transformer.forward`` through a thin view
+(:class:`_CacheView`), and ``attention_mask`` / ``position_ids`` make a left-padded batch one
+batched forward, so greedy and sampled ``generate()``, beam search included, decode one token
+per step. Needs ``transformers`` >= 5 (the ``cache`` argument; not a core dependency).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from torch import Tensor
+from transformers import Cache, DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from memcompile.model import Transformer
 from memcompile.pretrained import CONFIG_KEY, config_from_dict
@@ -45,9 +50,51 @@ class MemcompileConfig(PretrainedConfig):
             kwargs.setdefault("hidden_size", config.dim)
             kwargs.setdefault("num_hidden_layers", config.n_layers)
             kwargs.setdefault("num_attention_heads", config.n_heads)
+            kwargs.setdefault("num_key_value_heads", config.n_kv_heads)
+            kwargs.setdefault("head_dim", config.head_dim)
             kwargs.setdefault("max_position_embeddings", config.max_seq_len)
-        kwargs.setdefault("use_cache", False)
         super().__init__(**kwargs)
+
+
+class _LayerCacheView:
+    """One layer of a transformers cache as ``Attention`` reads a cache layer: ``update(k, v)``
+    with memcompile's ``[B, S, heads, head_dim]`` layout (transformers keeps ``[B, heads, S,
+    head_dim]``: the transposes are views)."""
+
+    def __init__(self, view: _CacheView, layer_id: int) -> None:
+        self._view = view
+        self._layer_id = layer_id
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self._view.cache.update(k.transpose(1, 2), v.transpose(1, 2), self._layer_id)
+        # A static cache returns all its slots; the mask covers the filled ones.
+        end = self._view.length + k.shape[1]
+        return keys[:, :, :end].transpose(1, 2), values[:, :, :end].transpose(1, 2)
+
+
+class _CacheView:
+    """A transformers ``Cache`` as ``Transformer.forward`` reads a KV cache (the interface of
+    :class:`memcompile.generate.KVCache`): ``length``, ``next_positions``, ``layer(i)`` and
+    ``advance``. The cache counts what it stores itself, so ``advance`` has nothing to do."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.length = int(cache.get_seq_length())
+
+    def next_positions(self, seq_len: int, device: torch.device) -> Tensor:
+        room = self.cache.get_max_length()  # -1: grows without bound
+        if room >= 0 and self.length + seq_len > room:
+            raise ValueError(
+                f"MemcompileForCausalLM: cache overflow: {self.length} cached + {seq_len} new "
+                f"positions > the cache's {room} (a larger max_cache_len, or max_new_tokens)"
+            )
+        return torch.arange(self.length, self.length + seq_len, device=device)
+
+    def layer(self, layer_id: int) -> _LayerCacheView:
+        return _LayerCacheView(self, layer_id)
+
+    def advance(self, seq_len: int) -> None:
+        pass
 
 
 class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
@@ -65,14 +112,11 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, Transformer) and not module.rope_cos.is_meta:
             module.init_rope_tables()
 
-    def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        # No HF KV cache: every step reads the whole sequence, even when the caller asks for
-        # use_cache=True (lm-eval does), which would otherwise feed only the newest token.
-        # What the caller asked to see (generate(output_hidden_states=True)) still goes in.
-        asked = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **asked}
+    @staticmethod
+    def create_masks_for_generate(attention_mask: Tensor | None, **_: Any) -> Tensor | None:
+        """The 2-D padding mask as it is: ``generate()`` would turn it into transformers' 4-D
+        mask for a static cache, but ``Transformer.forward`` builds its own from the 2-D one."""
+        return attention_mask
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.tok_embeddings
@@ -80,83 +124,77 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.output
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-    ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
+    ) -> CausalLMOutputWithPast | tuple[Any, ...]:
         """Logits of ``input_ids`` (and the loss of ``labels``, shifted inside), as HF causal
-        LMs give them: a ``CausalLMOutput``, or with ``return_dict=False`` the tuple ``(loss,
-        logits, hidden_states)`` without the ``None`` entries. ``output_hidden_states`` gives the
-        ``n_layers + 1`` hidden states as ``LlamaForCausalLM`` does (embeddings, every block's
-        output, the last one after the final norm). Not available: a KV cache (``use_cache``
-        returns none, ``past_key_values`` is refused) and attention weights (attention runs in
-        SDPA, which never materialises them: ``output_attentions=True`` is refused).
+        LMs give them: a ``CausalLMOutputWithPast``, or with ``return_dict=False`` the tuple
+        ``(loss, logits, cache, hidden_states)`` without the ``None`` entries.
 
-        The model takes no attention mask: right padding cannot change the positions before it
-        (causal attention), and the rows of a left-padded batch (``generate()`` and lm-eval pad
-        on the left) are run one by one without their padding, so every row gets exactly its
-        unpadded logits and hidden states (0 at padding)."""
+        ``cache`` (a transformers ``Cache``; ``past_key_values`` is its deprecated name) holds
+        the keys and values of the positions before ``input_ids``, which continue them; with
+        ``use_cache=True`` and no ``cache`` a ``DynamicCache`` is
+        started (``generate()`` asks for one unless told ``use_cache=False``), and the output
+        carries the cache. ``attention_mask`` (``[B, cached + S]``, 0 at
+        padding) hides padded positions; ``position_ids`` (``[B, S]``) default to each row's
+        count of real tokens before each token, so a left-padded row gets the logits it has
+        unpadded (up to rounding; its padded positions' outputs are meaningless).
+        ``output_hidden_states`` gives the ``n_layers + 1`` hidden states as
+        ``LlamaForCausalLM`` does (embeddings, every block's output, the last one after the
+        final norm). Not available: attention weights (attention runs in SDPA, which never
+        materialises them: ``output_attentions=True`` is refused)."""
         if output_attentions:
             raise ValueError(
                 "MemcompileForCausalLM: output_attentions=True is not available: attention runs "
                 "in torch's scaled_dot_product_attention, which does not return the weights"
             )
-        if past_key_values is not None:
-            raise ValueError(
-                "MemcompileForCausalLM keeps no KV cache: pass the whole sequence as input_ids, "
-                "without past_key_values"
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(
+                f"MemcompileForCausalLM: cache (past_key_values) must be a transformers Cache "
+                f"such as DynamicCache(), got {type(cache).__name__} (transformers 5 dropped "
+                f"the legacy tuples of tensors)"
             )
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
-        if attention_mask is None or bool(attention_mask[:, 0].all()):
-            logits = self.model(input_ids, hidden_states=hidden_states)
-        else:
-            logits = self._rows_without_left_padding(input_ids, attention_mask, hidden_states)
+        config = self.config
+        output_hidden_states = (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        view = None if cache is None else _CacheView(cache)
+        if position_ids is None and attention_mask is not None:
+            # Each token's position is the number of real tokens before it in its row.
+            counted = attention_mask.long().cumsum(-1) - 1
+            position_ids = counted[:, -input_ids.shape[1] :].clamp(min=0)
+        elif position_ids is not None and position_ids.shape[0] == 1:
+            position_ids = position_ids[0]  # one row of positions for every row
+        hidden_states: list[Tensor] | None = [] if output_hidden_states else None
+        logits = self.model(
+            input_ids,
+            position_ids,
+            view,
+            attention_mask=attention_mask,
+            hidden_states=hidden_states,
+        )
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        output = CausalLMOutput(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
+            cache=cache,
             hidden_states=None if hidden_states is None else tuple(hidden_states),
         )
         return output if return_dict else output.to_tuple()
-
-    def _rows_without_left_padding(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        hidden_states: list[torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """The logits of every row run alone from its first real token; ``hidden_states``, if
-        a list, receives theirs, each padded back to the batch's shape."""
-        starts = attention_mask.int().argmax(dim=1).tolist()  # each row's first real token
-        rows_hidden = [None if hidden_states is None else [] for _ in starts]
-        rows = [
-            self.model(input_ids[i : i + 1, start:], hidden_states=rows_hidden[i])
-            for i, start in enumerate(starts)
-        ]
-        if hidden_states is not None:
-            for layer_states in zip(*rows_hidden):
-                hidden_states.append(_left_padded(layer_states, starts, input_ids.shape[1]))
-        return _left_padded(rows, starts, input_ids.shape[1])
-
-
-def _left_padded(rows: Sequence[torch.Tensor], starts: list[int], seq_len: int) -> torch.Tensor:
-    """Rows ``[1, seq_len - start, D]`` stacked into ``[B, seq_len, D]``, 0 before each start."""
-    batch = rows[0].new_zeros(len(rows), seq_len, rows[0].shape[-1])
-    for i, (start, row) in enumerate(zip(starts, rows)):
-        batch[i, start:] = row[0]
-    return batch

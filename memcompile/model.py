@@ -375,6 +375,14 @@ class Transformer(nn.Module):
                 f"Transformer: sequence length {seq_len} exceeds max_seq_len "
                 f"{self.config.max_seq_len}"
             )
+        if attention_mask is not None:
+            keys = seq_len + (0 if kv_cache is None else kv_cache.length)
+            if tuple(attention_mask.shape) != (tokens.shape[0], keys):
+                raise ValueError(
+                    f"Transformer: attention_mask must have shape [batch, cached + seq_len] = "
+                    f"[{tokens.shape[0]}, {keys}] (one entry per key, 0 at padding), got "
+                    f"{tuple(attention_mask.shape)}"
+                )
         if positions is not None and (
             positions.dim() not in (1, 2)
             or positions.shape[-1] != seq_len
@@ -384,14 +392,6 @@ class Transformer(nn.Module):
                 f"Transformer: positions must have shape [seq_len] = [{seq_len}] or "
                 f"[batch, seq_len] = {list(tokens.shape)}, got {tuple(positions.shape)}"
             )
-        if attention_mask is not None:
-            keys = seq_len + (0 if kv_cache is None else kv_cache.length)
-            if tuple(attention_mask.shape) != (tokens.shape[0], keys):
-                raise ValueError(
-                    f"Transformer: attention_mask must have shape [batch, cached + seq_len] = "
-                    f"[{tokens.shape[0]}, {keys}] (one entry per key, 0 at padding), got "
-                    f"{tuple(attention_mask.shape)}"
-                )
 
 
 def _materialise_buffers(model: Transformer, incompatible_keys) -> None:
