@@ -35,6 +35,7 @@ from torch import Tensor, nn
 import ops  # noqa: F401  (registers torch.ops.memlayer.*)
 from memcompile.config import MemoryConfig, MemoryKind
 from memcompile.telemetry import UsageCounter
+from ops.lookup_quantized import QUANTIZED_DTYPES, quantize_rows
 from ops.row_sparse import GradRecorder, lookup_recording_grads
 
 
@@ -50,13 +51,18 @@ class ValueLookup(nn.Module):
     inputs into the table's ``.grad`` (``ops.row_sparse.RowSparseGrad``) instead of forming a
     ``[N, D]`` gradient. The lookups of one table share its ``grad_recorder``, which the model
     gives them (``memcompile.model.Transformer`` does); by default a lookup has its own.
+
+    A :class:`QuantizedTable` is read by ``torch.ops.memlayer.lookup_quantized`` instead, which
+    dequantizes the rows it gathers inside the kernel (inference only).
     """
 
     def __init__(self, grad_recorder: GradRecorder | None = None) -> None:
         super().__init__()
         self.grad_recorder = GradRecorder() if grad_recorder is None else grad_recorder
 
-    def forward(self, values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def forward(self, values: Tensor | QuantizedTable, indices: Tensor, weights: Tensor) -> Tensor:
+        if isinstance(values, QuantizedTable):
+            return values.lookup(indices, weights)
         recorder = self.grad_recorder
         if recorder.recording and torch.is_grad_enabled():
             if values.is_leaf and values.requires_grad:  # the table itself, read directly
@@ -65,6 +71,103 @@ class ValueLookup(nn.Module):
             if table is not None and table.requires_grad:
                 return lookup_recording_grads(values, indices, weights, recorder)
         return torch.ops.memlayer.lookup(values, indices, weights)
+
+
+class QuantizedTable(nn.Module):
+    """A value table stored quantized, for inference: ``rows [N, D]`` int8 or fp8 e4m3 and one
+    ``scale [N]`` per row, standing for ``scale[:, None] * rows``. It takes the place of the
+    model's ``memory_values`` parameter (:func:`quantize_table`), and :class:`ValueLookup` reads
+    it with ``torch.ops.memlayer.lookup_quantized``: no dequantized copy is ever made.
+
+    ``dtype`` is the dtype it reads as, the scale's: ``model.to(torch.bfloat16)`` casts the
+    scales, so lookups return bf16, while the rows stay int8 / fp8 (a cast never dequantizes
+    them; a move to another device moves them). Training through it is refused (train in full
+    precision, quantize at export).
+    """
+
+    def __init__(self, rows: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def quantize(cls, values: Tensor, dtype: str) -> QuantizedTable:
+        """``values [N, D]`` quantized per row to ``dtype`` (``"int8"`` or ``"fp8"``) by
+        torchao's primitives (``ops.lookup_quantized.quantize_rows``; needs ``torchao``)."""
+        rows, scale = quantize_rows(values, _quantized_dtype(dtype))
+        return cls(rows, scale)
+
+    @classmethod
+    def empty(cls, num_rows: int, dim: int, dtype: str, scale_dtype: torch.dtype) -> QuantizedTable:
+        """An uninitialised table of the shape and dtypes a saved one loads into."""
+        rows = torch.empty(num_rows, dim, dtype=_quantized_dtype(dtype))
+        return cls(rows, torch.empty(num_rows, dtype=scale_dtype))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.rows.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    @property
+    def table_dtype(self) -> str:
+        """``"int8"`` or ``"fp8"``: the name of the rows' dtype."""
+        return next(name for name, dtype in QUANTIZED_DTYPES.items() if dtype == self.rows.dtype)
+
+    def lookup(self, indices: Tensor, weights: Tensor) -> Tensor:
+        """``out[t] = Σ_b weights[t, b] · scale[i] · rows[i]`` in ``self.dtype``."""
+        return torch.ops.memlayer.lookup_quantized(
+            self.rows, self.scale, indices, weights, self.dtype
+        )
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating buffer, and fp8 is floating: seen as bytes the
+        # rows only move between devices, never turn into a dequantized copy.
+        dtype = self.rows.dtype
+        self.rows = self.rows.view(torch.uint8)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self.rows = self.rows.view(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.shape)}, {self.table_dtype}, scale {self.scale.dtype}"
+
+
+def _quantized_dtype(name: str) -> torch.dtype:
+    if name not in QUANTIZED_DTYPES:
+        raise ValueError(f"a quantized table is {' or '.join(QUANTIZED_DTYPES)}, got {name!r}")
+    return QUANTIZED_DTYPES[name]
+
+
+def quantize_table(model: nn.Module, dtype: str) -> QuantizedTable:
+    """Replace ``model.memory_values`` (the table parameter of a ``memcompile.model.Transformer``)
+    by a :class:`QuantizedTable` of it, in place, and return it. For inference: the model can no
+    longer train its table."""
+    table = getattr(model, "memory_values", None)
+    if not isinstance(table, Tensor):
+        raise ValueError("quantize_table: the model has no full-precision memory_values table")
+    quantized = QuantizedTable.quantize(table, dtype)
+    use_quantized_table(model, quantized)
+    return quantized
+
+
+def use_quantized_table(model: nn.Module, table: QuantizedTable) -> None:
+    """Make ``table`` the model's ``memory_values`` in place of its parameter (also how a saved
+    quantized model is rebuilt before its weights load: an empty table on the meta device)."""
+    if table.shape != model.memory_values.shape:
+        raise ValueError(
+            f"a quantized table of shape {tuple(table.shape)} cannot replace memory_values of "
+            f"shape {tuple(model.memory_values.shape)}"
+        )
+    del model.memory_values  # a parameter slot takes no module
+    model.memory_values = table
 
 
 class ValueTable(nn.Module):

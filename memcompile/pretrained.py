@@ -11,6 +11,10 @@ which ``transformers`` loads it (``memcompile/hf.py``)::
     AutoModelForCausalLM.from_pretrained("my-model", trust_remote_code=True)
 
 Weights are stored under ``model.<name>`` (the HF model's ``model`` is the ``Transformer``).
+A quantized table (:func:`memcompile.memory.quantize_table`, ``recipes.export
+--quantize-table int8``) is stored as ``model.memory_values.rows`` (int8 or fp8 e4m3) and
+``model.memory_values.scale`` (one per row), and ``config.json``'s ``"quantized_table"`` records
+their dtypes; loading rebuilds the table as a ``QuantizedTable`` (never dequantized).
 A folder is written whole or not at all (:func:`staged_folder`: staged next to it, then swapped
 in), so a save over an older one keeps none of its files; only a model folder (or an empty
 one) is ever replaced. Loading checks what it reads: a damaged file gives an error naming it.
@@ -37,7 +41,9 @@ from typing import Any
 import torch
 
 from memcompile.config import MemoryConfig, TransformerConfig
+from memcompile.memory import QuantizedTable, use_quantized_table
 from memcompile.model import Transformer
+from ops.lookup_quantized import QUANTIZED_DTYPES
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,6 +53,10 @@ CONFIG_KEY = "memcompile"
 #: The prefix of every weight's name in the folder: ``MemcompileForCausalLM.model``.
 PREFIX = "model."
 REMOTE_CODE_NAME = "modeling_memcompile.py"
+#: The key of ``config.json`` describing a quantized value table (absent for a full-precision
+#: one): ``{"dtype": "int8" | "fp8", "scale_dtype": "float32" | "bfloat16" | "float16"}``.
+TABLE_KEY = "quantized_table"
+_SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REMOTE_CODE = '''"""transformers' entry to this folder (trust_remote_code=True): memcompile's own
 classes, from the installed package (pip install memcompile). See memcompile/hf.py."""
 
@@ -169,6 +179,9 @@ def _write_model(
         "torch_dtype": dtype,
         **config_extra,
     }
+    if isinstance(model.memory_values, QuantizedTable):
+        scale_dtype = str(model.memory_values.scale.dtype).removeprefix("torch.")
+        config[TABLE_KEY] = {"dtype": model.memory_values.table_dtype, "scale_dtype": scale_dtype}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     (directory / REMOTE_CODE_NAME).write_text(_REMOTE_CODE)
 
@@ -289,10 +302,14 @@ def from_pretrained(
     config = load_config(directory)
     with torch.device("meta"):
         model = Transformer(config)
+        config_path = directory / CONFIG_NAME
+        table = empty_quantized_table(_read_json(config_path).get(TABLE_KEY), config, config_path)
+    if table is not None:
+        use_quantized_table(model, table)
     state = _read_weights(directory, device, model.state_dict())
     if mmap:
         if model.memory_values is not None:
-            _advise_random_access(state["memory_values"])
+            _advise_random_access(state["memory_values.rows" if table else "memory_values"])
     elif torch.device(device).type == "cpu":
         # safetensors maps the file; a copy makes the model independent of it.
         state = {name: tensor.clone() for name, tensor in state.items()}
@@ -302,6 +319,30 @@ def from_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def empty_quantized_table(
+    entry: Any, config: TransformerConfig, where: str | Path
+) -> QuantizedTable | None:
+    """An empty :class:`QuantizedTable` (on the current default device) for ``config.json``'s
+    ``quantized_table`` ``entry``, or ``None`` when there is none (a full-precision table); a
+    ``ValueError`` naming ``where`` (the ``config.json``) if the entry is malformed."""
+    if entry is None:
+        return None
+    names = " or ".join(QUANTIZED_DTYPES), " or ".join(_SCALE_DTYPES)
+    if (
+        not isinstance(entry, dict)
+        or entry.get("dtype") not in QUANTIZED_DTYPES
+        or entry.get("scale_dtype") not in _SCALE_DTYPES
+        or config.memory is None
+    ):
+        raise ValueError(
+            f"{where}: bad {TABLE_KEY!r} entry {entry!r}: expected "
+            f'{{"dtype": {names[0]}, "scale_dtype": {names[1]}}} for a model with memory layers'
+        )
+    scale_dtype = _SCALE_DTYPES[entry["scale_dtype"]]
+    memory = config.memory
+    return QuantizedTable.empty(memory.num_values, memory.value_dim, entry["dtype"], scale_dtype)
 
 
 def _advise_random_access(tensor: torch.Tensor) -> None:
@@ -372,5 +413,11 @@ def _read_weights(
             raise ValueError(
                 f"{source[key]}: {key} has shape {tuple(state[key].shape)}, but "
                 f"{directory / CONFIG_NAME} makes it {tuple(meta.shape)}"
+            )
+        # A quantized table's rows and scales are read as the dtypes config.json records.
+        if key.startswith(PREFIX + "memory_values.") and state[key].dtype != meta.dtype:
+            raise ValueError(
+                f"{source[key]}: {key} is {state[key].dtype}, but {directory / CONFIG_NAME}'s "
+                f"{TABLE_KEY!r} makes it {meta.dtype}"
             )
     return {key.removeprefix(PREFIX): tensor for key, tensor in state.items()}

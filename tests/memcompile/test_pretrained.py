@@ -350,3 +350,120 @@ def test_a_mapped_table_stays_out_of_memory_until_its_rows_are_read(tmp_path: Pa
     assert mapped["generate_mb"] < table_mb / 4, measured
     assert read["load_mb"] > 0.9 * table_mb, measured  # the measurement sees a resident table
     assert mapped["tokens"] == read["tokens"]
+
+
+# --------------------------------------------------------------------------- quantized tables
+
+
+def _quantized_model(dtype: str) -> tuple[Transformer, Transformer]:
+    """(a mem_debug model, its copy whose table is quantized to ``dtype``)."""
+    from memcompile.memory import quantize_table
+
+    model = _model("mem_debug", 0)
+    quantized = _model("mem_debug", 0)
+    quantize_table(quantized, dtype)
+    return model, quantized
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_a_quantized_table_is_read_quantized_close_to_the_full_one(dtype: str):
+    from memcompile.memory import QuantizedTable
+
+    model, quantized = _quantized_model(dtype)
+    table = quantized.memory_values
+    assert isinstance(table, QuantizedTable) and not list(quantized.parameters()).count(table)
+    assert table.rows.dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[dtype]
+    # A quarter of the fp32 table's bytes, plus a 4-byte scale per row.
+    assert table.rows.nbytes + table.scale.nbytes == model.memory_values.nbytes // 4 + 4 * 1024
+    tokens = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        exact, read = model(tokens), quantized(tokens)
+        # No graph break (Inductor itself compiles the op in tests/ops/test_lookup_quantized).
+        compiled = torch.compile(quantized, fullgraph=True, backend="eager")(tokens)
+    assert 0 < (read - exact).abs().max() < 0.05 * exact.abs().max()
+    torch.testing.assert_close(compiled, read)
+    # A cast of the model casts the scales (the dtype lookups return), never the rows.
+    quantized.to(torch.bfloat16)
+    assert table.rows.dtype != torch.bfloat16 and table.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert quantized(tokens).dtype == torch.bfloat16
+
+
+def test_training_a_quantized_table_is_refused():
+    _, quantized = _quantized_model("int8")
+    loss = quantized(torch.randint(0, 256, (2, 9))).sum()
+    with pytest.raises(RuntimeError, match="train in full precision, quantize at export"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_saved_quantized_table_loads_back_quantized_bitwise(
+    tmp_path: Path, dtype: str, mmap: bool
+):
+    from safetensors import safe_open
+
+    from memcompile.memory import QuantizedTable
+
+    _, quantized = _quantized_model(dtype)
+    save_pretrained(quantized, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantized_table"] == {"dtype": dtype, "scale_dtype": "float32"}
+    with safe_open(tmp_path / "model.safetensors", "pt") as stored:
+        assert "model.memory_values" not in stored.keys()
+        assert (
+            stored.get_tensor("model.memory_values.rows").dtype
+            == quantized.memory_values.rows.dtype
+        )
+        assert stored.get_tensor("model.memory_values.scale").shape == (1024,)
+    loaded = memcompile.from_pretrained(tmp_path, mmap=mmap)
+    assert isinstance(loaded.memory_values, QuantizedTable)
+    tokens = torch.randint(0, 256, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), quantized(tokens))
+
+
+def _retype_table(folder: Path, name: str, dtype: torch.dtype) -> str:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state[f"model.memory_values.{name}"] = state[f"model.memory_values.{name}"].to(dtype)
+    save_file(state, path, metadata={"format": "pt"})
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda folder: _retype_table(folder, "rows", torch.float8_e4m3fn),
+            "model.memory_values.rows is torch.float8_e4m3fn, but {folder}/config.json's "
+            "'quantized_table' makes it torch.int8",
+        ),
+        (
+            lambda folder: _retype_table(folder, "scale", torch.bfloat16),
+            "model.memory_values.scale is torch.bfloat16, but",
+        ),
+        (
+            lambda folder: _edit_config(
+                folder, lambda values: values.update(quantized_table={"dtype": "int4"})
+            ),
+            "config.json: bad 'quantized_table' entry {'dtype': 'int4'}",
+        ),
+        (
+            lambda folder: _edit_config(folder, lambda values: values.pop("quantized_table")),
+            "holds ['model.memory_values.rows', 'model.memory_values.scale'], which the model",
+        ),
+    ],
+    ids=["rows-dtype", "scale-dtype", "bad-entry", "no-entry"],
+)
+def test_a_quantized_folder_whose_table_and_config_disagree_names_the_file(
+    tmp_path: Path, damage, message: str
+):
+    _, quantized = _quantized_model("int8")
+    save_pretrained(quantized, tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError) as refused:
+        memcompile.from_pretrained(tmp_path)
+    assert message.replace("{folder}", str(tmp_path)) in str(refused.value)
