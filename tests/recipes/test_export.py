@@ -130,6 +130,13 @@ def test_generate_on_an_exported_folder_does_not_warn_about_max_length(
     assert new.shape == (1, 7)
     messages = said.messages + [str(w.message) for w in caught]
     assert not [m for m in messages if "max_length" in m], messages
+    # It decodes through transformers' KV cache: one token per step after the prompt.
+    lengths = []
+    hook = hf.model.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        again = hf.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4)
+    hook.remove()
+    assert lengths == [3, 1, 1, 1] and torch.equal(again, new)
 
 
 class _Recorder(logging.Handler):
@@ -139,3 +146,58 @@ class _Recorder(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_quantize_table_exports_a_quantized_table_that_every_loader_reads(
+    seed_checkpoint: Path, tmp_path: Path, dtype: str
+):
+    from safetensors import safe_open
+
+    from memcompile.memory import QuantizedTable
+
+    out = tmp_path / "exported"
+    args = ["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)]
+    main([*args, "--quantize-table", dtype])
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantized_table"] == {"dtype": dtype, "scale_dtype": "float32"}
+    rows_dtype = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[dtype]
+    with safe_open(out / "model.safetensors", "pt") as stored:
+        assert stored.get_tensor("model.memory_values.rows").dtype == rows_dtype
+        assert stored.get_tensor("model.memory_values.scale").shape == (1024,)
+    assert f"| value table | {dtype} (one scale per row" in (out / "README.md").read_text()
+
+    tokens = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
+    original = load_checkpoint(seed_checkpoint, "mem_debug")
+    loaded = memcompile.from_pretrained(out)
+    assert isinstance(loaded.memory_values, QuantizedTable)
+    with torch.no_grad():
+        logits, exact = loaded(tokens), original(tokens)
+    assert (logits - exact).abs().max() < 0.05 * exact.abs().max()
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert hf.model.memory_values.rows.dtype == rows_dtype
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, logits)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize-table", "int4"], "--quantize-table must be int8 or fp8, got 'int4'"),
+        (
+            ["--quantize-table", "int8", "--model", "dense_debug"],
+            "--quantize-table: dense_debug has no memory table to quantize",
+        ),
+    ],
+)
+def test_quantize_table_refuses_what_it_cannot_quantize(
+    seed_checkpoint: Path, tmp_path: Path, args: list[str], message: str, capsys
+):
+    out = tmp_path / "exported"
+    defaults = ["--checkpoint", str(seed_checkpoint), "--model", "mem_debug", "--out", str(out)]
+    with pytest.raises(SystemExit) as refused:
+        main([*defaults, *args])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
