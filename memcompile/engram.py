@@ -50,6 +50,13 @@ So the layers here, like :class:`memcompile.memory.ProductKeyMemory`, take the t
 ``forward`` argument and read it through :class:`memcompile.memory.ValueLookup` (one row per
 head, weights of one): the model owns it and shares one ``GradRecorder`` among its readers.
 
+Beside DeepSeek's demo (``engram_demo_v1.py``, which mocks the rest of the model): its heads of
+one order share one mix and differ only by their prime modulus, and its multipliers come from
+numpy's RNG; its gate takes a signed square root of the logit before the sigmoid, which the
+paper's equation (above, used here) does not have; its projections have biases; and it runs
+Engram at the start of the block, ``h + Engram(h)`` before attention, on the un-normalised
+stream (the gate's RMSNorm normalises it), which is where a model should call this layer.
+
 Initialisation (the paper gives none; ours): W_k and W_v N(0, 0.02) truncated at ±2σ as the
 model's other projections, norm gains 1, the convolution zero (so ``y = ṽ`` at the start: the
 convolution learns from there, SiLU'(0) = 1/2). The table itself is N(0, 1/√row_dim)
@@ -408,8 +415,3 @@ class Engram(nn.Module):
 def init_engram_table_(table: Tensor) -> Tensor:
     """N(0, 1/√row_dim) in place, as the product-key value table."""
     return nn.init.normal_(table, std=table.shape[1] ** -0.5)
-
-
-def engram_table_shape(config: EngramConfig) -> tuple[int, int]:
-    """``(num_rows, row_dim)`` of the model's one Engram table."""
-    return config.num_rows, config.row_dim

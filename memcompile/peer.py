@@ -14,8 +14,10 @@ selected expert is ``memlayer::lookup_weights_grad(x, U, idx)``, which computes 
 kernels read each selected row once, in place) and is differentiable to any order: its gradient
 w.r.t. x is ``lookup(U, idx, grad)`` and w.r.t. U ``lookup_values_grad(x, idx, grad)``, the same
 ``[T, D]``-per-read gradient as a lookup's, so the row-sparse optimizer can record it the same
-way. A dedicated ``gathered_dot`` op would duplicate those kernels, vmap and DTensor rules; the
-name is all it would add. The output is ``lookup(V, idx, g·σ(u·x))``.
+way (not yet: today the up table's reads record like any ``ValueLookup``'s, while the down
+table gets an ordinary dense gradient). A dedicated ``gathered_dot`` op would duplicate those
+kernels, vmap and DTensor rules; the name is all it would add.
+The output is ``lookup(V, idx, g·σ(u·x))``.
 
 Like the memory layers, the expert tables are not parameters of this module: the model owns
 them (``down [N, dim]``, ``up [N, out_dim]``, shareable by all PEER layers as Memory's value

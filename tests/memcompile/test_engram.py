@@ -6,6 +6,7 @@ hand-computed forward spells out the gate, the convolution and the SiLU for thre
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,6 +21,9 @@ from memcompile.engram import (
     init_engram_table_,
     tokenizer_compression,
 )
+from memcompile.memory import ValueTable
+from memcompile.sparse_optim import RowSparseOptimizer
+from ops.row_sparse import GradRecorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,21 +221,48 @@ def test_gradients_float64_gradcheck():
 
 
 class _TwoEngramBlocks(torch.nn.Module):
-    """Hash once, two Engram layers on one table: what a model does."""
+    """What a model does: hash once, two Engram layers reading one table, which it owns as
+    ``memory_values`` and passes through a ``ValueTable`` sharing the lookups' recorder."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.hasher = NgramHasher(CONFIG, VOCAB)
-        self.table = torch.nn.Parameter(init_engram_table_(torch.empty(CONFIG.num_rows, 3)))
-        self.blocks = torch.nn.ModuleList(Engram(dim, CONFIG) for _ in CONFIG.layers)
+        table = init_engram_table_(torch.empty(CONFIG.num_rows, CONFIG.row_dim))
+        self.memory_values = torch.nn.Parameter(table)
+        recorder = GradRecorder()
+        self.memory_table = ValueTable(recorder)
+        self.blocks = torch.nn.ModuleList(
+            Engram(dim, CONFIG, grad_recorder=recorder) for _ in CONFIG.layers
+        )
         for block in self.blocks:
             torch.nn.init.normal_(block.conv.weight)
 
     def forward(self, tokens, h):
         rows = self.hasher(tokens)
+        table = self.memory_table(self.memory_values)
         for i, block in enumerate(self.blocks):
-            h = h + block(h, rows[:, :, i], self.table)
+            h = h + block(h, rows[:, :, i], table)
         return h
+
+
+def test_row_sparse_optimizer_trains_the_engram_table_as_dense_sgd():
+    torch.manual_seed(5)
+    sparse_model = _TwoEngramBlocks(dim=8)
+    dense_model = copy.deepcopy(sparse_model)
+    before = sparse_model.memory_values.detach().clone()
+    tokens, h = torch.randint(0, VOCAB, (2, 7)), torch.randn(2, 7, 8)
+    optimizer = RowSparseOptimizer(sparse_model, "sgd", lr=0.5)
+    sparse_model(tokens, h).square().sum().backward()
+    optimizer.step()
+    dense_model(tokens, h).square().sum().backward()
+    with torch.no_grad():
+        dense_model.memory_values -= 0.5 * dense_model.memory_values.grad
+    torch.testing.assert_close(sparse_model.memory_values, dense_model.memory_values)
+    read = NgramHasher(CONFIG, VOCAB)(tokens).unique()
+    untouched = torch.ones(CONFIG.num_rows, dtype=torch.bool)
+    untouched[read] = False
+    assert torch.equal(sparse_model.memory_values[untouched], before[untouched])
+    assert not torch.equal(sparse_model.memory_values[~untouched], before[~untouched])
 
 
 def test_compiled_fullgraph_matches_eager():
