@@ -315,6 +315,26 @@ def _fake_world(world_size: int, rank: int) -> Iterator[None]:
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def _all_to_all_as_on_gpus() -> Iterator[None]:
+    """DTensor's ``Shard(i) -> Shard(j)`` redistribute on a CPU mesh all-gathers and keeps a
+    chunk (gloo has no all-to-all); NCCL runs the all-to-all. The simulated GPUs' meshes are
+    CPU meshes here: within this block they take the GPUs' path (the op has a fake kernel)."""
+    from torch.distributed._functional_collectives import _resolve_group
+    from torch.distributed.tensor import placement_types
+
+    def shard_dim_alltoall(input, gather_dim, shard_dim, mesh, mesh_dim):
+        group = _resolve_group((mesh, mesh_dim))
+        return torch.ops._dtensor.shard_dim_alltoall(input, gather_dim, shard_dim, group)
+
+    original = placement_types.shard_dim_alltoall
+    placement_types.shard_dim_alltoall = shard_dim_alltoall
+    try:
+        yield
+    finally:
+        placement_types.shard_dim_alltoall = original
+
+
 def _planned_config(
     config: PretrainTrainer.Config, vocab_size: int | None
 ) -> PretrainTrainer.Config:
@@ -352,7 +372,8 @@ def plan(
     compiled = config.compile.enable and "model" in config.compile.components
     config = _planned_config(config, vocab_size)
     fake = _ShapesOnly()
-    with _fake_world(world_size, rank), contextlib.ExitStack() as simulation:
+    on_gpus = _all_to_all_as_on_gpus() if gpu != "cpu" else contextlib.nullcontext()
+    with _fake_world(world_size, rank), on_gpus, contextlib.ExitStack() as simulation:
         parallelize = config.model_spec.parallelize_fn
 
         def parallelize_then_fake(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
@@ -378,15 +399,18 @@ def plan(
             while True:
                 yield {"input": torch.randint(0, vocab, batch)}, torch.randint(0, vocab, batch)
 
-        # The first step creates the optimizer states (the tracker sees them made): the peak
-        # is the second's, as every later one's, and so are the counts.
+        # The first step creates the optimizer states: the second is measured, as every later
+        # one, with the states the tracker is told of (the container keeps none itself).
+        trainer.train_step(tokens())
         memory = FSDPMemTracker(trainer.model_parts[0], trainer.optimizers)
         counter = _StepCounter(device)
-        with memory:
+        with memory, counter:
+            for optimizer in trainer.optimizers:
+                memory._track_optimizer_states(_FSDPRefType.OPT, optimizer)
+            for parameter in trainer.model_parts[0].parameters():  # FSDP's ignored ones too
+                local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+                memory._update_and_maybe_create_winfos(local, _FSDPRefType.SHARDED_PARAM)
             trainer.train_step(tokens())
-            memory.reset_mod_stats()
-            with counter:
-                trainer.train_step(tokens())
         peak = memory.get_tracker_snapshot("peak")
         breakdown = {kind: 0 for kind in _KINDS}
         other = 0
