@@ -32,8 +32,9 @@ from transformers import Cache, DynamicCache, GenerationMixin, PretrainedConfig,
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from memcompile.memory import use_quantized_table
 from memcompile.model import Transformer
-from memcompile.pretrained import CONFIG_KEY, config_from_dict
+from memcompile.pretrained import CONFIG_KEY, TABLE_KEY, config_from_dict, empty_quantized_table
 
 
 class MemcompileConfig(PretrainedConfig):
@@ -105,6 +106,10 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MemcompileConfig) -> None:
         super().__init__(config)
         self.model = Transformer(config_from_dict(getattr(config, CONFIG_KEY)))
+        # A quantized table (config.json's quantized_table) loads into a QuantizedTable.
+        table = empty_quantized_table(getattr(config, TABLE_KEY, None), self.model.config, "config")
+        if table is not None:
+            use_quantized_table(self.model, table)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:

@@ -8,7 +8,8 @@ The folder holds ``model.safetensors`` (sharded past ``--max-shard-mb``, with
 whole model config, see :mod:`memcompile.pretrained`), ``generation_config.json``, the tokenizer
 files of ``--hf-assets-path``, a model card (``README.md``) and ``modeling_memcompile.py``. Load
 it back with ``memcompile.from_pretrained(folder)`` (the same weights, so the same logits,
-bitwise), with ``transformers.AutoModelForCausalLM.from_pretrained(folder,
+bitwise; with ``--quantize-table int8`` or ``fp8`` the table is stored quantized, one scale per
+row, and read quantized), with ``transformers.AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` (``memcompile/hf.py``; ``generate()`` works), or pass the folder as
 ``--checkpoint`` to ``recipes.evaluate`` / ``recipes.generate``.
 
@@ -28,8 +29,10 @@ from pathlib import Path
 
 from memcompile.cli import UsageError, check_at_least, reported_errors
 from memcompile.flavors import FlavorName, get_flavor
+from memcompile.memory import quantize_table
 from memcompile.pretrained import check_replaceable, save_pretrained
 from memcompile.stats import model_stats
+from ops.lookup_quantized import QUANTIZED_DTYPES
 from recipes.checkpoints import check_checkpoint, load_checkpoint, load_tokenizer
 from recipes.data.tokenizer import BUILTIN_TOKENIZER_DIR
 
@@ -61,15 +64,24 @@ class ExportConfig:
     overwrite: bool = False
     """Replace --out if it exists"""
 
+    quantize_table: str | None = None
+    """Store the value table quantized for inference: int8 or fp8 (e4m3), one scale per row
+    (torchao); read by a lookup that dequantizes inside the kernel. Default: as trained"""
+
 
 def run(config: ExportConfig) -> Path:
     check_at_least("--seq-len", config.seq_len, 1)
     check_at_least("--max-shard-mb", config.max_shard_mb, 1)
+    if config.quantize_table not in (None, *QUANTIZED_DTYPES):
+        choices = " or ".join(QUANTIZED_DTYPES)
+        raise UsageError(f"--quantize-table must be {choices}, got {config.quantize_table!r}")
     _check_out(config)
     tokenizer = load_tokenizer(config.hf_assets_path)
     transformer = get_flavor(
         config.model, vocab_size=tokenizer.get_vocab_size(), seq_len=config.seq_len
     )
+    if config.quantize_table is not None and transformer.memory is None:
+        raise UsageError(f"--quantize-table: {config.model} has no memory table to quantize")
     check_checkpoint(config.checkpoint, config.model, transformer)
     missing = [f for f in TOKENIZER_FILES if not (config.hf_assets_path / f).is_file()]
     if missing:
@@ -78,6 +90,8 @@ def run(config: ExportConfig) -> Path:
     model = load_checkpoint(
         config.checkpoint, config.model, tokenizer.get_vocab_size(), seq_len=config.seq_len
     )
+    if config.quantize_table is not None:
+        quantize_table(model, config.quantize_table)
 
     def add_files(folder: Path) -> None:  # written into the folder before it takes --out's place
         shutil.copy(config.hf_assets_path / "tokenizer_config.json", folder)
@@ -138,6 +152,7 @@ def _model_card(config: ExportConfig, transformer) -> str:
     stats = model_stats(transformer)
     shape = f"dim {transformer.dim}, {transformer.n_layers} blocks, vocab {transformer.vocab_size}"
     memory = transformer.memory
+    table_note = " (one scale per row; inference only)" if config.quantize_table else ""
     layers = (
         "none (dense)"
         if memory is None
@@ -154,6 +169,7 @@ A memcompile model (memory layers, "Memory Layers at Scale", Berges et al. 2024)
 | architecture | {shape} |
 | memory layers | {layers} |
 | parameters | {stats.total_params:,} in all, {stats.memory_params:,} in the value table |
+| value table | {config.quantize_table or "as trained"}{table_note} |
 | active per token | {stats.active_params:,} |
 
 ```python
