@@ -47,10 +47,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import (
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
 from torch.distributed._tools.fake_collectives import CollectiveOp, collective_ops, sync_ops
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torchtitan.tools.logging import init_logger, logger
@@ -206,13 +212,37 @@ class _ShapesOnly(FakeTensorMode):
         raise NotImplementedError(f"recipes.plan: no largest-output rule for {func}")
 
 
+class _PropagationApart:
+    """DTensor derives each result's global shape by running the operator on global-shape fake
+    tensors, in the active fake mode if there is one: that would be the simulation's, whose
+    trackers would count a whole table. Used as DTensor's propagation lock, this makes the
+    propagation use a mode of its own, which the trackers skip."""
+
+    def __enter__(self) -> None:
+        self._unset = unset_fake_temporarily()
+        self._unset.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._unset.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _shape_propagation_apart() -> Iterator[None]:
+    original = ShardingPropagator._fake_mode_lock
+    ShardingPropagator._fake_mode_lock = _PropagationApart()
+    try:
+        yield
+    finally:
+        ShardingPropagator._fake_mode_lock = original
+
+
 class _StepCounter(TorchDispatchMode):
     """FLOPs, bytes moved and collective bytes of every operator a rank runs (local tensors:
     DTensor operations are seen as the local operations and collectives they become)."""
 
-    def __init__(self, gpu: GPU) -> None:
+    def __init__(self, gpu: GPU, fake_mode: FakeTensorMode) -> None:
         super().__init__()
-        self.gpu = gpu
+        self.gpu, self.fake_mode = gpu, fake_mode
         self.flops = 0
         self.compute_seconds = 0.0
         self.comm_seconds = 0.0
@@ -223,6 +253,8 @@ class _StepCounter(TorchDispatchMode):
             return NotImplemented
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if active_fake_mode() is not self.fake_mode:  # DTensor's shape propagation
+            return out
         if func in collective_ops:
             if func not in sync_ops:
                 self._count_collective(func, out, args, kwargs)
@@ -373,7 +405,12 @@ def plan(
     config = _planned_config(config, vocab_size)
     fake = _ShapesOnly()
     on_gpus = _all_to_all_as_on_gpus() if gpu != "cpu" else contextlib.nullcontext()
-    with _fake_world(world_size, rank), on_gpus, contextlib.ExitStack() as simulation:
+    with (
+        _fake_world(world_size, rank),
+        on_gpus,
+        _shape_propagation_apart(),
+        contextlib.ExitStack() as simulation,
+    ):
         parallelize = config.model_spec.parallelize_fn
 
         def parallelize_then_fake(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
@@ -403,7 +440,7 @@ def plan(
         # one, with the states the tracker is told of (the container keeps none itself).
         trainer.train_step(tokens())
         memory = FSDPMemTracker(trainer.model_parts[0], trainer.optimizers)
-        counter = _StepCounter(device)
+        counter = _StepCounter(device, fake)
         with memory, counter:
             for optimizer in trainer.optimizers:
                 memory._track_optimizer_states(_FSDPRefType.OPT, optimizer)
