@@ -230,3 +230,24 @@ def test_what_the_model_cannot_take_or_return_is_refused(saved):
     with pytest.raises(TypeError, match="inputs_embeds"):
         hf(tokens, inputs_embeds=torch.zeros(1, 5, 64))
     assert hf(tokens, use_cache=False).past_key_values is None
+
+
+def test_the_generation_benchmark_times_every_engine_on_the_same_tokens(saved, tmp_path):
+    from benchmarks import hf_generate
+    from memcompile.cli import UsageError
+
+    _, folder = saved
+    hf = hf_generate.load_hf_model(folder, torch.device("cpu"))
+    prompt = torch.randint(1, 256, (1, 250), generator=torch.Generator().manual_seed(9))
+    row = hf_generate.hf_generate_speed(hf, prompt, 8, repeats=1)
+    assert row["rope_extended"] and hf.model.config.max_seq_len == 258  # past mem_debug's 256
+    for engine in hf_generate.ENGINES:
+        assert row[f"{engine}_same_tokens"] and row[f"{engine}_ms"] > 0
+    assert row["hf_over_memcompile"] == row["hf_ms"] / row["memcompile_ms"]
+    assert row["hf_over_memcompile_cpu"] == row["hf_cpu_ms"] / row["memcompile_cpu_ms"]
+    out = tmp_path / "hf.json"
+    args = ["--folder", str(folder), "--new-tokens", "2", "--repeats", "1", "--out", str(out)]
+    payload = hf_generate.main(args)
+    assert out.exists() and payload["results"][0]["hf_same_tokens"]
+    with pytest.raises(UsageError, match="--new-tokens must be >= 1, got 0"):
+        hf_generate.main(["--new-tokens", "0"])
