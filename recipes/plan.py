@@ -66,7 +66,7 @@ from memcompile.flavors import fit_to_run
 from recipes import shims
 from recipes.model import TitanTransformer, model_spec
 from recipes.parallelize import SelectiveAC
-from recipes.preflight import USABLE_FRACTION, GiB, available_bytes
+from recipes.preflight import USABLE_FRACTION, GiB, _run_arguments, available_bytes, estimate
 from recipes.pretrain import parse_args, validate
 from recipes.trainer import PretrainTrainer
 
@@ -502,16 +502,22 @@ def search(
     config: PretrainTrainer.Config,
     gpu: str = "h100",
     *,
+    rules: tuple[str, ...] = ("adamw", *ROW_SPARSE_RULES),
     max_ranks: int = 4096,
     vocab_size: int | None = None,
 ) -> dict[str, RankPlan | None]:
     """The smallest power-of-two world (and its memory-parallel degree) on which ``config`` fits
-    ``gpu``, for the dense AdamW table and each row-sparse rule: ``{rule: plan or None}``
-    (``None``: nothing up to ``max_ranks`` fits). Per world size the widest memory-parallel
-    degree (dividing it and the value dim) is tried, and for AdamW also plain FSDP (degree 1)."""
-    memory = config.model_spec.model.transformer.memory
+    ``gpu``, for each table optimizer of ``rules`` (dense AdamW, the row-sparse rules):
+    ``{rule: plan or None}`` (``None``: nothing up to ``max_ranks`` fits). Per world size the
+    widest memory-parallel degree (dividing it and the value dim) is tried, and for AdamW also
+    plain FSDP (degree 1); a world whose weights and optimizer states alone (the preflight's
+    count) exceed the GPU is skipped without a trace."""
+    transformer = config.model_spec.model.transformer
+    if vocab_size is not None:
+        transformer = fit_to_run(transformer, vocab_size=vocab_size)
+    memory = transformer.memory
     found: dict[str, RankPlan | None] = {}
-    for rule in ("adamw", *ROW_SPARSE_RULES):
+    for rule in rules:
         if memory is None and rule != "adamw":
             continue
         found[rule] = None
@@ -529,6 +535,9 @@ def search(
                     memory_parallel_degree=degree,
                     row_sparse_table=rule != "adamw",
                 )
+                static = estimate(transformer, **_run_arguments(candidate, world))
+                if static.params + static.optimizer > GPUS[gpu].memory_bytes:
+                    continue
                 logger.info(f"search: {rule} on {world} x {gpu}, memory-parallel degree {degree}")
                 result = plan(candidate, world, gpu, vocab_size=vocab_size)
                 if result.fits:
