@@ -208,16 +208,18 @@ def _row_sq_norms(case: Case):
 def _update_rows(rule: str, use_mean_sq: bool = False):
     def build(case: Case):
         from ops import row_sparse_triton as k
+        from ops.table_rule import Rule, TableRule
 
         table, state = _stand_in(DTYPES[case.dtype]), _stand_in(torch.float32)
         grad_out, groups = _stand_in(torch.float32), _stand_in(torch.int64)
         mean_sq = _stand_in(torch.float64) if use_mean_sq else groups
-        launch = k.update_rows_launch(1, case.dim, rule, use_mean_sq)
+        code, hyperparameters = TableRule(rule, lr=1e-3).packed()
+        launch = k.update_rows_launch(1, case.dim, Rule(code), use_mean_sq)
         args = (
             table, state, state, grad_out, grad_out, groups, groups, groups, groups, grad_out,
             mean_sq,
             NUM_ROWS, case.bag_size, case.dim,
-            1e-3, 1e-8, 0.9, 0.999, 0.0, 1.0, 0.5, 0.5,  # lr, eps, betas, decay, scale, biases
+            *k.update_rows_scalars(hyperparameters, 1.0),
         )  # fmt: skip
         return k._update_rows_kernel, launch, args
 

@@ -113,7 +113,7 @@ from memcompile.cli import (
 )
 from memcompile.memory import ValueLookup
 from memcompile.sparse_optim import RowSparseOptimizer
-from ops.row_sparse import RULES
+from ops.table_rule import RULES
 
 Method = Literal[
     "aten_adamw_fused",

@@ -73,7 +73,6 @@ from torch.optim import Optimizer
 from memcompile.memory import ValueLookup
 from memcompile.optim import MEMORY_VALUES
 from ops.row_sparse import (
-    RULES,
     GradRecorder,
     RowGroups,
     RowSparseGrad,
@@ -82,15 +81,13 @@ from ops.row_sparse import (
     row_sq_norms,
     update_rows,
 )
+from ops.table_rule import RULES, Rule, TableRule
 
 #: Rows a step may train: fixed row ids, or a function of the step's reads returning them.
 RowChoice = Tensor | Callable[[Tensor], Tensor]
 
 #: Optimizer names that train a table densely (from an autograd gradient), not row-sparsely.
 DENSE_OPTIMIZERS = ("adamw", "adagrad", "sparseadam")
-
-#: The state each rule keeps (besides ``step``), which ``load_state_dict`` checks.
-STATE_NAMES = {"sgd": (), "rowwise_adagrad": ("sum",), "adam": ("exp_avg", "exp_avg_sq")}
 
 
 class RowSparseOptimizer(Optimizer):
@@ -139,7 +136,7 @@ class RowSparseOptimizer(Optimizer):
                 f"RowSparseOptimizer: model reads {MEMORY_VALUES} through no "
                 "memcompile.memory.ValueLookup, so no lookup would record its gradient"
             )
-        eps = {"sgd": 0.0, "rowwise_adagrad": 1e-10, "adam": 1e-8}[rule] if eps is None else eps
+        eps = Rule.of(rule).default_eps if eps is None else eps
         _check_hyperparameters(lr, eps, betas, weight_decay)
         layout = _TableLayout.of(table)
         if layout.column_groups and rule == "rowwise_adagrad" and weight_decay:
@@ -243,7 +240,7 @@ class RowSparseOptimizer(Optimizer):
         return state
 
     def _state_tensors(self) -> list[Tensor]:
-        return [_local(self.state[self.table][name]) for name in STATE_NAMES[self.rule]]
+        return [_local(self.state[self.table][name]) for name in Rule.of(self.rule).state_names]
 
     def _grad(self) -> RowSparseGrad | None:
         """The table's recorded gradient (its local part), ``None`` if nothing was recorded."""
@@ -329,14 +326,16 @@ class RowSparseOptimizer(Optimizer):
             inputs.grad_out,
             inputs.weights,
             inputs.groups,
-            row_mean_sq=inputs.row_sq_norms / self.table.shape[1],
-            rule=self.rule,
-            lr=_as_float(group["lr"]),
-            eps=group["eps"],
-            betas=group["betas"],
-            weight_decay=group["weight_decay"],
+            TableRule(
+                self.rule,
+                lr=_as_float(group["lr"]),
+                eps=group["eps"],
+                betas=group["betas"],
+                weight_decay=group["weight_decay"],
+                step=int(state["step"].item()),
+            ),
             grad_scale=grad.scale,
-            step=int(state["step"].item()),
+            row_mean_sq=inputs.row_sq_norms / self.table.shape[1],
         )
         grad.cache = None  # not kept alive until zero_grad
 
@@ -355,7 +354,7 @@ class RowSparseOptimizer(Optimizer):
     def _check_saved_state(self, saved: dict[str, Any]) -> None:
         """The saved state must be this rule's, for a table of this shape."""
         names = set(saved) - {"step"}
-        saved_rule = next((r for r, n in STATE_NAMES.items() if set(n) == names), None)
+        saved_rule = next((r.name.lower() for r in Rule if set(r.state_names) == names), None)
         if "step" not in saved or saved_rule is None:
             raise ValueError(
                 f"RowSparseOptimizer.load_state_dict: the state holds {sorted(saved)}, which is "

@@ -52,11 +52,10 @@ from ops.checks import (
     check_shape,
     check_tensor,
     index_checks_enabled,
+    refuse_other_devices,
 )
 from ops.lookup import lookup
-
-#: The update rules of ``memlayer::update_rows`` (see :func:`update_rows`).
-RULES = ("sgd", "rowwise_adagrad", "adam")
+from ops.table_rule import Rule, TableRule, check_packed
 
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 torch.library.define(
@@ -73,8 +72,8 @@ torch.library.define(
 torch.library.define(
     "memlayer::update_rows",
     "(Tensor(a!) table, Tensor(b!)[] state, Tensor grad_out, Tensor weights, Tensor rows,"
-    " Tensor row_starts, Tensor positions, Tensor? row_mean_sq, str rule, float lr, float eps,"
-    " float beta1, float beta2, float weight_decay, float grad_scale, int step) -> ()",
+    " Tensor row_starts, Tensor positions, Tensor? row_mean_sq, int rule, float[] hyperparameters,"
+    " float grad_scale) -> ()",
     tags=_TAGS,
 )
 
@@ -657,33 +656,25 @@ def update_rows(
     grad_out: Tensor,
     weights: Tensor,
     groups: RowGroups,
+    rule: TableRule,
     *,
-    rule: str,
-    lr: float,
-    eps: float = 1e-8,
-    betas: tuple[float, float] = (0.9, 0.999),
-    weight_decay: float = 0.0,
     grad_scale: float = 1.0,
-    step: int = 1,
     row_mean_sq: Tensor | None = None,
 ) -> None:
-    """Apply ``rule`` in place to the touched rows of ``table`` and its ``state``, with each
-    row's gradient ``grad_scale * g_u`` (``g_u`` as in :func:`row_sq_norms`):
+    """Apply ``rule`` (``ops/table_rule.py``: SGD, row-wise AdaGrad or lazy AdamW, and its
+    hyperparameters) in place to the touched rows of ``table`` and its ``state`` (the tensors
+    of ``rule.rule.state_names``: ``sum [N]`` fp32 for row-wise AdaGrad, ``exp_avg,
+    exp_avg_sq [N, D]`` fp32 for Adam), with each row's gradient ``grad_scale * g_u`` (``g_u``
+    as in :func:`row_sq_norms`).
 
-    - ``"sgd"`` (no state): ``w -= lr * (g + weight_decay * w)``.
-    - ``"rowwise_adagrad"`` (state ``[sum [N] fp32]``), FBGEMM's row-wise AdaGrad with L2 decay:
-      ``g' = g + weight_decay * w``; ``sum += mean(g'²)``; ``m = lr / (sqrt(sum) + eps)``;
-      ``w = (1 - m * weight_decay) * w - m * g``. ``row_mean_sq`` (fp64 ``[U]``, each row's
-      mean squared unscaled ``g`` over its full width: a column-sharded table's ranks hold a
-      slice of the row) replaces the local ``mean(g²)`` when ``weight_decay`` is 0.
-    - ``"adam"`` (state ``[exp_avg, exp_avg_sq]``, ``[N, D]`` fp32): ``torch.optim.AdamW``'s
-      update of the row at global step ``step`` (its bias corrections), with decoupled decay.
-
-    Rows not touched are not read or written.
+    ``row_mean_sq`` (fp64 ``[U]``, each row's mean squared unscaled ``g`` over its full width:
+    a column-sharded table's ranks hold a slice of the row) replaces row-wise AdaGrad's local
+    ``mean(g²)`` when ``weight_decay`` is 0. Rows not touched are not read or written.
     """
+    code, hyperparameters = rule.packed()
     torch.ops.memlayer.update_rows(
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions,
-        row_mean_sq, rule, lr, eps, betas[0], betas[1], weight_decay, grad_scale, step,
+        row_mean_sq, code, hyperparameters, grad_scale,
     )  # fmt: skip
 
 
@@ -721,13 +712,24 @@ def _check_group_data(op: str, weights: Tensor, row_starts: Tensor, positions: T
         raise ValueError(f"{op}: row_starts must be non-decreasing")
 
 
-@torch.library.impl("memlayer::row_sq_norms", "default")
-def _row_sq_norms_kernel(grad_out, weights, row_starts, positions):
+def _row_sq_norms_inputs(grad_out, weights, row_starts, positions) -> tuple[Tensor, ...]:
     _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
     _check_group_data("row_sq_norms", weights, row_starts, positions)
-    kernels = row_sparse_triton if grad_out.device.type == "cuda" else row_sparse_cpu
-    inputs = (t.contiguous() for t in (grad_out, weights, row_starts, positions))
-    return kernels.row_sq_norms(*inputs)
+    return tuple(t.contiguous() for t in (grad_out, weights, row_starts, positions))
+
+
+@torch.library.impl("memlayer::row_sq_norms", "CPU")
+def _row_sq_norms_cpu(grad_out, weights, row_starts, positions):
+    return row_sparse_cpu.row_sq_norms(
+        *_row_sq_norms_inputs(grad_out, weights, row_starts, positions)
+    )
+
+
+@torch.library.impl("memlayer::row_sq_norms", "CUDA")
+def _row_sq_norms_cuda(grad_out, weights, row_starts, positions):
+    return row_sparse_triton.row_sq_norms(
+        *_row_sq_norms_inputs(grad_out, weights, row_starts, positions)
+    )
 
 
 @torch.library.register_fake("memlayer::row_sq_norms")
@@ -736,24 +738,26 @@ def _row_sq_norms_fake(grad_out, weights, row_starts, positions):
     return grad_out.new_empty((row_starts.shape[0] - 1,), dtype=torch.float64)
 
 
-def _expected_state(rule: str, table: Tensor) -> list[tuple[tuple[int, ...], str]]:
-    num_rows, dim = table.shape
-    return {
-        "sgd": [],
-        "rowwise_adagrad": [((num_rows,), "sum [N]")],
-        "adam": [((num_rows, dim), "exp_avg [N, D]"), ((num_rows, dim), "exp_avg_sq [N, D]")],
-    }[rule]
+refuse_other_devices("memlayer::row_sq_norms", _row_sq_norms_fake)
+
+
+def _expected_state(rule: Rule, table: Tensor) -> list[tuple[tuple[int, ...], str]]:
+    """Each state tensor's shape and its name with its shape, as messages spell it."""
+    shapes = {"sum": ((table.shape[0],), "[N]"), "exp_avg": (tuple(table.shape), "[N, D]")}
+    shapes["exp_avg_sq"] = shapes["exp_avg"]
+    return [(shapes[name][0], f"{name} {shapes[name][1]}") for name in rule.state_names]
 
 
 def _check_update(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+    rule, hyperparameters, grad_scale,
 ):  # fmt: skip
     op = "update_rows"
     check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
-    if rule not in RULES:
-        raise ValueError(f"{op}: rule must be one of {', '.join(RULES)}, got {rule!r}")
-    _check_hyperparameters(op, lr, eps, beta1, beta2, weight_decay, grad_scale, step)
+    check_packed(op, rule, hyperparameters)
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale}")
+    rule = Rule(rule)
     _check_groups(op, grad_out, weights, row_starts, positions)
     check_shape(op, "grad_out", grad_out, (grad_out.shape[0], table.shape[1]), "D of table")
     check_tensor(op, "rows", rows, "[U]", (torch.int64,))
@@ -761,7 +765,9 @@ def _check_update(
     expected = _expected_state(rule, table)
     if len(state) != len(expected):
         names = ", ".join(name for _, name in expected) or "none"
-        raise ValueError(f"{op}: rule {rule!r} takes state [{names}], got {len(state)} tensors")
+        raise ValueError(
+            f"{op}: rule {rule.name.lower()!r} takes state [{names}], got {len(state)} tensors"
+        )
     for tensor, (shape, name) in zip(state, expected):
         check_tensor(op, f"state {name}", tensor, name.split(" ", 1)[1], (torch.float32,))
         check_shape(
@@ -778,27 +784,6 @@ def _check_update(
     if row_mean_sq is not None:
         others["row_mean_sq"] = row_mean_sq
     check_same_device(op, table=table, grad_out=grad_out, rows=rows, **others)
-
-
-def _check_hyperparameters(
-    op: str, lr, eps, beta1, beta2, weight_decay, grad_scale, step
-) -> None:  # fmt: skip
-    """Each in its range; NaN fails every test (``not 0 <= nan`` holds)."""
-    if not 0 <= lr < math.inf:  # 0 is allowed: LR schedules may decay to it, as torch.optim's
-        raise ValueError(f"{op}: lr must be a finite number >= 0, got {lr}")
-    if not 0 <= eps < math.inf:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not 0 <= beta < 1:
-            raise ValueError(f"{op}: {name} must lie in [0, 1), got {beta}")
-    if not 0 <= weight_decay < math.inf:
-        raise ValueError(f"{op}: weight_decay must be a finite number >= 0, got {weight_decay}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale}")
-    if step < 1:
-        raise ValueError(
-            f"{op}: step must be >= 1 (the steps taken, this one included), got {step}"
-        )
 
 
 def _check_update_data(table: Tensor, state: list[Tensor], rows: Tensor) -> None:
@@ -823,43 +808,58 @@ def _check_update_data(table: Tensor, state: list[Tensor], rows: Tensor) -> None
         storages[f"state {i}"] = pointer
 
 
-@torch.library.impl("memlayer::update_rows", "default")
-def _update_rows_kernel(
+def _update_rows_inputs(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+    rule, hyperparameters, grad_scale,
 ):  # fmt: skip
+    """The checked arguments, contiguous; ``None`` if no row is to be updated."""
     _check_update(
         table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-        rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+        rule, hyperparameters, grad_scale,
     )  # fmt: skip
     _check_group_data("update_rows", weights, row_starts, positions)
     _check_update_data(table, state, rows)
     if rows.numel() == 0 or table.shape[1] == 0:
-        return
-    kernels = row_sparse_triton if table.device.type == "cuda" else row_sparse_cpu
+        return None
     grad_out, weights, rows, row_starts, positions = (
         t.contiguous() for t in (grad_out, weights, rows, row_starts, positions)
     )
     row_mean_sq = None if row_mean_sq is None else row_mean_sq.contiguous()
-    kernels.update_rows(
+    return (
         table, list(state), grad_out, weights, rows, row_starts, positions, row_mean_sq,
-        rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+        rule, hyperparameters, grad_scale,
     )  # fmt: skip
-    # The kernels write through raw pointers: tell autograd, as an in-place op would, so that a
-    # backward that saved the table before this update refuses to use it.
+
+
+def _written_in_place(table: Tensor, state: list[Tensor]) -> None:
+    """The kernels write through raw pointers: tell autograd, as an in-place op would, so that
+    a backward that saved the table before this update refuses to use it."""
     for tensor in (table, *state):
         torch.autograd.graph.increment_version(tensor)
 
 
+@torch.library.impl("memlayer::update_rows", "CPU")
+def _update_rows_cpu(table, state, *args):
+    inputs = _update_rows_inputs(table, state, *args)
+    if inputs is not None:
+        row_sparse_cpu.update_rows(*inputs)
+    _written_in_place(table, state)
+
+
+@torch.library.impl("memlayer::update_rows", "CUDA")
+def _update_rows_cuda(table, state, *args):
+    inputs = _update_rows_inputs(table, state, *args)
+    if inputs is not None:
+        row_sparse_triton.update_rows(*inputs)
+    _written_in_place(table, state)
+
+
 @torch.library.register_fake("memlayer::update_rows")
-def _update_rows_fake(
-    table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
-):  # fmt: skip
-    _check_update(
-        table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-        rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
-    )  # fmt: skip
+def _update_rows_fake(table, state, *args):
+    _check_update(table, state, *args)
+
+
+refuse_other_devices("memlayer::update_rows", _update_rows_fake)
 
 
 # --------------------------------------------------------------------------- reference
@@ -871,17 +871,13 @@ def reference_update_rows(
     grad_out: Tensor,
     indices: Tensor,
     weights: Tensor,
+    rule: TableRule,
     *,
-    rule: str,
-    lr: float,
-    eps: float = 1e-8,
-    betas: tuple[float, float] = (0.9, 0.999),
-    weight_decay: float = 0.0,
     grad_scale: float = 1.0,
-    step: int = 1,
 ) -> tuple[Tensor, list[Tensor]]:
     """The textbook float64 update (dense gradient, then the rule on the rows it touched):
     returns the new ``(table, state)``, both float64."""
+    lr, eps, weight_decay, step = rule.lr, rule.eps, rule.weight_decay, rule.step
     w = table.double().clone()
     state = [s.double().clone() for s in state]
     grad = torch.zeros_like(w)
@@ -891,14 +887,14 @@ def reference_update_rows(
     grad *= grad_scale
     touched = torch.unique(flat)
     g, wt = grad[touched], w[touched]
-    if rule == "sgd":
+    if rule.rule == Rule.SGD:
         w[touched] = wt - lr * (g + weight_decay * wt)
-    elif rule == "rowwise_adagrad":
+    elif rule.rule == Rule.ROWWISE_ADAGRAD:
         state[0][touched] += (g + weight_decay * wt).square().mean(dim=1)
         multiplier = (lr / (state[0][touched].sqrt() + eps)).unsqueeze(1)
         w[touched] = (1 - multiplier * weight_decay) * wt - multiplier * g
     else:
-        beta1, beta2 = betas
+        beta1, beta2 = rule.betas
         exp_avg, exp_avg_sq = state
         exp_avg[touched] = beta1 * exp_avg[touched] + (1 - beta1) * g
         exp_avg_sq[touched] = beta2 * exp_avg_sq[touched] + (1 - beta2) * g.square()

@@ -12,9 +12,6 @@ from torch import Tensor
 
 from ops._cpu_build import build
 
-#: Rule codes of the C++ kernel.
-RULES = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
-
 
 @functools.cache
 def _kernels():
@@ -38,17 +35,13 @@ def update_rows(
     row_starts: Tensor,
     positions: Tensor,
     row_mean_sq: Tensor | None,
-    rule: str,
-    lr: float,
-    eps: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    rule: int,
+    hyperparameters: list[float],
     grad_scale: float,
-    step: int,
 ) -> None:
-    """The in-place update of the touched ``rows`` of ``table`` and ``state``."""
+    """The in-place update of the touched ``rows`` of ``table`` and ``state`` by the packed
+    rule (``ops/table_rule.py``: ``TableRule.packed``)."""
     _kernels().row_update(
         table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-        RULES[rule], lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+        rule, hyperparameters, grad_scale,
     )  # fmt: skip

@@ -24,14 +24,11 @@ The launchers take plain tensors of any device Triton runs on: CUDA, or CPU tens
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ops.lookup_triton import _HITS_PER_PIECE, Launch, _jit, hot_row_pieces, tl, triton
-
-_RULES = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
+from ops.table_rule import Hyper, Rule
 
 
 @_jit
@@ -94,7 +91,7 @@ def _update_rows_kernel(
     mask = (offs < dim) & row_valid
     at = row.to(tl.int64) * dim + offs
     w = tl.load(table_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    if RULE == 0:  # SGD
+    if RULE == 0:  # SGD (the codes of ops/table_rule.py's Rule)
         new = w - lr * (g + weight_decay * w)
     elif RULE == 1:  # FBGEMM's row-wise AdaGrad, L2 decay
         if HAS_MEAN_SQ:
@@ -141,11 +138,20 @@ def row_sq_norms_launch(num_touched: int, dim: int) -> Launch:
     return Launch((num_touched,), {"BLOCK_D": block_d}, _num_warps(block_d))
 
 
-def update_rows_launch(num_touched: int, dim: int, rule: str, use_mean_sq: bool) -> Launch:
+def update_rows_launch(num_touched: int, dim: int, rule: Rule, use_mean_sq: bool) -> Launch:
     """``_update_rows_kernel``: one program per touched row, holding the whole row."""
     block_d = _block_d(dim)
-    constexprs = {"RULE": _RULES[rule], "HAS_MEAN_SQ": use_mean_sq, "BLOCK_D": block_d}
+    constexprs = {"RULE": int(rule), "HAS_MEAN_SQ": use_mean_sq, "BLOCK_D": block_d}
     return Launch((num_touched,), constexprs, _num_warps(block_d))
+
+
+def update_rows_scalars(hyperparameters: list[float], grad_scale: float) -> tuple[float, ...]:
+    """``_update_rows_kernel``'s float arguments, in its order, from the packed rule."""
+    h = hyperparameters
+    return (
+        h[Hyper.LR], h[Hyper.EPS], h[Hyper.BETA1], h[Hyper.BETA2], h[Hyper.WEIGHT_DECAY],
+        grad_scale, h[Hyper.BIAS_CORRECTION1], h[Hyper.BIAS_CORRECTION2_SQRT],
+    )  # fmt: skip
 
 
 def row_sq_norms(
@@ -179,27 +185,22 @@ def update_rows(
     row_starts: Tensor,
     positions: Tensor,
     row_mean_sq: Tensor | None,
-    rule: str,
-    lr: float,
-    eps: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    rule: int,
+    hyperparameters: list[float],
     grad_scale: float,
-    step: int,
     *,
     hits_per_piece: int = _HITS_PER_PIECE,
 ) -> None:
-    """The in-place update of the touched ``rows`` of ``table`` and ``state``; a row with more
-    than ``hits_per_piece`` hits has its gradient summed in pieces in parallel first."""
+    """The in-place update of the touched ``rows`` of ``table`` and ``state`` by the packed
+    rule (``ops/table_rule.py``: ``TableRule.packed``); a row with more than
+    ``hits_per_piece`` hits has its gradient summed in pieces in parallel first."""
     state0, state1 = (list(state) + [table, table])[:2]  # unused pointers for stateless rules
-    use_mean_sq = row_mean_sq is not None and weight_decay == 0.0
+    use_mean_sq = row_mean_sq is not None and hyperparameters[Hyper.WEIGHT_DECAY] == 0.0
     pieces = hot_row_pieces(grad_out, weights, positions, row_starts, hits_per_piece)
-    update_rows_launch(rows.shape[0], table.shape[1], rule, use_mean_sq)(
+    update_rows_launch(rows.shape[0], table.shape[1], Rule(rule), use_mean_sq)(
         _update_rows_kernel,
         table, state0, state1, grad_out, weights, rows, row_starts, positions,
         pieces.starts, pieces.partials, row_mean_sq if use_mean_sq else rows,
         table.shape[0], weights.shape[1], table.shape[1],
-        lr, eps, beta1, beta2, weight_decay, grad_scale,
-        1.0 - beta1**step, math.sqrt(1.0 - beta2**step),
+        *update_rows_scalars(hyperparameters, grad_scale),
     )  # fmt: skip

@@ -31,7 +31,19 @@ inline void prefetch_for_write(const void* row, int64_t bytes) {
   }
 }
 
+// The rule codes and the positions of the packed hyperparameters of ops/table_rule.py (Rule,
+// Hyper): one descriptor, TableRule.packed(), read the same way here and by the Triton launcher.
 enum class Rule : int64_t { kSGD = 0, kRowwiseAdagrad = 1, kAdam = 2 };
+enum Hyper : int64_t {
+  kLr = 0,
+  kEps,
+  kBeta1,
+  kBeta2,
+  kWeightDecay,
+  kBiasCorrection1,
+  kBiasCorrection2Sqrt,
+  kNumHyper
+};
 
 struct Bags {
   const float* grad_out;     // [M, D] the recorded output gradients
@@ -105,19 +117,21 @@ at::Tensor row_sq_norms(const at::Tensor& grad_out, const at::Tensor& weights,
   return norms;
 }
 
-struct Hyper {
-  float lr, eps, beta1, beta2, weight_decay, grad_scale;
-  int64_t step;
+struct Hyperparameters {
+  float lr, eps, beta1, beta2, weight_decay, bias1, bias2_sqrt, grad_scale;
+
+  Hyperparameters(at::ArrayRef<double> packed, double grad_scale)
+      : lr(float(packed[kLr])), eps(float(packed[kEps])), beta1(float(packed[kBeta1])),
+        beta2(float(packed[kBeta2])), weight_decay(float(packed[kWeightDecay])),
+        bias1(float(packed[kBiasCorrection1])), bias2_sqrt(float(packed[kBiasCorrection2Sqrt])),
+        grad_scale(float(grad_scale)) {}
 };
 
 template <typename scalar_t>
 void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
                    const int64_t* rows, const double* row_mean_sq, int64_t U, Rule rule,
-                   const Hyper& h) {
+                   const Hyperparameters& h) {
   const int64_t D = bags.D;
-  // torch.optim.AdamW's bias corrections, from the global step (see ops/row_sparse.py).
-  const float bias1 = 1.0f - std::pow(h.beta1, float(h.step));
-  const float bias2_sqrt = std::sqrt(1.0f - std::pow(h.beta2, float(h.step)));
   at::parallel_for(0, U, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> g(D);
     for (int64_t u = begin; u < end; ++u) {
@@ -168,12 +182,12 @@ void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
         case Rule::kAdam: {
           float* m = state[0] + r * D;
           float* v = state[1] + r * D;
-          const float step_size = h.lr / bias1;
+          const float step_size = h.lr / h.bias1;
           const float decay = 1.0f - h.lr * h.weight_decay;
           for (int64_t d = 0; d < D; ++d) {
             m[d] = h.beta1 * m[d] + (1.0f - h.beta1) * g[d];
             v[d] = h.beta2 * v[d] + (1.0f - h.beta2) * g[d] * g[d];
-            const float denom = std::sqrt(v[d]) / bias2_sqrt + h.eps;
+            const float denom = std::sqrt(v[d]) / h.bias2_sqrt + h.eps;
             w[d] = scalar_t(float(w[d]) * decay - step_size * m[d] / denom);
           }
           break;
@@ -186,16 +200,16 @@ void update_kernel(scalar_t* table, std::vector<float*> state, const Bags& bags,
 void row_update(const at::Tensor& table, at::TensorList state, const at::Tensor& grad_out,
                 const at::Tensor& weights, const at::Tensor& rows, const at::Tensor& row_starts,
                 const at::Tensor& positions, const std::optional<at::Tensor>& row_mean_sq,
-                int64_t rule, double lr, double eps, double beta1, double beta2,
-                double weight_decay, double grad_scale, int64_t step) {
+                int64_t rule, at::ArrayRef<double> hyperparameters, double grad_scale) {
+  TORCH_CHECK(int64_t(hyperparameters.size()) == kNumHyper, "row_update: ", kNumHyper,
+              " hyperparameters expected, got ", hyperparameters.size());
   const Bags bags = bags_of(grad_out, weights, row_starts, positions);
   std::vector<float*> state_ptrs;
   for (const auto& s : state) {
     state_ptrs.push_back(s.data_ptr<float>());
   }
   const double* mean_sq = row_mean_sq.has_value() ? row_mean_sq->const_data_ptr<double>() : nullptr;
-  const Hyper hyper{float(lr), float(eps), float(beta1), float(beta2), float(weight_decay),
-                    float(grad_scale), step};
+  const Hyperparameters hyper(hyperparameters, grad_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "row_update", [&] {
     update_kernel<scalar_t>(table.data_ptr<scalar_t>(), state_ptrs, bags,
                             rows.const_data_ptr<int64_t>(), mean_sq, rows.size(0), Rule(rule), hyper);
@@ -209,7 +223,7 @@ TORCH_LIBRARY(memlayer_row_sparse_cpu, m) {
         &row_sq_norms);
   m.def(
       "row_update(Tensor(a!) table, Tensor(b!)[] state, Tensor grad_out, Tensor weights, Tensor rows, "
-      "Tensor row_starts, Tensor positions, Tensor? row_mean_sq, int rule, float lr, float eps, "
-      "float beta1, float beta2, float weight_decay, float grad_scale, int step) -> ()",
+      "Tensor row_starts, Tensor positions, Tensor? row_mean_sq, int rule, float[] hyperparameters, "
+      "float grad_scale) -> ()",
       &row_update);
 }

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 import ops
 from ops.checks import FLOAT_DTYPES
-from ops.row_sparse import RULES, GradRecorder, RowSparseGrad, group_by_row
+from ops.row_sparse import GradRecorder, RowSparseGrad, group_by_row
+from ops.table_rule import RULES, Hyper, Rule, TableRule
 
 CLEAR_ERRORS = (ValueError, TypeError, IndexError)
 # Error bound per output element, relative to the same sum over absolute values.
@@ -113,25 +114,23 @@ def _ref_row_sq_norms(grad_out, weights, row_starts, positions):
 
 def _ref_update_rows(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, lr, eps, beta1, beta2, weight_decay, grad_scale, step,
+    rule, hyperparameters, grad_scale,
 ):  # fmt: skip
-    """The rule applied to the rows in order (a repeated row is updated once per occurrence),
-    in float64; returns the new table and state. Garbage hyperparameters give the same garbage
-    (a tensor power: a zero bias correction is inf, not ZeroDivisionError), except Adam's step,
-    a count of steps taken: below 1 its bias corrections divide by zero or go negative."""
-    if rule == "adam" and step < 1:
-        raise ValueError(f"adam needs a step count >= 1, got step={step}")
+    """The packed rule (``ops/table_rule.py``) applied to the rows in order (a repeated row is
+    updated once per occurrence), in float64; returns the new table and state."""
+    h = hyperparameters
+    lr, eps, beta1, beta2 = h[Hyper.LR], h[Hyper.EPS], h[Hyper.BETA1], h[Hyper.BETA2]
+    weight_decay = h[Hyper.WEIGHT_DECAY]
+    bias1, bias2_sqrt = h[Hyper.BIAS_CORRECTION1], h[Hyper.BIAS_CORRECTION2_SQRT]
     w, state = table.double().clone(), [s.double().clone() for s in state]
     if w.shape[1] == 0:
         return (w, *state)
     grads = _group_gradients(grad_out, weights, row_starts, positions) * grad_scale
-    bias1 = 1 - torch.tensor(beta1, dtype=torch.float64) ** step
-    bias2_sqrt = (1 - torch.tensor(beta2, dtype=torch.float64) ** step).sqrt()
     for u, row in enumerate(rows.tolist()):
         g, old = grads[u], w[row].clone()
-        if rule == "sgd":
+        if rule == Rule.SGD:
             w[row] = old - lr * (g + weight_decay * old)
-        elif rule == "rowwise_adagrad":
+        elif rule == Rule.ROWWISE_ADAGRAD:
             if row_mean_sq is not None and weight_decay == 0:
                 mean_sq = row_mean_sq[u].double() * grad_scale**2
             else:
@@ -332,15 +331,23 @@ def _update_rows_args(data, gen):
         row_starts=groups.row_starts,
         positions=groups.positions,
         row_mean_sq=mean_sq,
-        rule=rule,
-        lr=data.draw(st.sampled_from([1e-3, 0.125, 1.0]), label="lr"),
-        eps=data.draw(st.sampled_from([1e-8, 1e-3]), label="eps"),
-        beta1=beta1,  # fp32-exact betas: the fp32 kernel rounds no hyperparameter
-        beta2=beta2,
-        weight_decay=weight_decay,
+        **_packed_rule(
+            TableRule(
+                rule,
+                lr=data.draw(st.sampled_from([1e-3, 0.125, 1.0]), label="lr"),
+                eps=data.draw(st.sampled_from([1e-8, 1e-3]), label="eps"),
+                betas=(beta1, beta2),  # fp32-exact: the fp32 kernel rounds no hyperparameter
+                weight_decay=weight_decay,
+                step=data.draw(st.integers(1, 5), label="step"),
+            )
+        ),
         grad_scale=data.draw(st.sampled_from([1.0, 0.375, 3.0]), label="grad_scale"),
-        step=data.draw(st.integers(1, 5), label="step"),
     )
+
+
+def _packed_rule(rule: TableRule) -> dict:
+    code, hyperparameters = rule.packed()
+    return dict(rule=code, hyperparameters=hyperparameters)
 
 
 def _written_rows(args):

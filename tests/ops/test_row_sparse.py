@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 import ops
 from ops.lookup import lookup_values_grad, lookup_weights_grad
 from ops.row_sparse import (
-    RULES,
     GradRecorder,
     RowSparseGrad,
     group_by_row,
@@ -29,6 +28,8 @@ from ops.row_sparse import (
     row_sq_norms,
     update_rows,
 )
+from ops.table_rule import RULES, TableRule
+from tests.ops.test_lookup import lazy_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,9 +140,24 @@ def assert_close_to_reference(actual, expected, before, what, tolerance=TOLERANC
     )
 
 
+def split_hyper(hyper):
+    """A test's hyperparameters as ``(TableRule, grad_scale)``."""
+    hyper = dict(hyper)
+    grad_scale = hyper.pop("grad_scale", 1.0)
+    return TableRule(**hyper), grad_scale
+
+
+def reference(table, state, grad_out, indices, weights, hyper):
+    rule, grad_scale = split_hyper(hyper)
+    return reference_update_rows(
+        table, state, grad_out, indices, weights, rule, grad_scale=grad_scale
+    )
+
+
 def run_update(table, state, grad_out, indices, weights, hyper):
     groups = group_by_row(indices)
-    update_rows(table, state, grad_out, weights, groups, **hyper)
+    rule, grad_scale = split_hyper(hyper)
+    update_rows(table, state, grad_out, weights, groups, rule, grad_scale=grad_scale)
     return groups
 
 
@@ -151,9 +167,7 @@ def run_update(table, state, grad_out, indices, weights, hyper):
 @given(update_cases())
 def test_update_rows_matches_float64_reference(case):
     table, state, grad_out, indices, weights, hyper = case
-    expected_table, expected_state = reference_update_rows(
-        table, state, grad_out, indices, weights, **hyper
-    )
+    expected_table, expected_state = reference(table, state, grad_out, indices, weights, hyper)
     before_table, before_state = table.clone(), [s.clone() for s in state]
     buffer, table = in_guarded_buffer(table)
     guards = buffer.clone()
@@ -186,9 +200,7 @@ def test_adam_with_default_betas_matches_reference(dtype):
     state = fresh_state("adam", 30, 9, gen)
     grad_out, weights = torch.randn(16, 9, generator=gen), torch.rand(16, 5, generator=gen)
     hyper = dict(rule="adam", lr=0.01, weight_decay=0.1, step=4)
-    expected, expected_state = reference_update_rows(
-        table, state, grad_out, indices, weights, **hyper
-    )
+    expected, expected_state = reference(table, state, grad_out, indices, weights, hyper)
     before = table.clone()
     run_update(table, state, grad_out, indices, weights, hyper)
     rows = indices.unique()
@@ -253,8 +265,9 @@ def test_rowwise_adagrad_uses_a_given_row_mean_square_without_weight_decay():
         for mean_sq in (None, 4 * local / 6):
             table, state = table0.clone(), [torch.zeros(20)]
             update_rows(
-                table, state, grad_out, weights, groups, rule="rowwise_adagrad", lr=0.1,
-                weight_decay=weight_decay, grad_scale=0.5, row_mean_sq=mean_sq,
+                table, state, grad_out, weights, groups,
+                TableRule("rowwise_adagrad", lr=0.1, weight_decay=weight_decay),
+                grad_scale=0.5, row_mean_sq=mean_sq,
             )  # fmt: skip
             sums.append(state[0][groups.rows])
         if weight_decay == 0:
@@ -434,7 +447,8 @@ def test_opcheck_update_rows(rule, with_mean_sq):
     mean_sq = row_sq_norms(grad_out, weights, groups) / 5 if with_mean_sq else None
     args = (
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions, mean_sq,
-        rule, 0.1, 1e-8, 0.9, 0.999, 0.0 if with_mean_sq else 0.01, 1.0, 2,
+        *TableRule(rule, lr=0.1, weight_decay=0.0 if with_mean_sq else 0.01, step=2).packed(),
+        1.0,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.memlayer.update_rows.default, args)
 
@@ -471,7 +485,9 @@ def test_rows_out_of_range_raise_and_nothing_is_written(rule, bad_row):
     buffer, table = in_guarded_buffer(table)
     before = [buffer.clone(), *(s.clone() for s in state)]
     with pytest.raises(IndexError, match=rf"update_rows: rows must lie in \[0, 12\).*{bad_row}"):
-        update_rows(table, state, grad_out, weights, groups._replace(rows=rows), rule=rule, lr=1)
+        update_rows(
+            table, state, grad_out, weights, groups._replace(rows=rows), TableRule(rule, lr=1)
+        )
     for after, old in zip([buffer, *state], before):
         assert_bitwise_equal(after, old)
 
@@ -506,42 +522,79 @@ def test_wrong_state_raises_an_error_naming_state(rule, state, error, match):
     table, _, grad_out, weights, groups = update_args(rule)
     before = table.clone()
     with pytest.raises(error, match=rf"^update_rows: .*{match}"):
-        update_rows(table, state, grad_out, weights, groups, rule=rule, lr=0.1)
+        update_rows(table, state, grad_out, weights, groups, TableRule(rule, lr=0.1))
     assert_bitwise_equal(table, before)
 
 
 @pytest.mark.parametrize(
-    "change, error, match",
+    "change, match",
     [
-        (dict(lr=-1e-3), ValueError, r"update_rows: lr must be a finite number >= 0, got -0.001"),
-        (dict(lr=float("nan")), ValueError, r"update_rows: lr must be a finite number >= 0"),
-        (dict(lr=float("inf")), ValueError, r"update_rows: lr must be a finite number >= 0"),
-        (dict(eps=-1.0), ValueError, r"update_rows: eps must be a finite number >= 0"),
-        (dict(eps=float("inf")), ValueError, r"update_rows: eps must be a finite number >= 0"),
-        (dict(betas=(1.0, 0.999)), ValueError, r"update_rows: beta1 must lie in \[0, 1\), got 1.0"),
-        (dict(betas=(0.9, 1.5)), ValueError, r"update_rows: beta2 must lie in \[0, 1\), got 1.5"),
-        (dict(betas=(-0.1, 0.9)), ValueError, r"update_rows: beta1 must lie in \[0, 1\)"),
-        (dict(betas=(0.9, float("nan"))), ValueError, r"update_rows: beta2 must lie in"),
-        (dict(weight_decay=-0.1), ValueError, r"update_rows: weight_decay must be a finite"),
-        (dict(weight_decay=float("nan")), ValueError, r"update_rows: weight_decay must be a fi"),
-        (dict(grad_scale=float("nan")), ValueError, r"update_rows: grad_scale must be finite"),
-        (dict(grad_scale=float("inf")), ValueError, r"update_rows: grad_scale must be finite"),
-        (dict(rule="adamw"), ValueError, r"update_rows: rule must be one of sgd, .*'adamw'"),
-        (dict(rule="SGD"), ValueError, r"update_rows: rule must be one of"),
+        (dict(lr=-1e-3), r"^TableRule: lr must be a finite number >= 0, got -0.001"),
+        (dict(lr=float("nan")), r"^TableRule: lr must be a finite number >= 0"),
+        (dict(lr=float("inf")), r"^TableRule: lr must be a finite number >= 0"),
+        (dict(eps=-1.0), r"^TableRule: eps must be a finite number >= 0"),
+        (dict(eps=float("inf")), r"^TableRule: eps must be a finite number >= 0"),
+        (dict(betas=(1.0, 0.999)), r"^TableRule: beta1 must lie in \[0, 1\), got 1.0"),
+        (dict(betas=(0.9, 1.5)), r"^TableRule: beta2 must lie in \[0, 1\), got 1.5"),
+        (dict(betas=(-0.1, 0.9)), r"^TableRule: beta1 must lie in \[0, 1\)"),
+        (dict(betas=(0.9, float("nan"))), r"^TableRule: beta2 must lie in"),
+        (dict(betas=(0.9,)), r"^TableRule: betas must be two numbers"),
+        (dict(weight_decay=-0.1), r"^TableRule: weight_decay must be a finite"),
+        (dict(weight_decay=float("nan")), r"^TableRule: weight_decay must be a fi"),
+        (dict(rule="adamw"), r"^TableRule: rule must be one of sgd, .*'adamw'"),
+        (dict(rule="SGD"), r"^TableRule: rule must be one of"),
     ],
 )
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
-def test_bad_hyperparameters_raise_and_nothing_is_written(rule, change, error, match):
-    """Out of its range, a hyperparameter would turn rows into NaN or inf: refused, whichever
-    rule (SGD ignores the betas but is handed them all the same)."""
-    table, state, grad_out, weights, groups = update_args(rule)
+def test_bad_hyperparameters_are_refused_by_the_table_rule(rule, change, match):
+    """Out of its range, a hyperparameter would turn rows into NaN or inf: refused when the
+    rule is built, whichever rule (SGD ignores the betas but is handed them all the same)."""
+    with pytest.raises(ValueError, match=match):
+        TableRule(**(dict(rule=rule, lr=0.1) | change))
+
+
+def test_the_op_checks_its_packed_rule_and_nothing_is_written():
+    """The op, called directly, checks the packed rule as thoroughly (a bad code, a list of
+    another length, a hyperparameter out of range) and the gradient's scale."""
+    table, state, grad_out, weights, groups = update_args("adam")
     before, state_before = table.clone(), [t.clone() for t in state]
-    kwargs = dict(rule=rule, lr=0.1) | change
-    with pytest.raises(error, match=match):
-        update_rows(table, state, grad_out, weights, groups, **kwargs)
+    code, good = TableRule("adam", lr=0.1).packed()
+    cases = [
+        (3, good, 1.0, r"rule must be a Rule code \[0, 1, 2\] .*got 3"),
+        (code, good[:-1], 1.0, r"hyperparameters must be the 7 numbers \[lr, eps, .*got 6"),
+        (code, [-1.0, *good[1:]], 1.0, r"lr must be a finite number >= 0, got -1.0"),
+        (code, [*good[:5], 0.0, good[6]], 1.0, r"bias_correction1 must lie in \(0, 1\]"),
+        (code, good, float("nan"), r"grad_scale must be finite"),
+        (code, good, float("inf"), r"grad_scale must be finite"),
+    ]
+    for rule, hyperparameters, grad_scale, match in cases:
+        with pytest.raises(ValueError, match="^update_rows: " + match):
+            torch.ops.memlayer.update_rows(
+                table, state, grad_out, weights, *groups, None, rule, hyperparameters, grad_scale
+            )
     assert_bitwise_equal(table, before)
     for tensor, tensor_before in zip(state, state_before):
         assert_bitwise_equal(tensor, tensor_before)
+
+
+def test_a_device_without_a_kernel_gets_an_error_naming_it():
+    """row_sq_norms and update_rows have CPU and CUDA kernels; another device (the lazy tensor
+    device, as in tests/ops/test_lookup.py) gets the op's checks, then an error naming it."""
+    table, state, grad_out, weights, groups = update_args("adam")
+    device = lazy_device()
+    table, grad_out, weights = (t.to(device) for t in (table, grad_out, weights))
+    state, groups = [s.to(device) for s in state], type(groups)(*(t.to(device) for t in groups))
+    no_kernel = r"^{}: no kernel for device type 'lazy' \(cpu, cuda\)"
+    with pytest.raises(NotImplementedError, match=no_kernel.format("row_sq_norms")):
+        row_sq_norms(grad_out, weights, groups)
+    # Lazy tensors functionalize in-place ops (refused for custom ones) before any backend runs:
+    # skip that layer to reach the device's kernel, as a real device would.
+    functionalize = torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize)
+    with torch._C._ExcludeDispatchKeyGuard(functionalize):
+        with pytest.raises(NotImplementedError, match=no_kernel.format("update_rows")):
+            update_rows(table, state, grad_out, weights, groups, TableRule("adam", lr=0.1))
+        with pytest.raises(ValueError, match=r"^update_rows: rule 'adam' takes state"):
+            update_rows(table, state[:1], grad_out, weights, groups, TableRule("adam", lr=0.1))
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -556,7 +609,7 @@ def test_repeated_or_unsorted_rows_are_refused(rule):
     unsorted = groups._replace(rows=rows.flip(0))
     for bad in (repeated, unsorted):
         with pytest.raises(ValueError, match=r"^update_rows: rows must be sorted and unique"):
-            update_rows(table, state, grad_out, weights, bad, rule=rule, lr=0.1)
+            update_rows(table, state, grad_out, weights, bad, TableRule(rule, lr=0.1))
     assert_bitwise_equal(table, before)
     assert starts.numel() == rows.numel() + 1
 
@@ -569,12 +622,12 @@ def test_state_that_shares_memory_is_refused():
         ([torch.zeros(12, 5), table.view(12, 5)], "table"),
     ):
         with pytest.raises(ValueError, match=rf"^update_rows: state 1 shares memory with {shared}"):
-            update_rows(table, state, grad_out, weights, groups, rule="adam", lr=0.1)
+            update_rows(table, state, grad_out, weights, groups, TableRule("adam", lr=0.1))
     table_adagrad, _, grad_out, weights, groups = update_args("rowwise_adagrad")
     with pytest.raises(ValueError, match=r"state 0 shares memory with table"):
         update_rows(
             table_adagrad, [table_adagrad.view(-1)[:12]], grad_out, weights, groups,
-            rule="rowwise_adagrad", lr=0.1,
+            TableRule("rowwise_adagrad", lr=0.1),
         )  # fmt: skip
 
 
@@ -588,7 +641,7 @@ def test_update_bumps_the_version_autograd_checks(rule):
     loss = (current * current).sum()
     versions = [t._version for t in (current, *state)]
     with torch.no_grad():
-        update_rows(current, state, grad_out, weights, groups, rule=rule, lr=0.1)
+        update_rows(current, state, grad_out, weights, groups, TableRule(rule, lr=0.1))
     assert all(t._version > v for t, v in zip((current, *state), versions))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -599,7 +652,7 @@ def test_a_zero_learning_rate_leaves_the_table_as_it_was(rule):
     # An LR schedule may decay to 0 (torchtitan's linear decay does by default).
     table, state, grad_out, weights, groups = update_args(rule)
     before = table.clone()
-    update_rows(table, state, grad_out, weights, groups, rule=rule, lr=0.0)
+    update_rows(table, state, grad_out, weights, groups, TableRule(rule, lr=0.0))
     assert_bitwise_equal(table, before)
 
 
@@ -608,7 +661,7 @@ def test_bad_tensors_raise_an_error_naming_them():
 
     def call(**change):
         args = dict(table=table, state=state, grad_out=grad_out, weights=weights, groups=groups)
-        update_rows(**(args | change), rule="rowwise_adagrad", lr=0.1)
+        update_rows(**(args | change), rule=TableRule("rowwise_adagrad", lr=0.1))
 
     with pytest.raises(TypeError, match=r"update_rows: table must be float32, bfloat16 or"):
         call(table=table.double())
@@ -644,11 +697,8 @@ def test_bad_tensors_raise_an_error_naming_them():
 def test_adam_rejects_a_step_count_below_one(step):
     """Adam's bias corrections divide by 1 - beta1**step: zero at step 0 (the table would turn
     to inf/NaN), negative below."""
-    table, state, grad_out, weights, groups = update_args("adam")
-    before = table.clone()
-    with pytest.raises(ValueError, match=r"^update_rows: step"):
-        update_rows(table, state, grad_out, weights, groups, rule="adam", lr=0.1, step=step)
-    assert_bitwise_equal(table, before)
+    with pytest.raises(ValueError, match=r"^TableRule: step must be an int >= 1"):
+        TableRule("adam", lr=0.1, step=step)
 
 
 @pytest.mark.parametrize("argument", ["grad_out", "weights", "positions", "rows", "row_starts"])
@@ -661,14 +711,16 @@ def test_non_contiguous_inputs_are_read_correctly_or_rejected(argument):
     inputs[argument] = torch.stack([value, torch.zeros_like(value)], dim=-1)[..., 0]
     assert not inputs[argument].is_contiguous() and torch.equal(inputs[argument], value)
     expected_table, expected_state = table.clone(), [s.clone() for s in state]
-    update_rows(expected_table, expected_state, grad_out, weights, groups, rule="adam", lr=0.1)
+    update_rows(
+        expected_table, expected_state, grad_out, weights, groups, TableRule("adam", lr=0.1)
+    )
     expected_norms = row_sq_norms(grad_out, weights, groups)
 
     strided_groups = groups._replace(**{k: inputs[k] for k in groups._fields})
     try:
         update_rows(
-            table, state, inputs["grad_out"], inputs["weights"], strided_groups, rule="adam",
-            lr=0.1,
+            table, state, inputs["grad_out"], inputs["weights"], strided_groups,
+            TableRule("adam", lr=0.1),
         )  # fmt: skip
         norms = row_sq_norms(inputs["grad_out"], inputs["weights"], strided_groups)
     except ValueError as error:
@@ -686,6 +738,7 @@ def test_row_starts_out_of_range_raise_instead_of_reading_out_of_bounds():
         """
         import torch
         from ops.row_sparse import group_by_row, row_sq_norms, update_rows
+        from ops.table_rule import TableRule
 
         groups = group_by_row(torch.tensor([[0, 3, 3], [5, 0, 7]]))
         grad_out, weights = torch.randn(2, 4), torch.rand(2, 3)
@@ -701,7 +754,8 @@ def test_row_starts_out_of_range_raise_instead_of_reading_out_of_bounds():
                         row_sq_norms(grad_out, weights, bad_groups)
                     else:
                         table = torch.randn(8, 4)
-                        update_rows(table, [], grad_out, weights, bad_groups, rule="sgd", lr=1)
+                        sgd = TableRule("sgd", lr=1)
+                        update_rows(table, [], grad_out, weights, bad_groups, sgd)
                 except (IndexError, ValueError) as error:
                     assert str(error).startswith(op + ":") and "row_starts" in str(error), error
                     print("clear error", flush=True)

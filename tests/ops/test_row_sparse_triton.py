@@ -15,13 +15,8 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (Linux)")
 
 from ops import row_sparse_triton  # noqa: E402
 from ops.lookup import lookup_values_grad  # noqa: E402
-from ops.row_sparse import (  # noqa: E402
-    RULES,
-    group_by_row,
-    reference_update_rows,
-    row_sq_norms,
-    update_rows,
-)
+from ops.row_sparse import group_by_row, row_sq_norms, update_rows  # noqa: E402
+from ops.table_rule import RULES, TableRule  # noqa: E402
 from tests.ops.test_row_sparse import (  # noqa: E402
     assert_bitwise_equal,
     assert_close_to_reference,
@@ -29,6 +24,8 @@ from tests.ops.test_row_sparse import (  # noqa: E402
     dyadic,
     fresh_state,
     in_guarded_buffer,
+    reference,
+    split_hyper,
     update_cases,
 )
 
@@ -41,14 +38,11 @@ TRITON_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 
 
 def launch_update(table, state, grad_out, weights, groups, hyper, mean_sq=None, **options):
-    """``row_sparse_triton.update_rows`` with :func:`ops.row_sparse.update_rows`'s keywords."""
-    beta1, beta2 = hyper.get("betas", (0.9, 0.999))
+    """``row_sparse_triton.update_rows`` with a test's hyperparameters (see ``split_hyper``)."""
+    rule, grad_scale = split_hyper(hyper)
     row_sparse_triton.update_rows(
-        table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions, mean_sq,
-        hyper["rule"], hyper["lr"], hyper.get("eps", 1e-8), beta1, beta2,
-        hyper.get("weight_decay", 0.0), hyper.get("grad_scale", 1.0), hyper.get("step", 1),
-        **options,
-    )  # fmt: skip
+        table, state, grad_out, weights, *groups, mean_sq, *rule.packed(), grad_scale, **options
+    )
 
 
 def to_device(*tensors):
@@ -59,9 +53,7 @@ def to_device(*tensors):
 @given(update_cases(max_rows=24, max_tokens=8, max_bag=4, dims=(1, 3, 5, 16, 33)))
 def test_update_rows_matches_float64_reference(case):
     table, state, grad_out, indices, weights, hyper = case
-    expected_table, expected_state = reference_update_rows(
-        table, state, grad_out, indices, weights, **hyper
-    )
+    expected_table, expected_state = reference(table, state, grad_out, indices, weights, hyper)
     before_table, before_state = table.clone(), [s.clone() for s in state]
     buffer, table = in_guarded_buffer(table.to(DEVICE))
     guards = buffer.clone()
@@ -98,9 +90,7 @@ def test_rows_out_of_range_are_masked_never_written(rule):
     table = torch.randn(num_rows, dim, generator=gen)
     state = fresh_state(rule, num_rows, dim, gen)
     hyper = dict(rule=rule, lr=0.1, weight_decay=0.25, betas=(0.875, 0.9921875))
-    expected_table, expected_state = reference_update_rows(
-        table, state, grad_out, indices, weights, **hyper
-    )
+    expected_table, expected_state = reference(table, state, grad_out, indices, weights, hyper)
 
     groups = group_by_row(indices)
     rows = groups.rows.clone()  # rows 2 and 9 become -1 and 10 (one past the end)
@@ -240,14 +230,12 @@ def realistic_problem(rule, dtype, seed=0):
 def test_cuda_update_rows_realistic_sizes(rule, dtype):
     table, state, grad_out, indices, weights = realistic_problem(rule, dtype)
     hyper = dict(rule=rule, lr=0.01, weight_decay=0.1, betas=(0.875, 0.9921875), step=5)
-    expected_table, expected_state = reference_update_rows(
-        table, state, grad_out, indices, weights, **hyper
-    )
+    expected_table, expected_state = reference(table, state, grad_out, indices, weights, hyper)
     cuda = [t.cuda() for t in (table, *state, grad_out, indices, weights)]
     table_cuda, state_cuda = cuda[0], cuda[1 : 1 + len(state)]
     grad_out_cuda, indices_cuda, weights_cuda = cuda[1 + len(state) :]
     groups = group_by_row(indices_cuda)
-    update_rows(table_cuda, state_cuda, grad_out_cuda, weights_cuda, groups, **hyper)
+    update_rows(table_cuda, state_cuda, grad_out_cuda, weights_cuda, groups, TableRule(**hyper))
 
     rows = groups.rows.cpu()
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8  # the GPU rounds to nearest
@@ -272,8 +260,9 @@ def test_cuda_update_is_bitwise_deterministic(rule):
         table_cuda, *state_cuda = (t.cuda() for t in (table, *state))
         groups = group_by_row(indices.cuda())
         update_rows(
-            table_cuda, state_cuda, grad_out.cuda(), weights.cuda(), groups, rule=rule, lr=0.01
-        )
+            table_cuda, state_cuda, grad_out.cuda(), weights.cuda(), groups,
+            TableRule(rule, lr=0.01),
+        )  # fmt: skip
         results.append(
             [table_cuda, *state_cuda, row_sq_norms(grad_out.cuda(), weights.cuda(), groups)]
         )
@@ -293,7 +282,7 @@ def test_cuda_opcheck(rule):
     groups = group_by_row(indices)
     args = (
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions, None,
-        rule, 0.1, 1e-8, 0.9, 0.999, 0.01, 1.0, 2,
+        *TableRule(rule, lr=0.1, weight_decay=0.01, step=2).packed(), 1.0,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.memlayer.update_rows.default, args)
     norms_args = (grad_out, weights, groups.row_starts, groups.positions)
