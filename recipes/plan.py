@@ -510,8 +510,9 @@ def search(
     ``gpu``, for each table optimizer of ``rules`` (dense AdamW, the row-sparse rules):
     ``{rule: plan or None}`` (``None``: nothing up to ``max_ranks`` fits). Per world size the
     widest memory-parallel degree (dividing it and the value dim) is tried, and for AdamW also
-    plain FSDP (degree 1); a world whose weights and optimizer states alone (the preflight's
-    count) exceed the GPU is skipped without a trace."""
+    plain FSDP (degree 1). Skipped without a trace: a world whose weights and optimizer states
+    alone (the preflight's count) exceed the GPU, and plain FSDP when its largest all-gathered
+    unit (a big table is one) does."""
     transformer = config.model_spec.model.transformer
     if vocab_size is not None:
         transformer = fit_to_run(transformer, vocab_size=vocab_size)
@@ -538,6 +539,8 @@ def search(
                 static = estimate(transformer, **_run_arguments(candidate, world))
                 if static.params + static.optimizer > GPUS[gpu].memory_bytes:
                     continue
+                if degree == 1 and static.fsdp_transient > GPUS[gpu].memory_bytes:
+                    continue  # FSDP all-gathers the whole table (its largest unit) every step
                 logger.info(f"search: {rule} on {world} x {gpu}, memory-parallel degree {degree}")
                 result = plan(candidate, world, gpu, vocab_size=vocab_size)
                 if result.fits:
