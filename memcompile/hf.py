@@ -18,7 +18,8 @@ runs through the same attention code as :mod:`memcompile.generate`: transformers
 or, deprecated, ``past_key_values``) are handed to ``Transformer.forward`` through a thin view
 (:class:`_CacheView`), and ``attention_mask`` / ``position_ids`` make a left-padded batch one
 batched forward, so greedy and sampled ``generate()``, beam search included, decode one token
-per step. Needs ``transformers`` >= 5 (the ``cache`` argument; not a core dependency).
+per step. Needs a ``transformers`` whose models take ``cache`` (5.x; tested with 5.24), which
+is not a core dependency.
 """
 
 from __future__ import annotations
