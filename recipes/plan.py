@@ -9,8 +9,8 @@ The run is ``recipes.pretrain``'s (same config, same flags), simulated as one ra
 torch's fake process group stands in for the others (every collective returns at once) and
 ``FakeTensorMode`` for the data (tensors have shapes and dtypes, no storage), so a 138B-parameter
 model costs nothing here. The real trainer is built (the flavor, ``recipes.parallelize``: memory
-parallelism, activation checkpointing, FSDP2; the optimizers) and runs one whole
-``train_step``: every micro-batch's forward and backward, the replica reduce, clipping, the
+parallelism, activation checkpointing, FSDP2; the optimizers) and runs whole
+``train_step``s, a first that creates the optimizer states and the measured second: every micro-batch's forward and backward, the replica reduce, clipping, the
 optimizer step and the table's optimizer. Measured on the way:
 
 - memory: torch's ``FSDPMemTracker`` (every allocation, by kind, at the step's peak);
@@ -580,7 +580,8 @@ def format_table(plans: list[RankPlan]) -> str:
 _USAGE = """usage: python -m recipes.plan [--ngpu N] [--gpu {gpus}] [--search] [--json PATH]
                               [--vocab-size V] [every recipes.pretrain flag]
 
-Simulate one training step of recipes.pretrain as one rank of N GPUs, on this CPU.
+Simulate recipes.pretrain's training step as one rank of N GPUs, on this CPU (a warm-up
+step, then the measured one).
   --ngpu N          ranks of the simulated run (default 8)
   --gpu NAME        {gpus} (default h100): memory, peak bf16 FLOP/s, bandwidths
   --search          the fewest ranks (powers of two) that fit, per table optimizer
