@@ -10,8 +10,9 @@ torch's fake process group stands in for the others (every collective returns at
 ``FakeTensorMode`` for the data (tensors have shapes and dtypes, no storage), so a 138B-parameter
 model costs nothing here. The real trainer is built (the flavor, ``recipes.parallelize``: memory
 parallelism, activation checkpointing, FSDP2; the optimizers) and runs whole
-``train_step``s, a first that creates the optimizer states and the measured second: every micro-batch's forward and backward, the replica reduce, clipping, the
-optimizer step and the table's optimizer. Measured on the way:
+``train_step``s, a first that creates the optimizer states and the measured second: every
+micro-batch's forward and backward, the replica reduce, clipping, the optimizer step and the
+table's optimizer. Measured on the way:
 
 - memory: torch's ``FSDPMemTracker`` (every allocation, by kind, at the step's peak);
 - collectives: every c10d / functional collective this rank issues, as the bytes it sends with
