@@ -118,6 +118,14 @@ def lookup_forward(hits: Hits, dim: int, sizes: Sizes) -> KernelCost:
     return KernelCost("_lookup_forward_kernel", bytes_, 2 * H * dim)
 
 
+def lookup_quantized(hits: Hits, dim: int, sizes: Sizes, out: int = 2) -> KernelCost:
+    """``lookup_forward`` over int8/fp8 rows (``sizes.value`` = 1): also a 4-byte scale per
+    hit, output ``T*D*out`` (bf16 by default, as the model reads it)."""
+    H = hits.hits
+    bytes_ = H * (sizes.index + sizes.w + 4) + H * dim * sizes.value + hits.tokens * dim * out
+    return KernelCost("_lookup_quantized_kernel", bytes_, 2 * H * dim + H)
+
+
 def hot_row_pieces(hits: Hits, dim: int, sizes: Sizes) -> KernelCost:
     """Every piece slot reads its row ``8``; a piece its three offsets ``24``, its hits
     ``Hh*(8 + ew + D*eg)``, and writes its partial sum ``D*ea``."""
@@ -184,6 +192,7 @@ def update_rows(
 #: Every Triton kernel of ``ops/`` and the function of this model that costs its launch.
 MODEL: dict[str, Callable[..., KernelCost]] = {
     "_lookup_forward_kernel": lookup_forward,
+    "_lookup_quantized_kernel": lookup_quantized,
     "_hot_row_pieces_kernel": hot_row_pieces,
     "_values_grad_sorted_kernel": values_grad_sorted,
     "_values_grad_atomic_kernel": values_grad_atomic,

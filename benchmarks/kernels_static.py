@@ -149,6 +149,17 @@ def _lookup_forward(case: Case):
     return k._lookup_forward_kernel, launch, args
 
 
+def _lookup_quantized(case: Case):
+    from ops import lookup_quantized_triton as k
+
+    rows, scale = _stand_in(torch.int8), _stand_in(torch.float32)
+    indices, weights = _stand_in(INDEX_DTYPES[case.index_dtype]), _stand_in(torch.float32)
+    launch = k.lookup_quantized_launch(1, case.bag_size, case.dim, rows.dtype)
+    out = _stand_in(torch.bfloat16)
+    args = (rows, scale, indices, weights, out, NUM_ROWS, case.bag_size, case.dim, case.dim)
+    return k._lookup_quantized_kernel, launch, args
+
+
 def _sorted_grad_args(case: Case):
     from ops import lookup_triton as k
 
@@ -241,6 +252,9 @@ class KernelSpec:
 
 KERNELS: dict[str, KernelSpec] = {
     "lookup_forward": KernelSpec(_lookup_forward, reads_indices=True, tiles_bags=True),
+    "lookup_quantized": KernelSpec(
+        _lookup_quantized, reads_indices=True, value_dtype=False, tiles_bags=True
+    ),
     "hot_row_pieces": KernelSpec(_hot_row_pieces, tiles_bags=True),
     "values_grad_sorted": KernelSpec(_values_grad_sorted, tiles_bags=True),
     "values_grad_atomic": KernelSpec(_values_grad_atomic, reads_indices=True, tiles_bags=True),
