@@ -1,5 +1,7 @@
 """memlayer::lookup on CPU: against a float64 reference, opcheck, gradcheck, compile, errors."""
 
+import functools
+
 import pytest
 import torch
 import torch._lazy.ts_backend
@@ -183,6 +185,7 @@ def test_meta_device():
     assert out.shape == (4096, 2048) and out.dtype == torch.bfloat16 and out.device.type == "meta"
 
 
+@functools.cache  # the backend registers once per process
 def lazy_device() -> torch.device:
     """A device type every torch build has and no memlayer op has a kernel for (the lazy tensor
     device, TorchScript backend)."""
