@@ -35,6 +35,7 @@ from ops.checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    refuse_other_devices,
 )
 
 #: The element types of a quantized table, by the names ``recipes.export --quantize-table``
@@ -111,6 +112,9 @@ def _lookup_quantized_cuda(rows, scale, indices, weights, out_dtype=None):
 def _lookup_quantized_fake(rows, scale, indices, weights, out_dtype=None):
     _check(rows, scale, indices, weights)
     return rows.new_empty((indices.shape[0], rows.shape[1]), dtype=_out_dtype(weights, out_dtype))
+
+
+refuse_other_devices("memlayer::lookup_quantized", _lookup_quantized_fake)
 
 
 # --------------------------------------------------------------------------- autograd

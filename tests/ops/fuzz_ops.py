@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import ops
 from ops.checks import FLOAT_DTYPES
+from ops.lookup_quantized import dequantize_rows
 from ops.row_sparse import GradRecorder, RowSparseGrad, group_by_row
 from ops.table_rule import RULES, Hyper, Rule, TableRule
 
@@ -199,6 +200,30 @@ def _lookup_args(data, gen):
         weights=_tensor(gen, (T, B), _float_dtype(data, "weights dtype")),
         deterministic=data.draw(st.booleans(), label="deterministic"),
     )
+
+
+def _lookup_quantized_args(data, gen):
+    N, D, T, B = _bag_shapes(data)
+    N = max(N, 1) if T * B else N
+    rows_dtype = data.draw(st.sampled_from([torch.int8, torch.float8_e4m3fn]), label="rows dtype")
+    rows = torch.randint(-127, 128, (N, D), generator=gen).to(rows_dtype)
+    return dict(
+        rows=rows,
+        scale=torch.rand(N, generator=gen).to(_float_dtype(data, "scale dtype")),
+        indices=_rows(gen, (T, B), N, _index_dtype(data)),
+        weights=_tensor(gen, (T, B), _float_dtype(data, "weights dtype")),
+    )
+
+
+def _ref_lookup_quantized(rows, scale, indices, weights, out_dtype=None):
+    return ops.reference_lookup_quantized(rows, scale, indices, weights)
+
+
+def _lookup_quantized_magnitudes(args, expected):
+    """The sum over absolute values, from the dequantized table (fp8 has no CPU abs)."""
+    table = dequantize_rows(args["rows"], args["scale"]).abs()
+    weights = args["weights"].double().abs().unsqueeze(-1)
+    return ((weights * table[args["indices"].long()]).sum(1),)
 
 
 def _values_grad_args(data, gen):
@@ -375,6 +400,11 @@ SPECS: dict[str, OpSpec] = {
     "lookup": OpSpec(
         _lookup_args, _ref_lookup, ("values", "weights"),
         _rows_of("indices", lambda a: a["values"].shape[0]),
+    ),
+    "lookup_quantized": OpSpec(
+        _lookup_quantized_args, _ref_lookup_quantized, ("scale", "weights"),
+        _rows_of("indices", lambda a: a["rows"].shape[0]),
+        write_magnitudes=_lookup_quantized_magnitudes,
     ),
     "lookup_values_grad": OpSpec(
         _values_grad_args, _ref_values_grad, ("grad_out", "weights"),
