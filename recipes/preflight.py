@@ -15,6 +15,10 @@ Per rank, with ``W`` ranks (FSDP shards over ``S`` of them) and memory parallel 
 - FSDP transients: twice the largest unit in the compute dtype (its all-gathered parameters and,
   in backward, their unsharded gradient). With ``G == 1`` the table is a unit of its own (the
   root's); with ``G > 1`` its local slice is cast to the compute dtype if that is not fp32.
+- a densely trained table's step transients: ``TABLE_GRAD_COPIES`` more fp32 copies of the
+  rank's table (its slice with ``G > 1``) at the peak than the gradient counted above (measured
+  with ``recipes.plan``, whose peaks ``benchmarks.plan_check`` checks against real runs; this
+  formula stays within ``tests/recipes/test_preflight.py``'s bound of the plan).
 - activations: ``ACTIVATION_VALUES`` values of the compute dtype per token, model dim and layer
   (halved for the dense blocks under activation checkpointing), plus fp32 logits and their
   gradient (``tokens * vocab * 4 * 2`` bytes). Tokens per rank: local batch size * seq len.
@@ -46,6 +50,10 @@ WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 4, 4, 8
 #: 19-21 on memcompile flavors (fp32 eager, saved-tensor hooks, logits excluded); Korthikanti et
 #: al. 2022 give 17 (34 bytes in 16-bit) for a GeLU MLP without the attention scores.
 ACTIVATION_VALUES = 20
+#: Table-sized fp32 buffers of a dense table's step beyond its gradient (autograd's gradient of
+#: the rank's table before it is reduced or sharded, and the optimizer's), as recipes.plan
+#: measures them: without them this formula was 26-41% under the plan with a 1M-row table.
+TABLE_GRAD_COPIES = 2
 #: Share of the device that the estimate may use: the rest is for what it does not count (CUDA
 #: context, allocator fragmentation, the Python process, the data loader) and for its error.
 USABLE_FRACTION = 0.9
@@ -60,16 +68,25 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     fsdp_transient: int
+    table_transient: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.fsdp_transient + self.activations
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.fsdp_transient
+            + self.table_transient
+            + self.activations
+        )
 
     def breakdown(self) -> str:
         return (
             f"params {self.params / GiB:.1f} + grads {self.grads / GiB:.1f} + optimizer "
             f"{self.optimizer / GiB:.1f} + FSDP all-gathers {self.fsdp_transient / GiB:.1f} "
+            f"+ table step {self.table_transient / GiB:.1f} "
             f"+ activations {self.activations / GiB:.1f} GiB"
         )
 
@@ -114,6 +131,8 @@ def estimate(
     tokens = local_batch_size * seq_len
     n_memory = 0 if memory is None else len(memory.layers)
     grads, optimizer = stored * GRAD_BYTES, stored * OPTIMIZER_BYTES
+    unsharded_table = stats.memory_params / (1 if degree == 1 else degree)
+    table_transient = TABLE_GRAD_COPIES * unsharded_table * GRAD_BYTES
     if memory is not None and table_optimizer != "adamw":
         bag = degree * memory.heads * memory.topk
         recorded = 2 * tokens * n_memory * (memory.value_dim * 4 + bag * 12)
@@ -124,6 +143,7 @@ def estimate(
             "adam": table_per_rank * OPTIMIZER_BYTES,
         }[table_optimizer]
         optimizer = dense_per_rank * OPTIMIZER_BYTES + table_state
+        table_transient = 0
     dense_layers = (transformer.n_layers - n_memory) / (2 if activation_checkpointing else 1)
     per_layer = tokens * dim * ACTIVATION_VALUES * compute
     activations = per_layer * (dense_layers + n_memory) + tokens * transformer.vocab_size * 4 * 2
@@ -132,6 +152,7 @@ def estimate(
         grads=int(grads),
         optimizer=int(optimizer),
         fsdp_transient=2 * max(units) * compute,
+        table_transient=int(table_transient),
         activations=int(activations),
     )
 
