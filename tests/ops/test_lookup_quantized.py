@@ -17,6 +17,8 @@ from ops.lookup_quantized import (
 )
 
 QUANTIZED = [torch.int8, torch.float8_e4m3fn]
+# The Triton kernel runs on the GPU where there is one, else in the interpreter on CPU tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Error bound per element relative to the same sum over magnitudes (sum |w| |scale| |q|): fp32
 # accumulation of up to ~100 terms, then one rounding to the output dtype.
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float64: 1e-5}
@@ -69,8 +71,7 @@ def test_triton_kernel_matches_dequantize_then_lookup(case):
     from ops import lookup_quantized_triton
 
     rows, scale, indices, weights, out_dtype = case
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1
-    args = [t.to(device) for t in (rows, scale, indices, weights)]
+    args = [t.to(TRITON_DEVICE) for t in (rows, scale, indices, weights)]
     out = lookup_quantized_triton.lookup_forward(*args, out_dtype or weights.dtype)
     assert_matches_reference(out.cpu(), rows, scale, indices, weights, out_dtype)
 
@@ -88,9 +89,11 @@ def test_triton_kernel_masks_out_of_range_rows():
     padded_scale[8:16] = scale
     indices = torch.tensor([[0, -1, 7, 8], [-8, 3, 15, 2]])
     weights = torch.rand(2, 4)
+    args = [t.to(TRITON_DEVICE) for t in (padded, padded_scale, indices, weights)]
+    padded, padded_scale, indices_on_device, weights_on_device = args
     out = lookup_quantized_triton.lookup_forward(
-        padded[8:16], padded_scale[8:16], indices, weights, torch.float32
-    )
+        padded[8:16], padded_scale[8:16], indices_on_device, weights_on_device, torch.float32
+    ).cpu()
     in_range = (indices >= 0) & (indices < 8)
     expected = reference_lookup_quantized(
         rows, scale, torch.where(in_range, indices, 0), weights * in_range
@@ -110,7 +113,9 @@ def test_every_fp8_and_int8_byte_decodes_as_torch_does(kernel):
     every_byte = torch.arange(256, dtype=torch.uint8).view(1, 256)
     for rows in (every_byte.view(torch.int8), every_byte.view(torch.float8_e4m3fn)):
         indices, weights = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
-        out, expected = read(rows, torch.ones(1), indices, weights, torch.float32), rows.float()
+        device = TRITON_DEVICE if kernel == "triton" else "cpu"
+        args = [t.to(device) for t in (rows, torch.ones(1), indices, weights)]
+        out, expected = read(*args, torch.float32).cpu(), rows.float()
         if kernel == "triton" and not torch.cuda.is_available():
             # The interpreter decodes fp8's NaN bytes (0x7f, 0xff) as numbers, the GPU does not;
             # quantize_rows never writes them.
