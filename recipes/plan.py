@@ -26,7 +26,7 @@ table's optimizer. Measured on the way:
 What it does not simulate: ``torch.compile`` (fake tensors cannot be compiled here; the plan is
 of the eager step, whose activations compile only shrinks), weight initialisation (there are no
 values) and the data loader (each step's tokens are random). Without ``--hf_assets_path`` the
-vocabulary is the flavor's own (the Llama 3 tokenizer's), not the built-in corpus's.
+vocabulary is the flavor's own (its Llama tokenizer's), not the built-in corpus's.
 
 Bad input (a world the mesh cannot factor, a memory-parallel degree that does not divide
 ``--ngpu`` or the value dim, an unknown GPU) is one line ``error: ...`` and exit code 2, before
@@ -587,8 +587,8 @@ step, then the measured one).
   --gpu NAME        {gpus} (default h100): memory, peak bf16 FLOP/s, bandwidths
   --search          the fewest ranks (powers of two) that fit, per table optimizer
   --json PATH       also write the plans as JSON
-  --vocab-size V    the tokenizer's vocabulary (default: the flavor's own, 128256, unless
-                    --hf_assets_path is given)
+  --vocab-size V    the tokenizer's vocabulary (default: the flavor's own, e.g. 32000 for
+                    mem_1b*, 128256 for mem_8b*, unless --hf_assets_path is given)
 On a GPU (not --gpu cpu) the run's defaults are a GPU run's: bf16 parameters and selective
 activation checkpointing, unless the flags say otherwise. Other flags: python -m
 recipes.pretrain --help."""
@@ -644,12 +644,13 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size = _integer("--vocab-size", own["vocab-size"])
         if vocab_size is not None:
             check_at_least("--vocab-size", vocab_size, 1)
-        elif not any(a.startswith("--hf_assets_path") for a in rest):
-            vocab_size = 128256  # the flavors' tokenizer (Llama 3), not the built-in corpus's
         gpu = own["gpu"]
         if gpu not in GPUS:
             raise UsageError(f"--gpu must be one of {', '.join(GPUS)}, got {gpu!r}")
         config = parse_args(rest)
+        if vocab_size is None and not any(a.startswith("--hf_assets_path") for a in rest):
+            # The flavor's own tokenizer's (Llama 2's or 3's), not the built-in corpus's.
+            vocab_size = config.model_spec.model.transformer.vocab_size
         if gpu != "cpu":
             _as_on_gpu(config, rest)
         if not own["search"]:
