@@ -1,10 +1,11 @@
 """The knowledge benchmark: do memory layers store more facts per FLOP than a dense model?
 
-    python -m benchmarks.knowledge                      # default size, CPU, ~10-15 minutes
-    python -m benchmarks.knowledge --num-people 100 --steps 20   # a smoke run
+    python -m benchmarks.knowledge                      # default size, 3 seeds, CPU, ~35-45 minutes
+    python -m benchmarks.knowledge --seeds 0 --num-people 100 --steps 20   # a smoke run
 
-Trains three twins on the same synthetic knowledge corpus (``recipes.data.knowledge``), with the
-same data order, steps and optimiser:
+For each seed (``--seeds``; a seed draws the corpus's people, the initialisation and the data
+order), trains three twins on the same synthetic knowledge corpus (``recipes.data.knowledge``),
+with the same data order, steps and optimiser:
 
 * ``dense``: a small Llama-style model;
 * ``memory``: its middle block's feed-forward replaced by a plain product-key memory;
@@ -16,8 +17,11 @@ are cheaper than the SwiGLU they replace; the exact ratios are in the results). 
 of training and at the end, each model is evaluated with :mod:`recipes.knowledge_eval`: fact recall
 (greedy, exact match) on the questions whose Q/A pairs training never showed (knowledge
 extracted from biographies) and on the trained ones, answer NLL on the held-out questions, and
-held-out biography perplexity. Writes ``knowledge.json``, ``knowledge.md`` and ``knowledge.png``
-(accuracy vs training tokens; needs matplotlib) under ``--output-dir``.
+held-out biography perplexity. The summary gives each metric's mean and spread (sample standard
+deviation, min-max) over the seeds, and each memory twin's recall as a multiple of the dense
+model's on the same seed. Writes ``knowledge.json`` (rewritten after every seed), ``knowledge.md``
+and ``knowledge.png`` (accuracy vs training tokens, mean over seeds; needs matplotlib) under
+``--output-dir``.
 
 A plain PyTorch loop (not ``recipes.pretrain``) keeps a CPU run free of process groups and
 checkpoints; it reuses the recipe's corpus, tokenizer and memory-mapped token cache, and the
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +44,13 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from memcompile.cli import check_at_least, check_each_at_least, check_finite, reported_errors
+from memcompile.cli import (
+    UsageError,
+    check_at_least,
+    check_each_at_least,
+    check_finite,
+    reported_errors,
+)
 from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig, llama_ffn_hidden_dim
 from memcompile.model import Transformer
 from memcompile.optim import torch_param_groups
@@ -104,7 +115,10 @@ class KnowledgeBenchmarkConfig:
     eval_people: int = 50
     """People per split in the intermediate evaluations (the final one uses everyone)"""
 
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run of every twin per seed; each seed draws its own corpus (other people and facts),
+    initialisation and data order"""
+
     threads: int | None = 1
     """torch CPU threads (None: torch's default). One by default: these models are too small
     to gain from more, and on a shared machine oversubscribed OpenMP threads spin-wait"""
@@ -190,8 +204,9 @@ def train_and_evaluate(
     config: KnowledgeBenchmarkConfig,
     corpus: KnowledgeCorpus,
     tokenizer,
+    seed: int,
 ) -> dict[str, Any]:
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     model = Transformer(model_config)
     table_optimizer = None
     if config.table_optimizer != "adamw" and model.memory_values is not None:
@@ -204,7 +219,7 @@ def train_and_evaluate(
     # As recipes.pretrain: the sparse, high-LR table gradients are clipped on their own.
     clip_groups = [group["params"] for group in optimizer.param_groups]
     windows = iter(
-        PackedWindows(tokens, seq_len=config.seq_len, seed=config.seed, dp_rank=0, dp_world_size=1)
+        PackedWindows(tokens, seq_len=config.seq_len, seed=seed, dp_rank=0, dp_world_size=1)
     )
     eval_steps = {round(config.steps * (i + 1) / (config.evals + 1)) for i in range(config.evals)}
     tokens_per_step = config.batch_size * config.seq_len
@@ -278,29 +293,117 @@ def _vs_dense(flops: float, dense: dict[str, Any] | None) -> str:
     return "" if dense is None else f" ({flops / dense['train_flops_per_token']:.2f}x)"
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    dense = report["models"].get("dense")
-    lines = [
-        "| model | params (dense + memory) | train FLOPs/token (vs dense) "
-        "| recall, held-out questions | recall, trained questions | answer NLL "
-        "| held-out bio NLL | train loss | train time |",
-        "|---|---|---|---|---|---|---|---|---|",
+SUMMARY_METRICS = ("recall_trained", "recall_heldout", "answer_nll", "biography_nll")
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), min, max and the values themselves."""
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "per_seed": values,
+    }
+
+
+def summarize(seed_reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each model's final metrics over the seeds (mean and spread) and, for the twins, their
+    recall as a multiple of the dense model's on the same seed (same corpus and data order)."""
+    names = [
+        name for name in MODEL_NAMES if all(name in r["models"] for r in seed_reports.values())
     ]
-    for name, result in report["models"].items():
-        final, params = result["final"], result["params"]
+    summary: dict[str, dict[str, Any]] = {}
+    for name in names:
+        runs = [report["models"][name] for report in seed_reports.values()]
+        summary[name] = {
+            "train_flops_per_token": runs[0]["train_flops_per_token"],
+            "params": runs[0]["params"],
+            "train_loss": _spread([run["final_train_loss"] for run in runs]),
+            **{
+                metric: _spread([run["final"][metric] for run in runs])
+                for metric in SUMMARY_METRICS
+            },
+        }
+        if name != "dense" and "dense" in names:
+            for metric in ("recall_trained", "recall_heldout"):
+                # A seed where dense recalls nothing has no ratio.
+                ratios = [
+                    report["models"][name]["final"][metric] / dense_recall
+                    for report in seed_reports.values()
+                    if (dense_recall := report["models"]["dense"]["final"][metric]) > 0
+                ]
+                if ratios:
+                    summary[name][f"{metric}_vs_dense"] = _spread(ratios)
+    return summary
+
+
+def _percent(spread: dict[str, Any]) -> str:
+    return (
+        f"{100 * spread['mean']:.1f} ± {100 * spread['std']:.1f}% "
+        f"({100 * spread['min']:.1f}-{100 * spread['max']:.1f})"
+    )
+
+
+def _ratio(spread: dict[str, Any] | None) -> str:
+    if spread is None:
+        return "-"
+    return f"{spread['mean']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f})"
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """Mean ± sample standard deviation (min-max) over the seeds, one row per model."""
+    summary = report["summary"]
+    dense = summary.get("dense")
+    lines = [
+        f"Over {len(report['seeds'])} seeds ({', '.join(report['seeds'])}): "
+        "mean ± standard deviation (min-max); x dense: the ratio to dense on each seed, averaged "
+        "(min-max)",
+        "",
+        "| model | train FLOPs/token (vs dense) | recall, trained questions | x dense "
+        "| recall, held-out questions | x dense | answer NLL | train loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in summary.items():
         flops = result["train_flops_per_token"]
         lines.append(
-            f"| {name} | {params['dense'] / 1e3:.0f}K + {params['memory'] / 1e3:.0f}K "
-            f"| {flops / 1e6:.2f}M{_vs_dense(flops, dense)} "
-            f"| {100 * final['recall_heldout']:.1f}% | {100 * final['recall_trained']:.1f}% "
-            f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} "
-            f"| {result['final_train_loss']:.3f} | {result['train_seconds']:.0f}s |"
+            f"| {name} | {flops / 1e6:.2f}M{_vs_dense(flops, dense)} "
+            f"| {_percent(result['recall_trained'])} "
+            f"| {_ratio(result.get('recall_trained_vs_dense'))} "
+            f"| {_percent(result['recall_heldout'])} "
+            f"| {_ratio(result.get('recall_heldout_vs_dense'))} "
+            f"| {result['answer_nll']['mean']:.3f} ± {result['answer_nll']['std']:.3f} "
+            f"| {result['train_loss']['mean']:.3f} ± {result['train_loss']['std']:.3f} |"
         )
-    baseline = report["majority_baseline"]
-    lines.append(
-        f"| majority answer (no model) | - | - | {100 * baseline['recall_heldout']:.1f}% "
-        f"| {100 * baseline['recall_trained']:.1f}% | - | - | - | - |"
-    )
+    return "\n".join(lines)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Every seed's final metrics, one row per seed and model."""
+    lines = [
+        "| seed | model | params (dense + memory) | train FLOPs/token (vs dense) "
+        "| recall, held-out questions | recall, trained questions | answer NLL "
+        "| held-out bio NLL | train loss | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for seed, seed_report in report["seeds"].items():
+        dense = seed_report["models"].get("dense")
+        for name, result in seed_report["models"].items():
+            final, params = result["final"], result["params"]
+            flops = result["train_flops_per_token"]
+            lines.append(
+                f"| {seed} | {name} | {params['dense'] / 1e3:.0f}K + {params['memory'] / 1e3:.0f}K "
+                f"| {flops / 1e6:.2f}M{_vs_dense(flops, dense)} "
+                f"| {100 * final['recall_heldout']:.1f}% | {100 * final['recall_trained']:.1f}% "
+                f"| {final['answer_nll']:.3f} | {final['biography_nll']:.3f} "
+                f"| {result['final_train_loss']:.3f} | {result['train_seconds']:.0f}s |"
+            )
+        baseline = seed_report["majority_baseline"]
+        lines.append(
+            f"| {seed} | majority answer (no model) | - | - "
+            f"| {100 * baseline['recall_heldout']:.1f}% "
+            f"| {100 * baseline['recall_trained']:.1f}% | - | - | - | - |"
+        )
     return "\n".join(lines)
 
 
@@ -314,15 +417,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, result in report["models"].items():
-        tokens = [point["tokens"] / 1e6 for point in result["curve"]]
+    for name in report["summary"]:
+        # Every seed evaluates at the same steps: average the curves point by point.
+        curves = [seed_report["models"][name]["curve"] for seed_report in report["seeds"].values()]
+        tokens = [point["tokens"] / 1e6 for point in curves[0]]
         for axis, key in zip(axes, ("recall_heldout", "recall_trained")):
-            axis.plot(
-                tokens, [100 * point[key] for point in result["curve"]], marker="o", label=name
-            )
+            mean = [
+                100 * statistics.mean(points[i][key] for points in curves)
+                for i in range(len(tokens))
+            ]
+            axis.plot(tokens, mean, marker="o", label=name)
+    seeds = len(report["seeds"])
     for axis, title in zip(axes, ("held-out questions (from biographies)", "trained questions")):
         axis.set(
-            title=f"Fact recall: {title}", xlabel="training tokens (M)", ylabel="exact match (%)"
+            title=f"Fact recall: {title}, mean of {seeds} seed{'s' * (seeds > 1)}",
+            xlabel="training tokens (M)",
+            ylabel="exact match (%)",
         )
         axis.grid(alpha=0.3)
         axis.legend()
@@ -349,6 +459,10 @@ def _validate(config: KnowledgeBenchmarkConfig) -> None:
     ):
         check_at_least(flag, value, 1)
     check_each_at_least("--memory-plus-layers", config.memory_plus_layers, 0)
+    if not config.seeds:
+        raise UsageError("--seeds needs at least one seed")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise UsageError(f"--seeds must be distinct, got {' '.join(map(str, config.seeds))}")
     check_at_least("--warmup-steps", config.warmup_steps, 0)
     for flag, value in (
         ("--lr", config.lr),
@@ -358,26 +472,18 @@ def _validate(config: KnowledgeBenchmarkConfig) -> None:
         check_finite(flag, value, 0)
 
 
-def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
-    _validate(config)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    corpus = KnowledgeCorpus(num_people=config.num_people, seed=config.seed)
-    tokenizer = load_tokenizer()
+def run_seed(config: KnowledgeBenchmarkConfig, seed: int, tokenizer) -> dict[str, Any]:
+    """Every twin of ``config.models`` trained and evaluated on the corpus of ``seed``."""
+    corpus = KnowledgeCorpus(num_people=config.num_people, seed=seed)
     source = knowledge_source(corpus)
     tokens = load_token_stream(source, corpus.train_documents, tokenizer, config.cache_dir)
     epochs = config.steps * config.batch_size * config.seq_len / tokens.numel()
     print(
-        f"corpus: {config.num_people} people, {tokens.numel():,} training tokens; "
+        f"seed {seed}: {config.num_people} people, {tokens.numel():,} training tokens; "
         f"{config.steps} steps = {epochs:.1f} epochs",
         flush=True,
     )
     report: dict[str, Any] = {
-        "config": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in asdict(config).items()
-            if k != "cache_dir"
-        },
         "corpus_tokens": tokens.numel(),
         "epochs": epochs,
         "majority_baseline": majority_baseline(corpus),
@@ -386,17 +492,43 @@ def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
     for name, model_config in twin_configs(config, tokenizer.get_vocab_size()).items():
         if name not in config.models:
             continue
-        print(f"training {name}", flush=True)
+        print(f"seed {seed}: training {name}", flush=True)
         report["models"][name] = train_and_evaluate(
-            name, model_config, tokens, config, corpus, tokenizer
+            name, model_config, tokens, config, corpus, tokenizer, seed
         )
+    return report
 
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    (config.output_dir / "knowledge.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(report)
-    (config.output_dir / "knowledge.md").write_text(table + "\n")
-    plot(report, config.output_dir / "knowledge.png")
-    print(table)
+
+def write_report(report: dict[str, Any], output_dir: Path) -> str:
+    """``knowledge.json`` (with the summary over the seeds so far), ``knowledge.md`` and the plot;
+    returns the markdown."""
+    report["summary"] = summarize(report["seeds"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "knowledge.json").write_text(json.dumps(report, indent=2) + "\n")
+    tables = f"{summary_table(report)}\n\n{markdown_table(report)}"
+    (output_dir / "knowledge.md").write_text(tables + "\n")
+    plot(report, output_dir / "knowledge.png")
+    return tables
+
+
+def run(config: KnowledgeBenchmarkConfig) -> dict[str, Any]:
+    _validate(config)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer()
+    report: dict[str, Any] = {
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(config).items()
+            if k != "cache_dir"
+        },
+        "seeds": {},
+    }
+    for seed in config.seeds:
+        report["seeds"][str(seed)] = run_seed(config, seed, tokenizer)
+        # Rewritten after every seed: a long run stopped early keeps what it measured.
+        tables = write_report(report, config.output_dir)
+    print(tables)
     print(f"wrote {config.output_dir}/knowledge.{{json,md,png}}")
     return report
 
