@@ -26,6 +26,7 @@ How the real step is measured (independently of the plan's tracker, which it che
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tempfile
@@ -181,6 +182,8 @@ def measure_step(argv: Sequence[str]) -> dict[str, Any]:
     _set_single_process_env()
     window = f"step {MEASURED_STEP}"
     counter = CollectiveBytes()
+    # Earlier garbage freed while profiling would count as frees of blocks it never saw.
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer = config.build()
         try:
@@ -192,6 +195,9 @@ def measure_step(argv: Sequence[str]) -> dict[str, Any]:
                 if step < MEASURED_STEP:
                     trainer.train_step(iter(step_batches))
                     continue
+                # torchtitan turns automatic collection off (collecting every gc_freq steps):
+                # the last step's cyclic garbage would be freed, or not, at random in this one.
+                gc.collect()
                 with record_function(window), counter:
                     trainer.train_step(iter(step_batches))
         except BaseException:
