@@ -1,9 +1,15 @@
 """Model configuration: a Llama-style transformer whose chosen blocks read a product-key memory.
 
-Two dataclasses, validated at construction so a bad configuration fails before any tensor exists:
+Dataclasses, validated at construction so a bad configuration fails before any tensor exists:
 
-- :class:`MemoryConfig`: the shared value table and the memory layers that read it.
-- :class:`TransformerConfig`: the dense transformer, with ``memory=None`` for a dense model.
+- :class:`MemoryConfig`: the shared value table and the product-key memory layers that read it.
+- :class:`EngramConfig`: hashed n-gram memory layers (:mod:`memcompile.engram`).
+- :class:`PEERConfig`: PEER layers, a million single-neuron experts (:mod:`memcompile.peer`).
+- :class:`TransformerConfig`: the dense transformer with at most one of the three memory families
+  (``memory``, ``engram``, ``peer``; all ``None`` for a dense model). A model has ONE trainable
+  table whatever the family (:attr:`TransformerConfig.table_shape`), so the row-sparse
+  optimizer, checkpoints, export and memory parallelism have one code path; two families in one
+  model would need several tables (not supported yet).
 
 The named configurations of the paper live in :mod:`memcompile.flavors`.
 """
@@ -99,6 +105,122 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class EngramConfig:
+    """Hashed n-gram memory in the blocks ``layers``, all reading one table (see
+    :mod:`memcompile.engram`)."""
+
+    #: Blocks that get an Engram layer at their start (0-based, distinct).
+    layers: tuple[int, ...]
+    #: Largest n-gram order N; orders 2 .. N are hashed. Also the convolution's dilation.
+    max_ngram: int = 3
+    #: Hash heads K per order, each with its own table.
+    heads: int = 4
+    #: Rows of each (layer, order, head) table before rounding up to distinct primes.
+    table_rows: int = 1 << 16
+    #: Width of a row; a token's memory vector e has ``(max_ngram - 1) * heads * row_dim``.
+    row_dim: int = 64
+    #: Taps of the depthwise causal convolution.
+    conv_kernel: int = 4
+    #: Seed of the hash multipliers (a fixed generator: the same hashes on every machine).
+    hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise ValueError("engram.layers must name at least one block")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ValueError(
+                f"engram.layers must be distinct block indices >= 0, got {self.layers}"
+            )
+        minimums = {"max_ngram": 2, "heads": 1, "table_rows": 2, "row_dim": 1, "conv_kernel": 1}
+        for name, minimum in minimums.items():
+            if getattr(self, name) < minimum:
+                raise ValueError(f"engram.{name} must be >= {minimum}, got {getattr(self, name)}")
+        if not 0 <= self.hash_seed < 2**64:
+            raise ValueError(f"engram.hash_seed must lie in [0, 2^64), got {self.hash_seed}")
+
+    @property
+    def orders(self) -> int:
+        """Hashed n-gram orders: 2 .. max_ngram."""
+        return self.max_ngram - 1
+
+    @property
+    def heads_per_layer(self) -> int:
+        """Rows each Engram layer reads per token: one per (order, head)."""
+        return self.orders * self.heads
+
+    @property
+    def memory_dim(self) -> int:
+        """Width of the concatenated memory vector e."""
+        return self.heads_per_layer * self.row_dim
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the model's one Engram table: the sum of all (layer, order, head) primes."""
+        # Imported here: memcompile.engram imports this module (through memcompile.memory).
+        from memcompile.engram import engram_table_sizes
+
+        return sum(sum(sum(order) for order in layer) for layer in engram_table_sizes(self))
+
+    @property
+    def conv_padding(self) -> int:
+        """Past inputs the causal convolution reads: ``(conv_kernel - 1) · max_ngram``."""
+        return (self.conv_kernel - 1) * self.max_ngram
+
+
+@dataclass(frozen=True)
+class PEERConfig:
+    """PEER layers in the blocks ``layers``, reading one table of ``2 · num_experts`` rows: the
+    down vectors, then the up vectors (see :mod:`memcompile.peer`)."""
+
+    #: Experts; a square: product keys index an n × n grid.
+    num_experts: int
+    #: Blocks whose feed-forward is replaced by a PEER layer (0-based, distinct).
+    layers: tuple[int, ...]
+    #: Query heads per layer; each picks its own experts, all heads' outputs are summed.
+    heads: int = 8
+    #: Experts per head and token.
+    topk: int = 16
+    #: Dimension of a full product key (both halves); ``None`` means ``dim // 2``.
+    key_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.num_experts <= 0 or math.isqrt(self.num_experts) ** 2 != self.num_experts:
+            raise ValueError(
+                f"peer.num_experts must be a positive perfect square (product keys index an "
+                f"n_keys x n_keys grid), got {self.num_experts}"
+            )
+        if not self.layers:
+            raise ValueError("peer.layers must name at least one block")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ValueError(f"peer.layers must be distinct block indices >= 0, got {self.layers}")
+        for name in ("heads", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"peer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.topk > self.n_keys:
+            raise ValueError(
+                f"peer.topk ({self.topk}) must be <= n_keys = sqrt(num_experts) = {self.n_keys}: "
+                f"each half of a query keeps its top-k sub-keys"
+            )
+
+    def for_model_dim(self, dim: int) -> PEERConfig:
+        """This config with ``key_dim`` resolved for model dim ``dim``, checked."""
+        key_dim = dim // 2 if self.key_dim is None else self.key_dim
+        if key_dim < 2 or key_dim % 2:
+            raise ValueError(
+                f"peer.key_dim must be even and >= 2 (a query splits into two halves), "
+                f"got {key_dim}"
+            )
+        return replace(self, key_dim=key_dim)
+
+    @property
+    def n_keys(self) -> int:
+        """Sub-keys per half and head: the side of the product-key grid."""
+        return math.isqrt(self.num_experts)
+
+
+@dataclass(frozen=True)
 class TransformerConfig:
     """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU feed-forward."""
 
@@ -114,7 +236,12 @@ class TransformerConfig:
     rope_theta: float = 10_000.0
     #: Longest sequence (size of the RoPE tables); shorter sequences need no recompilation.
     max_seq_len: int = 4096
+    #: Product-key memory layers (Memory / Memory+).
     memory: MemoryConfig | None = None
+    #: Engram layers (hashed n-gram memory); excludes ``memory`` and ``peer``.
+    engram: EngramConfig | None = None
+    #: PEER layers (single-neuron experts); excludes ``memory`` and ``engram``.
+    peer: PEERConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden_dim", "max_seq_len"):
@@ -135,16 +262,39 @@ class TransformerConfig:
             raise ValueError(
                 f"head_dim = dim / n_heads = {self.head_dim} must be even: RoPE rotates pairs"
             )
-        if self.memory is not None:
-            self._resolve_and_check_memory(self.memory)
-
-    def _resolve_and_check_memory(self, memory: MemoryConfig) -> None:
-        bad = [layer for layer in memory.layers if not 0 <= layer < self.n_layers]
-        if bad:
+        families = [name for name in ("memory", "engram", "peer") if getattr(self, name)]
+        if len(families) > 1:
             raise ValueError(
-                f"memory.layers {bad} out of range: the model has blocks 0..{self.n_layers - 1}"
+                f"a model has one memory family, got {' and '.join(families)}: each family "
+                f"reads the model's one table (mixing them would need several tables)"
             )
-        object.__setattr__(self, "memory", memory.for_model_dim(self.dim))
+        for name in families:
+            family = getattr(self, name)
+            bad = [layer for layer in family.layers if not 0 <= layer < self.n_layers]
+            if bad:
+                raise ValueError(
+                    f"{name}.layers {bad} out of range: the model has blocks 0..{self.n_layers - 1}"
+                )
+            if name != "engram":  # Engram's layers need nothing of the model dim
+                object.__setattr__(self, name, family.for_model_dim(self.dim))
+
+    @property
+    def family(self) -> MemoryConfig | EngramConfig | PEERConfig | None:
+        """The memory family's config (``memory``, ``engram`` or ``peer``), ``None`` if dense."""
+        return self.memory or self.engram or self.peer
+
+    @property
+    def table_shape(self) -> tuple[int, int] | None:
+        """``(rows, width)`` of the model's one trainable table (``memory_values``), or ``None``
+        for a dense model: product-key values, Engram's hashed rows, or PEER's down vectors
+        stacked on its up vectors."""
+        if self.memory is not None:
+            return self.memory.num_values, self.memory.value_dim
+        if self.engram is not None:
+            return self.engram.num_rows, self.engram.row_dim
+        if self.peer is not None:
+            return 2 * self.peer.num_experts, self.dim
+        return None
 
     @property
     def head_dim(self) -> int:

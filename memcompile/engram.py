@@ -68,73 +68,22 @@ from __future__ import annotations
 import functools
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ops
+from memcompile.config import EngramConfig
 from memcompile.memory import ValueLookup
 from ops.row_sparse import GradRecorder
 
+if TYPE_CHECKING:
+    from memcompile.generate import RecentInputs
+
 #: Products ``id · multiplier`` and their XORs stay below this: exact, non-negative int64.
 _HASH_BOUND = 2**62
-
-
-@dataclass(frozen=True)
-class EngramConfig:
-    """Hashed n-gram memory in the blocks ``layers``, all reading one table (see module doc)."""
-
-    #: Blocks that get an Engram layer (0-based, distinct).
-    layers: tuple[int, ...]
-    #: Largest n-gram order N; orders 2 .. N are hashed. Also the convolution's dilation.
-    max_ngram: int = 3
-    #: Hash heads K per order, each with its own table.
-    heads: int = 4
-    #: Rows of each (layer, order, head) table before rounding up to distinct primes.
-    table_rows: int = 1 << 16
-    #: Width of a row; a token's memory vector e has ``(max_ngram - 1) * heads * row_dim``.
-    row_dim: int = 64
-    #: Taps of the depthwise causal convolution.
-    conv_kernel: int = 4
-    #: Seed of the hash multipliers (a fixed generator: the same hashes on every machine).
-    hash_seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if not self.layers:
-            raise ValueError("engram.layers must name at least one block")
-        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-            raise ValueError(
-                f"engram.layers must be distinct block indices >= 0, got {self.layers}"
-            )
-        minimums = {"max_ngram": 2, "heads": 1, "table_rows": 2, "row_dim": 1, "conv_kernel": 1}
-        for name, minimum in minimums.items():
-            if getattr(self, name) < minimum:
-                raise ValueError(f"engram.{name} must be >= {minimum}, got {getattr(self, name)}")
-        if not 0 <= self.hash_seed < 2**64:
-            raise ValueError(f"engram.hash_seed must lie in [0, 2^64), got {self.hash_seed}")
-
-    @property
-    def orders(self) -> int:
-        """Hashed n-gram orders: 2 .. max_ngram."""
-        return self.max_ngram - 1
-
-    @property
-    def heads_per_layer(self) -> int:
-        """Rows each Engram layer reads per token: one per (order, head)."""
-        return self.orders * self.heads
-
-    @property
-    def memory_dim(self) -> int:
-        """Width of the concatenated memory vector e."""
-        return self.heads_per_layer * self.row_dim
-
-    @property
-    def num_rows(self) -> int:
-        """Rows of the model's one Engram table: the sum of all (layer, order, head) primes."""
-        return sum(sum(sum(order) for order in layer) for layer in engram_table_sizes(self))
 
 
 # --------------------------------------------------------------------------- table sizes
@@ -362,7 +311,7 @@ class Engram(nn.Module):
         # Depthwise (one filter per channel); causal by padding only on the left.
         self.conv = nn.Conv1d(dim, dim, config.conv_kernel, groups=dim, bias=False)
         self.conv_dilation = config.max_ngram
-        self.conv_padding = (config.conv_kernel - 1) * config.max_ngram
+        self.conv_padding = config.conv_padding
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -372,7 +321,17 @@ class Engram(nn.Module):
             norm.reset_parameters()
         nn.init.zeros_(self.conv.weight)
 
-    def forward(self, h: Tensor, rows: Tensor, table: Tensor) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        rows: Tensor,
+        table: Tensor,
+        recent: RecentInputs | None = None,
+        name: str = "engram",
+    ) -> Tensor:
+        """With ``recent`` (a KV cache's :class:`memcompile.generate.RecentInputs`), ``h``
+        continues a cached sequence: the convolution also reads the inputs that earlier calls
+        kept there under ``name`` (zeros before the sequence's start, as without a cache)."""
         self._check_inputs(h, rows, table)
         batch, seq_len, _ = h.shape
         flat_rows = rows.reshape(-1, 1)
@@ -384,7 +343,11 @@ class Engram(nn.Module):
         gate = torch.sigmoid((self.hidden_norm(h) * key).sum(-1, keepdim=True) / self.dim**0.5)
         gated = gate * self.value(memory)  # [B, T, dim]
 
-        channels_first = F.pad(self.conv_norm(gated).transpose(1, 2), (self.conv_padding, 0))
+        conv_input = self.conv_norm(gated)
+        if recent is not None:
+            conv_input = recent.extend(name, conv_input, self.conv_padding)
+        left = self.conv_padding + seq_len - conv_input.shape[1]  # zeros before the start
+        channels_first = F.pad(conv_input.transpose(1, 2), (left, 0))
         mixed = F.conv1d(
             channels_first, self.conv.weight, dilation=self.conv_dilation, groups=self.dim
         )

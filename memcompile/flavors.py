@@ -10,6 +10,15 @@ Names read ``<architecture>_<base>[_<memory size>]``:
   paper's 1M-row table at debug width (a real-size table that a CPU can train, for checks
   such as ``benchmarks.plan_check``).
 - ``memplain_<base>``: one plain memory layer (no W1/W2) in the middle block, 1M values.
+- ``engram_<base>`` (debug, tiny, 134m, 1b): Engram (hashed 2- and 3-grams, 4 heads each) at
+  the start of an early and the middle block (the paper's placement), rows of width dim / 8
+  (so the memory vector is dim wide), each of the 16 tables ``values / 2`` rows: the table has
+  the parameters of ``mem_<base>``'s. The dense blocks stay, so it adds the gate's two
+  projections: FLOP-matched to ``dense_<base>`` within a few percent (the table's column).
+- ``peer_<base>`` (debug, tiny, 134m, 1b): PEER replacing the feed-forwards of ``mem_<base>``'s
+  blocks, on its product-key grid (``n_keys²`` experts; the table, down and up vectors, is
+  twice its values), 8 heads × top-16 experts (the paper's; debug 2 × 8): FLOP-matched like
+  Memory+ (within a few percent of ``dense_<base>``).
 
 Bases: ``134m``, ``373m``, ``720m``, ``1b`` (the paper's 1.3B) with the Llama2 tokenizer
 (32000) and ``8b`` (Llama3 8B, 128256). ``tiny`` (Llama2 vocabulary, trains on a CPU in
@@ -19,7 +28,9 @@ The paper gives the sizes, not the shapes; these are inferred (see ``FLAVORS.md`
 shape reproduces the paper's 4M/16M/64M totals to the last reported digit. Attention head
 counts are not reported (head_dim 64 up to dim 1024, 128 above; they change no counts).
 
-``python -m memcompile.flavors`` prints every flavor's parameters and FLOPs per token.
+``python -m memcompile.flavors`` prints every flavor's parameters and FLOPs per token, and the
+FLOPs of each memory flavor against its dense twin's: every family is matched by FLOPs per
+token, as the paper matched Memory+ (not by parameters: the tables add billions).
 """
 
 from __future__ import annotations
@@ -28,8 +39,10 @@ from dataclasses import replace
 from typing import Literal
 
 from memcompile.config import (
+    EngramConfig,
     MemoryConfig,
     MemoryKind,
+    PEERConfig,
     TransformerConfig,
     centred_layers,
     llama_ffn_hidden_dim,
@@ -117,6 +130,31 @@ def _memory_plain(base: TransformerConfig, n_keys: int, **memory) -> Transformer
     return replace(base, memory=config)
 
 
+#: Bases with Engram and PEER twins, and PEER's heads and top-k (the paper's 8 × 16 above debug).
+_OTHER_FAMILIES = {"debug": (2, 8), "tiny": (8, 16), "134m": (8, 16), "1b": (8, 16)}
+
+
+def _engram(base: TransformerConfig, n_keys: int) -> TransformerConfig:
+    """Engram in an early and the middle block; 16 tables of ``n_keys² / 2`` rows of width
+    dim / 8: the parameters of a ``n_keys²``-value Memory+ table, a dim-wide memory vector."""
+    engram = EngramConfig(
+        layers=(1, base.n_layers // 2),
+        max_ngram=3,
+        heads=4,
+        table_rows=n_keys**2 // 2,
+        row_dim=base.dim // 8,
+    )
+    return replace(base, engram=engram)
+
+
+def _peer(
+    base: TransformerConfig, layers: tuple[int, ...], n_keys: int, heads: int, topk: int
+) -> TransformerConfig:
+    return replace(
+        base, peer=PEERConfig(num_experts=n_keys**2, layers=layers, heads=heads, topk=topk)
+    )
+
+
 def _build_flavors() -> dict[str, TransformerConfig]:
     flavors: dict[str, TransformerConfig] = {}
     for base_name, (base, memory_layers) in _BASES.items():
@@ -128,6 +166,10 @@ def _build_flavors() -> dict[str, TransformerConfig]:
                 base, memory_layers, _MEMORY_SIZES[size], **overrides
             )
         flavors[f"memplain_{base_name}"] = _memory_plain(base, n_keys, **overrides)
+        if base_name in _OTHER_FAMILIES:
+            flavors[f"engram_{base_name}"] = _engram(base, n_keys)
+            heads, topk = _OTHER_FAMILIES[base_name]
+            flavors[f"peer_{base_name}"] = _peer(base, memory_layers, n_keys, heads, topk)
     return flavors
 
 
@@ -166,22 +208,45 @@ def fit_to_run(
 def flavor_table() -> str:
     """A markdown table of every flavor: parameters and training FLOPs per token."""
     rows = [
-        "| flavor | dim × layers | memory layers | values | total | dense | memory | active "
-        "| train FLOPs/token (seq len) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| flavor | dim × layers | memory layers | table | total | dense | memory | active "
+        "| train FLOPs/token (seq len) | FLOPs vs dense twin |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, config in FLAVORS.items():
         stats = model_stats(config)
-        memory = config.memory
-        layers = "-" if memory is None else f"{memory.kind.value} {list(memory.layers)}"
-        values = "-" if memory is None else f"{memory.n_keys}²"
+        dense_twin = FLAVORS.get("dense_" + name.split("_")[1])
+        ratio = "-"
+        if config.family is not None and dense_twin is not None:
+            dense_flops = model_stats(dense_twin).train_flops_per_token
+            ratio = f"{stats.train_flops_per_token / dense_flops - 1:+.1%}"
         rows.append(
-            f"| {name} | {config.dim} × {config.n_layers} | {layers} | {values} "
+            f"| {name} | {config.dim} × {config.n_layers} | {_layers(config)} | {_table(config)} "
             f"| {_human(stats.total_params)} | {_human(stats.dense_params)} "
             f"| {_human(stats.memory_params)} | {_human(stats.active_params)} "
-            f"| {stats.train_flops_per_token / 1e9:.4g}G ({stats.seq_len}) |"
+            f"| {stats.train_flops_per_token / 1e9:.4g}G ({stats.seq_len}) | {ratio} |"
         )
     return "\n".join(rows)
+
+
+def _layers(config: TransformerConfig) -> str:
+    if config.memory is not None:
+        return f"{config.memory.kind.value} {list(config.memory.layers)}"
+    if config.engram is not None:
+        return f"engram {list(config.engram.layers)}"
+    if config.peer is not None:
+        return f"peer {list(config.peer.layers)}"
+    return "-"
+
+
+def _table(config: TransformerConfig) -> str:
+    """The table's size: product-key values or PEER experts as ``n_keys²``, Engram's rows."""
+    if config.memory is not None:
+        return f"{config.memory.n_keys}² values"
+    if config.engram is not None:
+        return f"{_human(config.engram.num_rows)} rows"
+    if config.peer is not None:
+        return f"{config.peer.n_keys}² experts"
+    return "-"
 
 
 def _human(count: int) -> str:

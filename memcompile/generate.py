@@ -7,7 +7,9 @@
 
 The prompt is processed in one forward pass ("prefill"); each new token then costs one forward
 pass over a single position, its queries attending to the cached keys and values of all the
-positions before it. Memory layers need no cache: their read depends on the token alone.
+positions before it. Product-key memory and PEER layers need no cache: their read depends on
+the token alone. Engram layers look a few positions back (the n-gram's earlier tokens, the
+convolution's earlier inputs): the cache keeps those last few in :class:`RecentInputs`.
 
 Prompts in a batch share one length: :func:`generate_batched` groups prompts of any lengths by
 length instead of padding, which keeps positions and masks trivial.
@@ -22,6 +24,24 @@ import torch
 from torch import Tensor, nn
 
 from memcompile.config import TransformerConfig
+
+
+class RecentInputs:
+    """The last few inputs of the layers that look a fixed number of positions back (Engram:
+    the last ``max_ngram - 1`` token ids, each Engram layer's last ``(kernel - 1) · dilation``
+    convolution inputs), by name, so that a continuation computes what the whole sequence
+    would."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, Tensor] = {}
+
+    def extend(self, name: str, new: Tensor, keep: int) -> Tensor:
+        """``new [B, S, ...]`` after what ``name`` kept (up to ``keep`` positions, fewer near
+        the start of the sequence), along dim 1; then keep the last ``keep`` of those."""
+        previous = self._kept.get(name)
+        full = new if previous is None else torch.cat((previous, new), dim=1)
+        self._kept[name] = full[:, max(full.shape[1] - keep, 0) :]
+        return full
 
 
 class LayerKVCache:
@@ -69,6 +89,7 @@ class KVCache:
         shape = (batch_size, max_seq_len, config.n_kv_heads, config.head_dim)
         self.max_seq_len = max_seq_len
         self.length = 0
+        self.recent = RecentInputs()
         self._layers = [
             LayerKVCache(
                 self,

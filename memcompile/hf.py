@@ -33,6 +33,7 @@ from transformers import Cache, DynamicCache, GenerationMixin, PretrainedConfig,
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from memcompile.generate import RecentInputs
 from memcompile.memory import use_quantized_table
 from memcompile.model import Transformer
 from memcompile.pretrained import CONFIG_KEY, TABLE_KEY, config_from_dict, empty_quantized_table
@@ -76,12 +77,18 @@ class _LayerCacheView:
 
 class _CacheView:
     """A transformers ``Cache`` as ``Transformer.forward`` reads a KV cache (the interface of
-    :class:`memcompile.generate.KVCache`): ``length``, ``next_positions``, ``layer(i)`` and
-    ``advance``. The cache counts what it stores itself, so ``advance`` has nothing to do."""
+    :class:`memcompile.generate.KVCache`): ``length``, ``next_positions``, ``layer(i)``,
+    ``advance`` and ``recent``. The cache counts what it stores itself, so ``advance`` has
+    nothing to do."""
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
         self.length = int(cache.get_seq_length())
+        # Engram layers' last few inputs live beside the keys and values, on the cache itself.
+        recent = getattr(cache, "memcompile_recent", None)
+        if recent is None or self.length == 0:
+            recent = cache.memcompile_recent = RecentInputs()
+        self.recent = recent
 
     def next_positions(self, seq_len: int, device: torch.device) -> Tensor:
         room = self.cache.get_max_length()  # -1: grows without bound

@@ -1,12 +1,16 @@
 """A Llama-style transformer whose chosen blocks replace their feed-forward with a memory layer.
 
     tokens -> embedding -> [block] × n_layers -> RMSNorm -> output projection -> logits
-    block:  h = x + attention(norm(x));  out = h + ffn(norm(h))
-    ffn:    SwiGLU, or in memory blocks MemoryPlus / ProductKeyMemory reading the shared table
+    block:  x = x + engram(x, rows)  (Engram blocks only)
+            h = x + attention(norm(x));  out = h + ffn(norm(h))
+    ffn:    SwiGLU, or in memory blocks MemoryPlus / ProductKeyMemory / PEER reading the table
 
-The model owns the one value table (``memory_values``) and hands it, through ``memory_table``
-(once per forward), to the memory blocks in ``forward`` (see :mod:`memcompile.memory` for why
-it is an argument, not a submodule parameter).
+A model has at most one memory family (``config.memory``, ``config.engram`` or ``config.peer``)
+and, whatever the family, ONE trainable table ``memory_values`` (``config.table_shape``):
+product-key values, Engram's hashed rows, or PEER's down and up vectors stacked. It hands the
+table, through ``memory_table`` (once per forward), to the blocks that read it (see
+:mod:`memcompile.memory` for why it is an argument, not a submodule parameter). Engram's rows
+are hashed once per forward for all its blocks (``hasher``, :class:`NgramHasher`).
 
 Build large flavors on the meta device, then materialise::
 
@@ -38,11 +42,13 @@ from torch import Tensor, nn
 
 import ops
 from memcompile.config import TransformerConfig
+from memcompile.engram import Engram, NgramHasher, init_engram_table_
 from memcompile.memory import ValueTable, build_memory_layer
+from memcompile.peer import PEER, init_expert_table_
 from ops.row_sparse import GradRecorder
 
 if TYPE_CHECKING:
-    from memcompile.generate import KVCache, LayerKVCache
+    from memcompile.generate import KVCache, LayerKVCache, RecentInputs
 
 _INIT_STD = 0.02
 
@@ -171,29 +177,49 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block; in memory blocks the feed-forward is a memory layer."""
+    """Pre-norm block; in memory blocks the feed-forward is a memory or PEER layer; Engram
+    blocks start with an Engram layer."""
 
     def __init__(
         self, layer_id: int, config: TransformerConfig, grad_recorder: GradRecorder | None = None
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.is_memory_block = config.memory is not None and layer_id in config.memory.layers
+        engram, peer = config.engram, config.peer
+        #: Whether the feed-forward reads the table (a product-key memory or PEER layer).
+        self.is_memory_block = any(
+            family is not None and layer_id in family.layers for family in (config.memory, peer)
+        )
+        if engram is not None and layer_id in engram.layers:
+            self.engram = Engram(config.dim, engram, config.norm_eps, grad_recorder)
+            #: Which of the hasher's per-layer rows this block reads.
+            self.engram_index = engram.layers.index(layer_id)
+        else:
+            self.engram = None
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        if self.is_memory_block:
+        if self.is_memory_block and peer is not None:
+            self.feed_forward = PEER(config.dim, peer, grad_recorder)
+        elif self.is_memory_block:
             self.feed_forward = build_memory_layer(
                 config.dim, config.memory, config.norm_eps, grad_recorder
             )
         else:
             self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
 
+    @property
+    def reads_table(self) -> bool:
+        """Whether the block reads the model's table (its feed-forward, or its Engram layer)."""
+        return self.is_memory_block or self.engram is not None
+
     def init_weights(self) -> None:
         out_std = _INIT_STD / (2 * (self.layer_id + 1)) ** 0.5
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
         self.attention.init_weights(out_std)
+        if self.engram is not None:
+            self.engram.init_weights()
         if self.is_memory_block:
             self.feed_forward.init_weights()
         else:
@@ -207,7 +233,14 @@ class TransformerBlock(nn.Module):
         memory_values: Tensor | None,
         kv_cache: LayerKVCache | None = None,
         mask: Tensor | None = None,
+        engram_rows: Tensor | None = None,
+        recent: RecentInputs | None = None,
     ) -> Tensor:
+        """``engram_rows`` (the hasher's rows for all Engram blocks) and ``recent`` (the KV
+        cache's, when decoding) are read by an Engram block only."""
+        if self.engram is not None:
+            rows = engram_rows[:, :, self.engram_index]
+            x = x + self.engram(x, rows, memory_values, recent, f"engram.{self.layer_id}")
         h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, mask)
         normed = self.ffn_norm(h)
         if self.is_memory_block:
@@ -226,17 +259,19 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        if config.memory is not None:
-            # The one value table every memory block reads (see memcompile.memory).
-            self.memory_values = nn.Parameter(
-                torch.empty(config.memory.num_values, config.memory.value_dim)
-            )
-            # Every memory block's lookup reads it, and learns which table that is here.
+        if config.table_shape is not None:
+            # The one table every memory, Engram or PEER block reads (see memcompile.memory).
+            self.memory_values = nn.Parameter(torch.empty(config.table_shape))
+            # Every block's reads of it share one recorder, and learn which table it is here.
             recorder = GradRecorder()
             self.memory_table = ValueTable(recorder)
         else:
             self.register_parameter("memory_values", None)
             self.memory_table = recorder = None
+        # Engram's rows depend on the tokens alone: hashed once per forward for all its blocks.
+        self.hasher = (
+            None if config.engram is None else NgramHasher(config.engram, config.vocab_size)
+        )
         # A dict keyed by layer id keeps parameter names stable if blocks are split off (PP).
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, config, recorder) for i in range(config.n_layers)}
@@ -263,7 +298,13 @@ class Transformer(nn.Module):
         config = self.config
         self.init_rope_tables()
         nn.init.normal_(self.tok_embeddings.weight)
-        if self.memory_values is not None:
+        if self.hasher is not None:
+            self.hasher.init_buffers()
+        if config.engram is not None:
+            init_engram_table_(self.memory_values)
+        elif config.peer is not None:
+            init_expert_table_(self.memory_values, config.peer)
+        elif config.memory is not None:
             nn.init.normal_(self.memory_values, std=config.memory.value_dim**-0.5)
         for block in self.layers.values():
             block.init_weights()
@@ -329,18 +370,29 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)
         values = None if self.memory_table is None else self.memory_table(self.memory_values)
+        recent = None if kv_cache is None else kv_cache.recent
+        engram_rows = None if self.hasher is None else self._engram_rows(tokens, recent)
         for layer_id, block in self.layers.items():
             if hidden_states is not None:
                 hidden_states.append(h)
             layer_cache = None if kv_cache is None else kv_cache.layer(int(layer_id))
             # Only the blocks that read the table get it.
-            h = block(h, cos, sin, values if block.is_memory_block else None, layer_cache, mask)
+            table = values if block.reads_table else None
+            h = block(h, cos, sin, table, layer_cache, mask, engram_rows, recent)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         h = self.norm(h)
         if hidden_states is not None:
             hidden_states.append(h)
         return self.output(h)
+
+    def _engram_rows(self, tokens: Tensor, recent: RecentInputs | None) -> Tensor:
+        """The Engram table rows of every token; a continuation's first n-grams reach back
+        into the tokens the cache kept."""
+        if recent is None:
+            return self.hasher(tokens)
+        context = recent.extend("tokens", tokens, self.config.engram.max_ngram - 1)
+        return self.hasher(context)[:, context.shape[1] - tokens.shape[1] :]
 
     def _check_inputs(
         self,
@@ -397,7 +449,8 @@ class Transformer(nn.Module):
 def _materialise_buffers(model: Transformer, incompatible_keys) -> None:
     """After ``load_state_dict(..., assign=True)`` into a meta-device model, the parameters are
     real but the buffers that are derived state, not checkpointed (RoPE tables, telemetry
-    counters), are still on meta: create them on the parameters' device and initialise them."""
+    counters, the Engram hasher's multipliers and table offsets), are still on meta: create them
+    on the parameters' device and initialise them."""
     device = model.tok_embeddings.weight.device
     if device.type == "meta":
         return
@@ -411,3 +464,5 @@ def _materialise_buffers(model: Transformer, incompatible_keys) -> None:
         setattr(module, name, torch.zeros_like(getattr(module, name), device=device))
     if any(module is model for module, _ in stale):
         model.init_rope_tables()
+    if any(module is model.hasher for module, _ in stale):
+        model.hasher.init_buffers()

@@ -13,19 +13,24 @@ selected expert is ``memlayer::lookup_weights_grad(x, U, idx)``, which computes 
 ``<x[t], U[idx[t, b]]>`` row by row without gathering the rows into a copy (its CPU and Triton
 kernels read each selected row once, in place) and is differentiable to any order: its gradient
 w.r.t. x is ``lookup(U, idx, grad)`` and w.r.t. U ``lookup_values_grad(x, idx, grad)``, the same
-``[T, D]``-per-read gradient as a lookup's, so the row-sparse optimizer can record it the same
-way (not yet: today the up table's reads record like any ``ValueLookup``'s, while the down
-table gets an ordinary dense gradient). A dedicated ``gathered_dot`` op would duplicate those
-kernels, vmap and DTensor rules; the name is all it would add.
-The output is ``lookup(V, idx, g·σ(u·x))``.
+``[T, D]``-per-read gradient as a lookup's, so the row-sparse optimizer records it the same
+way (:class:`ExpertDot`, with ``x`` as the recorded "output gradient" and the dots' gradient as
+the "weights"). A dedicated ``gathered_dot`` op would duplicate those kernels, vmap and DTensor
+rules; the name is all it would add. The output is ``lookup(V, idx, g·σ(u·x))``.
 
-Like the memory layers, the expert tables are not parameters of this module: the model owns
-them (``down [N, dim]``, ``up [N, out_dim]``, shareable by all PEER layers as Memory's value
-table is) and passes them to ``forward``; the reads are modules (:class:`ExpertDot`,
-:class:`memcompile.memory.ValueLookup`) so that parallel styles can wrap them.
+**One table.** Like the memory layers, the experts are not parameters of this module: the model
+owns ONE table ``[2N, dim]`` (shared by all its PEER layers, as Memory's value table is), the
+down vectors ``u_i`` in rows ``[0, N)`` and the up vectors ``v_i`` in rows ``[N, 2N)`` (both have
+width dim, as PEER replaces a feed-forward), and passes it to ``forward``: ``u·x`` reads rows
+``idx``, the output rows ``idx + N``. So every family's model has one trainable table,
+``memory_values``, and the row-sparse optimizer, checkpoints, export, quantized tables and
+memory parallelism keep one code path; the cost is one width for both halves. Mixing two
+families in one model would need several tables (left for later). The reads are modules
+(:class:`ExpertDot`, :class:`memcompile.memory.ValueLookup`, sharing the table's
+``GradRecorder``) so that parallel styles can wrap them.
 
 Initialisation (ours; the paper's reference code uses PyTorch defaults): sub-keys U(±1/√key_dim)
-and the query Xavier-uniform as in ``ProductKeyMemory``; the tables (:func:`init_expert_tables_`)
+and the query Xavier-uniform as in ``ProductKeyMemory``; the table (:func:`init_expert_table_`)
 ``u`` N(0, 1/√dim), so that ``u·x`` of a normalised token is about N(0, 1), and ``v``
 N(0, 1/√(heads·topk)), so the sum of ``heads·topk`` expert outputs starts near unit scale.
 """
@@ -33,79 +38,77 @@ N(0, 1/√(heads·topk)), so the sum of ``heads·topk`` expert outputs starts ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ops  # noqa: F401  (registers torch.ops.memlayer.*)
+from memcompile.config import PEERConfig
 from memcompile.memory import ValueLookup
 from ops.row_sparse import GradRecorder
-
-
-@dataclass(frozen=True)
-class PEERConfig:
-    """PEER layers in the blocks ``layers``, reading two expert tables of ``num_experts`` rows."""
-
-    #: Experts (rows of the down and up tables); a square: product keys index an n × n grid.
-    num_experts: int
-    #: Blocks whose feed-forward is replaced by a PEER layer (0-based, distinct).
-    layers: tuple[int, ...]
-    #: Query heads per layer; each picks its own experts, all heads' outputs are summed.
-    heads: int = 8
-    #: Experts per head and token.
-    topk: int = 16
-    #: Dimension of a full product key (both halves); ``None`` means ``dim // 2``.
-    key_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if self.num_experts <= 0 or math.isqrt(self.num_experts) ** 2 != self.num_experts:
-            raise ValueError(
-                f"peer.num_experts must be a positive perfect square (product keys index an "
-                f"n_keys x n_keys grid), got {self.num_experts}"
-            )
-        if not self.layers:
-            raise ValueError("peer.layers must name at least one block")
-        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-            raise ValueError(f"peer.layers must be distinct block indices >= 0, got {self.layers}")
-        for name in ("heads", "topk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"peer.{name} must be >= 1, got {getattr(self, name)}")
-        if self.topk > self.n_keys:
-            raise ValueError(
-                f"peer.topk ({self.topk}) must be <= n_keys = sqrt(num_experts) = {self.n_keys}: "
-                f"each half of a query keeps its top-k sub-keys"
-            )
-
-    def for_model_dim(self, dim: int) -> PEERConfig:
-        """This config with ``key_dim`` resolved for model dim ``dim``, checked."""
-        key_dim = dim // 2 if self.key_dim is None else self.key_dim
-        if key_dim < 2 or key_dim % 2:
-            raise ValueError(
-                f"peer.key_dim must be even and >= 2 (a query splits into two halves), "
-                f"got {key_dim}"
-            )
-        return replace(self, key_dim=key_dim)
-
-    @property
-    def n_keys(self) -> int:
-        """Sub-keys per half and head: the side of the product-key grid."""
-        return math.isqrt(self.num_experts)
 
 
 class ExpertDot(nn.Module):
     """``forward(x [T, D], table [N, D], indices [T, B]) -> [T, B]``: ``<x[t], table[indices[t,
     b]]>`` (fp32; fp64 for fp64), through ``memlayer::lookup_weights_grad`` (see module doc).
-    A module, like :class:`ValueLookup`, so that a parallel style can wrap the read."""
+    A module, like :class:`ValueLookup`, so that a parallel style can wrap the read.
+
+    While a row-sparse optimizer trains the table (``grad_recorder.recording``), the backward
+    records the rows' gradient instead of forming a dense one: row ``indices[t, b]`` gets
+    ``grad[t, b] · x[t]``, which is a lookup's value gradient with ``x`` in place of the output
+    gradient and ``grad`` in place of the weights, so it is recorded as one
+    (:func:`dot_recording_grads`) and stepped by the same kernels."""
+
+    def __init__(self, grad_recorder: GradRecorder | None = None) -> None:
+        super().__init__()
+        self.grad_recorder = GradRecorder() if grad_recorder is None else grad_recorder
 
     def forward(self, x: Tensor, table: Tensor, indices: Tensor) -> Tensor:
+        recorder = self.grad_recorder
+        if recorder.recording and torch.is_grad_enabled():
+            if table.is_leaf and table.requires_grad:  # the table itself, read directly
+                recorder.reads(table)
+            if recorder.table is not None and recorder.table.requires_grad:
+                return dot_recording_grads(x, table, indices, recorder)
         return torch.ops.memlayer.lookup_weights_grad(x, table, indices)
 
 
+class _RecordDotGrads(torch.autograd.Function):
+    """Identity on the dot products whose backward records the table rows' gradient
+    (``x``, ``indices``, the dots' gradient) into the table's ``.grad``, as
+    ``ops.row_sparse``'s recording lookup records ``(grad_out, indices, weights)``."""
+
+    @staticmethod
+    def forward(ctx, dots, x, indices, table, recorded_tokens, recorder):
+        ctx.save_for_backward(x, indices)
+        # Not saved for backward: every recording backward bumps its version counter.
+        ctx.recorded_tokens, ctx.recorder = recorded_tokens, recorder
+        return dots.view_as(dots)
+
+    @staticmethod
+    def backward(ctx, grad_dots):
+        x, indices = ctx.saved_tensors
+        torch.ops.memlayer.record_value_grads(
+            x.detach().to(grad_dots.dtype), indices, grad_dots, ctx.recorded_tokens, ctx.recorder
+        )
+        return grad_dots, None, None, None, None, None
+
+
+def dot_recording_grads(
+    x: Tensor, table: Tensor, indices: Tensor, recorder: GradRecorder
+) -> Tensor:
+    """``lookup_weights_grad(x, table, indices)`` whose backward records the table's gradient
+    into ``recorder.table.grad`` (a ``RowSparseGrad``); ``x`` gets its gradient as usual."""
+    dots = torch.ops.memlayer.lookup_weights_grad(x, table.detach(), indices)
+    return _RecordDotGrads.apply(
+        dots, x, indices, recorder.table, recorder.recorded_tokens, recorder.key
+    )
+
+
 class PEER(nn.Module):
-    """A PEER layer: ``forward(x [..., dim], down [N, dim], up [N, out_dim]) -> [..., out_dim]``."""
+    """A PEER layer: ``forward(x [..., dim], table [2 · num_experts, dim]) -> [..., dim]``;
+    ``table`` holds the down vectors (rows ``[0, N)``) then the up vectors (``[N, 2N)``)."""
 
     def __init__(
         self,
@@ -115,6 +118,7 @@ class PEER(nn.Module):
     ) -> None:
         super().__init__()
         config = config.for_model_dim(dim)
+        grad_recorder = GradRecorder() if grad_recorder is None else grad_recorder
         self.dim = dim
         self.heads = config.heads
         self.topk = config.topk
@@ -123,7 +127,8 @@ class PEER(nn.Module):
         self.query = nn.Linear(dim, self.heads * self.key_dim, bias=True)
         # [heads, 2 halves, n_keys, key_dim / 2]: the layout product_key_topk expects.
         self.keys = nn.Parameter(torch.empty(self.heads, 2, config.n_keys, self.key_dim // 2))
-        self.down_dot = ExpertDot()
+        # Both reads of the one table share its recorder: the whole table trains row-sparsely.
+        self.down_dot = ExpertDot(grad_recorder)
         self.up_lookup = ValueLookup(grad_recorder)
         self.init_weights()
 
@@ -133,8 +138,8 @@ class PEER(nn.Module):
         bound = 1 / math.sqrt(self.key_dim)
         nn.init.uniform_(self.keys, -bound, bound)
 
-    def forward(self, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
-        self._check_inputs(x, down, up)
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        self._check_inputs(x, table)
         leading = x.shape[:-1]
         tokens = x.reshape(-1, self.dim)
         num_tokens = tokens.shape[0]  # explicit, not -1: an empty batch must keep its shape
@@ -146,29 +151,28 @@ class PEER(nn.Module):
         bag = self.heads * self.topk
         gates = torch.softmax(scores, dim=-1).view(num_tokens, bag)
         experts = experts.view(num_tokens, bag)
-        hidden = F.gelu(self.down_dot(tokens, down, experts))  # σ(u_i · x), [T, heads·topk]
-        out = self.up_lookup(up, experts, gates * hidden)
-        return out.view(*leading, up.shape[1])
+        hidden = F.gelu(self.down_dot(tokens, table, experts))  # σ(u_i · x), [T, heads·topk]
+        out = self.up_lookup(table, experts + self.num_experts, gates * hidden)  # the v rows
+        return out.view(*leading, self.dim)
 
-    def _check_inputs(self, x: Tensor, down: Tensor, up: Tensor) -> None:
+    def _check_inputs(self, x: Tensor, table: Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"PEER: x must be [..., dim] with dim = {self.dim}, got shape {tuple(x.shape)}"
             )
-        if down.dim() != 2 or tuple(down.shape) != (self.num_experts, self.dim):
+        if tuple(table.shape) != (2 * self.num_experts, self.dim):
             raise ValueError(
-                f"PEER: down must have shape ({self.num_experts}, {self.dim}) (num_experts, dim), "
-                f"got {tuple(down.shape)}"
-            )
-        if up.dim() != 2 or up.shape[0] != self.num_experts:
-            raise ValueError(
-                f"PEER: up must have shape ({self.num_experts}, out_dim) (one row per expert), "
-                f"got {tuple(up.shape)}"
+                f"PEER: table must have shape ({2 * self.num_experts}, {self.dim}) (the down "
+                f"vectors of num_experts = {self.num_experts} experts, then their up vectors; "
+                f"width dim), got {tuple(table.shape)}"
             )
 
 
 @torch.no_grad()
-def init_expert_tables_(down: Tensor, up: Tensor, config: PEERConfig) -> None:
-    """``down`` N(0, 1/√dim) and ``up`` N(0, 1/√(heads·topk)) in place (see module doc)."""
-    nn.init.normal_(down, std=down.shape[1] ** -0.5)
+def init_expert_table_(table: Tensor, config: PEERConfig) -> Tensor:
+    """The down rows ``[0, N)`` N(0, 1/√dim) and the up rows ``[N, 2N)`` N(0, 1/√(heads·topk))
+    in place (see module doc)."""
+    down, up = table.split(config.num_experts)
+    nn.init.normal_(down, std=table.shape[1] ** -0.5)
     nn.init.normal_(up, std=(config.heads * config.topk) ** -0.5)
+    return table

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from memcompile.config import MemoryConfig, TransformerConfig
+from memcompile.config import EngramConfig, MemoryConfig, PEERConfig, TransformerConfig
 from memcompile.memory import QuantizedTable, use_quantized_table
 from memcompile.model import Transformer
 from ops.lookup_quantized import QUANTIZED_DTYPES
@@ -69,7 +69,9 @@ def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
     values = asdict(config)
     if config.memory is not None:
         values["memory"]["kind"] = config.memory.kind.value
-        values["memory"]["layers"] = list(config.memory.layers)
+    for family in ("memory", "engram", "peer"):
+        if values[family] is not None:
+            values[family]["layers"] = list(values[family]["layers"])
     return values
 
 
@@ -78,10 +80,11 @@ def config_from_dict(values: Any) -> TransformerConfig:
     type: a ``ValueError`` names the field otherwise (a default would silently change the
     model)."""
     values = _checked_fields(TransformerConfig, values, prefix="")
-    memory = values["memory"]
-    if memory is not None:
-        memory = MemoryConfig(**_checked_fields(MemoryConfig, memory, prefix="memory."))
-    return TransformerConfig(**{**values, "memory": memory})
+    families = {"memory": MemoryConfig, "engram": EngramConfig, "peer": PEERConfig}
+    for name, cls in families.items():
+        if values[name] is not None:
+            values = {**values, name: cls(**_checked_fields(cls, values[name], prefix=f"{name}."))}
+    return TransformerConfig(**values)
 
 
 def _checked_fields(cls: type, values: Any, *, prefix: str) -> dict[str, Any]:

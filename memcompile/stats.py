@@ -2,11 +2,15 @@
 
 Categories:
 
-- **memory**: the shared value table, ``num_values × value_dim``. Each token reads only
-  ``heads × topk`` rows of it per memory layer.
+- **memory**: the model's one table (``TransformerConfig.table_shape``): product-key values
+  ``num_values × value_dim``, Engram's hashed rows ``num_rows × row_dim``, or PEER's down and up
+  vectors ``2 · num_experts × dim``. Each token reads only a few rows of it per layer:
+  ``heads × topk`` (product keys), ``(max_ngram − 1) × heads`` (Engram), ``2 × heads × topk``
+  (PEER: a down and an up row per expert).
 - **dense**: everything else (embeddings, attention, feed-forwards, and in memory layers the
-  query networks, sub-keys and W1/W2). Every token touches all of these.
-- **active**: what one token uses: dense + the value rows it reads in every memory layer.
+  query networks, sub-keys and W1/W2; in Engram layers the key/value projections, norms and
+  convolution). Every token touches all of these.
+- **active**: what one token uses: dense + the table rows it reads in every layer.
 
 Training FLOPs per token follow torchtitan's convention (``get_nparams_and_flops``)::
 
@@ -18,14 +22,16 @@ this counts the query projection, the sub-key scores (2 FLOPs per key element, t
 active parameters) and the weighted bag (``heads · topk · value_dim`` multiply-adds forward; its
 two backward products, value and score gradients, make the 6). Norms, softmaxes, RoPE and the
 ``heads · topk²`` candidate sums of the product-key search are left out, as torchtitan leaves
-out norms and softmax.
+out norms and softmax. Engram's hashing (integer multiply-XORs) and convolution (``kernel``
+multiply-adds per channel) are left out likewise; PEER's ``u·x`` dots and weighted bag count as
+the rows they read (one multiply-add per element forward, two backward: 6 per element).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig
+from memcompile.config import EngramConfig, MemoryConfig, MemoryKind, PEERConfig, TransformerConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,18 @@ def memory_layer_params(dim: int, memory: MemoryConfig) -> int:
     return params
 
 
+def engram_layer_params(dim: int, engram: EngramConfig) -> int:
+    """Parameters of one Engram layer, excluding the table: W_k, W_v, three norms, the conv."""
+    return 2 * _linear(engram.memory_dim, dim) + 3 * dim + dim * engram.conv_kernel
+
+
+def peer_layer_params(dim: int, peer: PEERConfig) -> int:
+    """Parameters of one PEER layer, excluding the table: the query and the sub-keys."""
+    return _linear(dim, peer.heads * peer.key_dim, bias=True) + peer.heads * peer.n_keys * (
+        peer.key_dim
+    )
+
+
 def model_stats(config: TransformerConfig, seq_len: int | None = None) -> ModelStats:
     """Parameter counts and training FLOPs per token (at ``seq_len``, default ``max_seq_len``)."""
     seq_len = config.max_seq_len if seq_len is None else seq_len
@@ -63,16 +81,26 @@ def model_stats(config: TransformerConfig, seq_len: int | None = None) -> ModelS
         dim, config.n_kv_heads * config.head_dim
     )
     feed_forward = 3 * _linear(dim, config.ffn_hidden_dim)
-    n_memory_blocks = 0 if memory is None else len(memory.layers)
+    engram, peer = config.engram, config.peer
+    # Blocks whose feed-forward reads the table (Engram layers come on top of the block).
+    ffn_family = memory or peer
+    n_memory_blocks = 0 if ffn_family is None else len(ffn_family.layers)
     n_dense_blocks = config.n_layers - n_memory_blocks
 
     dense = embedding + _linear(dim, config.vocab_size) + dim  # embeddings, output, final norm
     dense += config.n_layers * (attention + 2 * dim) + n_dense_blocks * feed_forward
-    memory_params = values_read = 0
+    values_read = 0
     if memory is not None:
         dense += n_memory_blocks * memory_layer_params(dim, memory)
-        memory_params = memory.num_values * memory.value_dim
         values_read = n_memory_blocks * memory.heads * memory.topk * memory.value_dim
+    elif engram is not None:
+        dense += len(engram.layers) * engram_layer_params(dim, engram)
+        values_read = len(engram.layers) * engram.heads_per_layer * engram.row_dim
+    elif peer is not None:
+        dense += n_memory_blocks * peer_layer_params(dim, peer)
+        values_read = n_memory_blocks * 2 * peer.heads * peer.topk * dim
+    rows, width = config.table_shape or (0, 0)
+    memory_params = rows * width
     active = dense + values_read
     attention_flops = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
     return ModelStats(

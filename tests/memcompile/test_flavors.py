@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from memcompile.config import MemoryKind
+from memcompile.engram import Engram
 from memcompile.flavors import FLAVORS, get_flavor
 from memcompile.memory import MemoryPlus, ProductKeyMemory
 from memcompile.model import FeedForward, Transformer
+from memcompile.peer import PEER
 from memcompile.stats import model_stats
 
 
@@ -31,8 +33,14 @@ def test_flavor_shapes_and_parameter_counts(name):
     assert stats.dense_params == stats.total_params - stats.memory_params
     assert model.output.weight.shape == (config.vocab_size, config.dim)
 
-    memory = config.memory
+    memory, engram, peer = config.memory, config.engram, config.peer
     for layer_id, block in model.layers.items():
+        in_engram = engram is not None and int(layer_id) in engram.layers
+        assert isinstance(block.engram, Engram) if in_engram else block.engram is None
+        if peer is not None and int(layer_id) in peer.layers:
+            assert isinstance(block.feed_forward, PEER)
+            assert block.feed_forward.keys.shape == (peer.heads, 2, peer.n_keys, peer.key_dim // 2)
+            continue
         if memory is None or int(layer_id) not in memory.layers:
             assert isinstance(block.feed_forward, FeedForward)
             assert block.feed_forward.w1.weight.shape == (config.ffn_hidden_dim, config.dim)
@@ -42,13 +50,15 @@ def test_flavor_shapes_and_parameter_counts(name):
         read = block.feed_forward.memory if expected is MemoryPlus else block.feed_forward
         assert read.keys.shape == (memory.heads, 2, memory.n_keys, memory.key_dim // 2)
         assert read.query.weight.shape == (memory.heads * memory.key_dim, config.dim)
-    if memory is None:
+    if config.family is None:
         assert model.memory_values is None
     else:
-        assert model.memory_values.shape == (memory.num_values, memory.value_dim)
+        assert model.memory_values.shape == config.table_shape
+    if memory is not None:
+        assert config.table_shape == (memory.num_values, memory.value_dim)
 
 
-@pytest.mark.parametrize("name", [n for n, c in FLAVORS.items() if c.memory is not None])
+@pytest.mark.parametrize("name", [n for n, c in FLAVORS.items() if c.family is not None])
 def test_value_table_is_one_parameter_and_one_checkpoint_entry(name):
     model = _build_on_meta(name)
     all_params = model.named_parameters(remove_duplicate=False)
@@ -59,7 +69,9 @@ def test_value_table_is_one_parameter_and_one_checkpoint_entry(name):
     assert shaped_like_table == ["memory_values"]
 
 
-@pytest.mark.parametrize("name", ["dense_134m", "mem_134m", "memplain_373m", "mem_8b"])
+@pytest.mark.parametrize(
+    "name", ["dense_134m", "mem_134m", "memplain_373m", "mem_8b", "engram_134m", "peer_134m"]
+)
 def test_meta_forward_gives_logits_for_every_token(name):
     model = _build_on_meta(name)
     tokens = torch.zeros(2, 5, dtype=torch.long, device="meta")
@@ -101,3 +113,16 @@ def test_memory_adds_parameters_but_not_flops():
     largest = model_stats(get_flavor("mem_1b_64m"))
     assert largest.total_params > 100 * dense.total_params
     assert largest.train_flops_per_token < 1.05 * dense.train_flops_per_token
+
+
+@pytest.mark.parametrize("base", ["tiny", "134m", "1b"])
+def test_every_family_is_flop_matched_to_its_dense_twin(base):
+    """Memory+, Engram and PEER twins cost within 5% of the dense model's FLOPs per token (as
+    the paper matched Memory+); Engram's table has the parameters of Memory+'s."""
+    dense = model_stats(get_flavor(f"dense_{base}")).train_flops_per_token
+    for family in ("mem", "engram", "peer"):
+        flops = model_stats(get_flavor(f"{family}_{base}")).train_flops_per_token
+        assert abs(flops / dense - 1) < 0.05, family
+    engram_table = model_stats(get_flavor(f"engram_{base}")).memory_params
+    memory_table = model_stats(get_flavor(f"mem_{base}")).memory_params
+    assert abs(engram_table / memory_table - 1) < 0.01

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from memcompile.config import TransformerConfig
+from memcompile.config import EngramConfig, PEERConfig, TransformerConfig
+from memcompile.engram import Engram, NgramHasher
 from memcompile.flavors import get_flavor
 from memcompile.memory import ProductKeyMemory
 from memcompile.model import Transformer
+from memcompile.peer import PEER
 from memcompile.telemetry import memory_usage
 
 
@@ -27,7 +29,9 @@ def debug_config(name: str = "mem_debug", **memory) -> TransformerConfig:
     return replace(config, memory=replace(config.memory, qk_norm=True, telemetry=True, **memory))
 
 
-@pytest.mark.parametrize("name", ["mem_debug", "memplain_debug", "dense_debug"])
+@pytest.mark.parametrize(
+    "name", ["mem_debug", "memplain_debug", "dense_debug", "engram_debug", "peer_debug"]
+)
 def test_meta_built_model_initialises_every_parameter_and_buffer(name):
     with torch.device("meta"):
         model = Transformer(debug_config(name))
@@ -36,14 +40,48 @@ def test_meta_built_model_initialises_every_parameter_and_buffer(name):
         tensor.data.fill_(float("nan") if tensor.is_floating_point() else -1)
     model.init_weights()
     for tensor_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor_name.startswith("hasher."):
+            continue  # integer hash buffers: checked against a fresh hasher below
         assert tensor.is_floating_point() or tensor_name.endswith("usage.counts")
         if tensor.is_floating_point():
             assert torch.isfinite(tensor).all(), tensor_name
         else:
             assert (tensor == 0).all(), tensor_name
-    if model.memory_values is not None:
+    if model.hasher is not None:  # the derived buffers rebuilt (the token map is a weight)
+        fresh = NgramHasher(model.config.engram, model.config.vocab_size)
+        for buffer_name in ("multipliers", "table_sizes", "row_offsets"):
+            assert torch.equal(getattr(model.hasher, buffer_name), getattr(fresh, buffer_name))
+    if model.memory_values is not None and model.config.memory is not None:
         value_dim = model.config.memory.value_dim
         assert float(model.memory_values.detach().std()) == pytest.approx(value_dim**-0.5, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("name", "reader", "table_arg"), [("engram_debug", Engram, 2), ("peer_debug", PEER, 1)]
+)
+def test_engram_and_peer_layers_all_read_the_models_one_table(name, reader, table_arg):
+    model = Transformer(debug_config(name))
+    tables = []
+    for module in model.modules():
+        if isinstance(module, reader):
+            module.register_forward_pre_hook(lambda _, args: tables.append(args[table_arg]))
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert len(tables) == 2 and all(table is model.memory_values for table in tables)
+    assert [n for n, _ in model.named_parameters() if "values" in n or "table" in n] == [
+        "memory_values"
+    ]
+
+
+def test_two_memory_families_in_one_model_are_refused():
+    with pytest.raises(ValueError, match=r"one memory family, got memory and engram"):
+        replace(get_flavor("mem_debug"), engram=get_flavor("engram_debug").engram)
+    with pytest.raises(ValueError, match=r"engram.layers \[7\] out of range"):
+        replace(get_flavor("engram_debug"), engram=EngramConfig(layers=(1, 7)))
+    with pytest.raises(ValueError, match=r"peer.key_dim must be even"):
+        replace(
+            get_flavor("dense_debug"),
+            peer=PEERConfig(num_experts=16, layers=(1,), topk=2, key_dim=5),
+        )
 
 
 def test_memory_layers_all_read_the_models_table():
@@ -120,6 +158,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
         # On CPU: AOTAutograd with inductor's decompositions and partitioner, everything but
         # inductor's codegen (which costs minutes on a small CPU).
         ("mem_debug", "aot_eager_decomp_partition", "cpu"),
+        ("engram_debug", "aot_eager_decomp_partition", "cpu"),
+        ("peer_debug", "aot_eager_decomp_partition", "cpu"),
         pytest.param("mem_debug", "inductor", "cuda", marks=[pytest.mark.gpu, requires_cuda]),
     ],
 )
@@ -155,6 +195,8 @@ def test_compiled_model_matches_eager_without_graph_breaks(name, backend, device
                 msg=lambda message, param_name=param_name: f"{param_name}: {message}",
             )
     assert counter.frame_count == 1
+    if eager.config.memory is None:
+        return
     # The telemetry buffers are updated inside the compiled graph.
     eager_usage, compiled_usage = memory_usage(eager), memory_usage(compiled_model)
     assert eager_usage == compiled_usage and eager_usage["all"].reads > 0
@@ -270,11 +312,14 @@ def test_bad_input_raises_a_clear_error(tokens, positions, error, message):
         model(tokens, positions=positions)
 
 
-def test_meta_model_loaded_with_assign_runs_like_its_source():
+@pytest.mark.parametrize("name", ["mem_debug", "engram_debug", "peer_debug"])
+def test_meta_model_loaded_with_assign_runs_like_its_source(name):
+    """Derived buffers (RoPE tables, telemetry counters, Engram's hash multipliers and table
+    offsets) are rebuilt after the load, not left on meta or zeroed."""
     torch.manual_seed(0)
-    source = Transformer(debug_config())
+    source = Transformer(debug_config(name))
     with torch.device("meta"):
-        loaded = Transformer(debug_config())
+        loaded = Transformer(debug_config(name))
     tokens = torch.randint(0, 256, (2, 6))
     with pytest.raises(ValueError, match="on the meta device .* assign=True"):
         loaded(tokens)

@@ -21,7 +21,9 @@ from memcompile.model import Transformer  # noqa: E402
 from memcompile.pretrained import config_from_dict, config_to_dict, save_pretrained  # noqa: E402
 
 
-@pytest.mark.parametrize("flavor", ["mem_debug", "memplain_debug", "dense_debug"])
+@pytest.mark.parametrize(
+    "flavor", ["mem_debug", "memplain_debug", "dense_debug", "engram_debug", "peer_debug"]
+)
 def test_a_saved_model_loads_back_bitwise(tmp_path: Path, flavor: str):
     torch.manual_seed(0)
     model = Transformer(get_flavor(flavor)).eval()
@@ -49,9 +51,27 @@ def test_large_models_are_sharded_and_the_table_is_stored_once(tmp_path: Path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_config_round_trips_through_json():
-    config = get_flavor("mem_1b_4m")
+@pytest.mark.parametrize("flavor", ["mem_1b_4m", "engram_1b", "peer_1b"])
+def test_config_round_trips_through_json(flavor: str):
+    config = get_flavor(flavor)
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def test_engram_hash_multipliers_are_not_saved_and_the_token_map_is(tmp_path: Path):
+    """The multipliers are derived from the config (rebuilt at load); the tokenizer
+    compression is data (a buffer in the weights file)."""
+    torch.manual_seed(0)
+    model = Transformer(get_flavor("engram_debug")).eval()
+    with torch.no_grad():  # a compression that differs from the default identity map
+        model.hasher.token_map.copy_(torch.arange(256) // 2)
+    save_pretrained(model, tmp_path)
+    loaded = memcompile.from_pretrained(tmp_path)
+    saved = set(loaded.state_dict())
+    assert "hasher.token_map" in saved and "hasher.multipliers" not in saved
+    assert torch.equal(loaded.hasher.token_map, model.hasher.token_map)
+    assert torch.equal(loaded.hasher.multipliers, model.hasher.multipliers)
+    tokens = torch.randint(0, 256, (2, 9))
+    assert torch.equal(loaded(tokens), model(tokens))
 
 
 def test_a_folder_without_a_memcompile_config_is_refused(tmp_path: Path):
