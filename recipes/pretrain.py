@@ -143,19 +143,19 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
             f"the world size {world_size}"
         )
     if degree > 1:
-        if transformer.memory is None:
+        if transformer.table_shape is None:
             raise UsageError(
                 f"--parallelism.memory_parallel_degree {degree}: model {config.model!r} "
                 f"has no memory layers"
             )
-        if transformer.memory.value_dim % degree:
+        if transformer.table_shape[1] % degree:
             raise UsageError(
                 f"--parallelism.memory_parallel_degree {degree} must divide the value "
-                f"dim {transformer.memory.value_dim} of {config.model!r}"
+                f"dim {transformer.table_shape[1]} of {config.model!r}"
             )
     table_optimizer = config.optimizer.memory_optimizer
     if table_optimizer != "adamw":
-        if transformer.memory is None:
+        if transformer.table_shape is None:
             raise UsageError(
                 f"--optimizer.memory_optimizer {table_optimizer}: model {config.model!r} has no "
                 "memory layers"

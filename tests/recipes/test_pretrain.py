@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,27 @@ def test_sigkill_then_restart_resumes_bitwise(tmp_path: Path, table_optimizer: s
         in result.stdout
     )
     assert losses(crashed) == expected
+
+
+@pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
+@pytest.mark.parametrize("model", ["engram_debug", "peer_debug"])
+def test_engram_and_peer_train_and_resume_bitwise(
+    tmp_path: Path, in_process_run, model: str, table_optimizer: str
+):
+    """The other memory families train (their one table densely or row-sparsely) and resume
+    from a DCP checkpoint to bitwise the losses of an uninterrupted run (in process, from the
+    uninterrupted run's step-2 checkpoint: the SIGKILL test above covers the crash itself)."""
+
+    def train(name: str) -> dict[int, float]:
+        args = ["--model", model, "--optimizer.memory_optimizer", table_optimizer]
+        main([*tiny_run_args(tmp_path / name, 4), *args, "--no-final-eval"])
+        return losses(tmp_path / name)
+
+    expected = train("reference")
+    assert sorted(expected) == [1, 2, 3, 4]
+    step_2 = Path("checkpoint", "step-2")
+    shutil.copytree(tmp_path / "reference" / step_2, tmp_path / "resumed" / step_2)
+    assert train("resumed") == {3: expected[3], 4: expected[4]}
 
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
