@@ -1,21 +1,28 @@
-"""Memory parallelism: the shared value table column-sharded over a group of ranks.
+"""Memory parallelism: the model's one table column-sharded over a group of ranks.
 
 With ``--parallelism.memory_parallel_degree G`` the world is laid out as a ``[R, G]`` mesh
 (``R = world / G`` replicas, rank ``r * G + g``): each group of ``G`` consecutive ranks holds one
 copy of the table ``[N, D]`` as a ``DTensor`` placed ``(Replicate(), Shard(1))``, so rank ``g`` of a
 group stores the columns ``[g * D/G, (g+1) * D/G)`` of every row. The table is never gathered.
 
-Two parallel styles, applied with ``parallelize_module`` and visible in ``print(model)`` as the
-modules they wrap:
+The same styles serve every family (product-key values, Engram's hashed rows, PEER's down and
+up vectors), applied with ``parallelize_module`` and visible in ``print(model)`` as the modules
+they wrap:
 
 - :class:`ColumnShardedTable` on the model's ``memory_table``: once per forward, the table
   becomes this rank's column shard in the compute dtype, a ``DTensor`` ``Shard(1)`` on the
-  memory mesh, which every memory layer then reads (the table is outside FSDP, so nothing
-  else would cast it).
-- :class:`ColumnShardedLookup` on every memory layer's ``lookup``: the layer's indices and
-  weights are all-gathered over the group, ``memlayer.lookup`` reads the local columns for
-  all ``G * T`` tokens of the group (the op's own DTensor rule for a ``Shard(1)`` table), and an
-  all-to-all sends each rank the full rows of its own ``T`` tokens.
+  memory mesh, which every layer then reads (the table is outside FSDP, so nothing else would
+  cast it).
+- :class:`ColumnShardedLookup` on every read of the table (``ValueLookup``: a memory layer's
+  ``lookup``, Engram's, PEER's ``up_lookup``): the layer's indices and weights are all-gathered
+  over the group, ``memlayer.lookup`` reads the local columns for all ``G * T`` tokens of the
+  group (the op's own DTensor rule for a ``Shard(1)`` table), and an all-to-all sends each rank
+  the full rows of its own ``T`` tokens.
+- :class:`ColumnShardedDot` on PEER's ``down_dot`` (``u_i · x`` of each token with the experts
+  it selected): the tokens and indices are all-gathered, each rank dots its columns of ``x``
+  with its columns of the rows (``memlayer.lookup_weights_grad``'s rule: a ``Partial`` sum over
+  the columns), and a reduce-scatter sums the partial dots over the group and hands each rank
+  those of its own tokens, whole, before PEER's GELU.
 
 Autograd runs the adjoints (all-to-all back, reduce-scatter of the weight gradients), and the
 table's gradient lands on the local columns. Replicas (``R > 1``) see different tokens: their
@@ -45,7 +52,8 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torchtitan.config import ParallelismConfig
 
-from memcompile.memory import ProductKeyMemory
+from memcompile.memory import ValueLookup
+from memcompile.peer import ExpertDot
 from ops.row_sparse import RowSparseGrad
 
 MEMORY_DIM, REPLICA_DIM = "memory", "memory_replicate"
@@ -89,6 +97,19 @@ class ColumnShardedTable(ParallelStyle):
         return distribute_module(module, device_mesh, output_fn=self._local_columns)
 
 
+def _gather_tokens(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """This rank's ``[T, ...]`` token rows all-gathered over the group: ``[G * T, ...]``
+    replicated, rank ``g``'s tokens in row block ``g``."""
+    tokens = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    return tokens.redistribute(mesh, [Replicate()])
+
+
+def _own_tokens(group_tokens: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Row block ``g`` of an op's ``[G * T, ...]`` output on the group, whole: from column
+    shards (``Shard(1)``) an all-to-all, from partial sums (``Partial``) a reduce-scatter."""
+    return group_tokens.redistribute(mesh, [Shard(0)]).to_local()
+
+
 class ColumnShardedLookup(ParallelStyle):
     """For a ``ValueLookup`` reading a ``Shard(1)`` table on the memory mesh: token-local
     indices and weights in, token-local ``[T, D]`` rows out (see the module doc)."""
@@ -96,18 +117,11 @@ class ColumnShardedLookup(ParallelStyle):
     @staticmethod
     def _gather_group_reads(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
         values, indices, weights = inputs
-
-        def gather(local: torch.Tensor) -> DTensor:
-            tokens = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
-            return tokens.redistribute(mesh, [Replicate()])
-
-        return values, gather(indices), gather(weights)
+        return values, _gather_tokens(indices, mesh), _gather_tokens(weights, mesh)
 
     @staticmethod
     def _rows_of_own_tokens(module: nn.Module, columns: DTensor, mesh: DeviceMesh) -> torch.Tensor:
-        # Row block g of the group's columns holds rank g's tokens: Shard(1) -> Shard(0) is the
-        # all-to-all that sends it there.
-        return columns.redistribute(mesh, [Shard(0)]).to_local()
+        return _own_tokens(columns, mesh)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(
@@ -118,20 +132,44 @@ class ColumnShardedLookup(ParallelStyle):
         )
 
 
+class ColumnShardedDot(ParallelStyle):
+    """For PEER's ``ExpertDot`` reading a ``Shard(1)`` table: token-local ``x [T, D]`` and
+    indices in, token-local dots ``[T, B]`` out, each summed over all ``D`` columns."""
+
+    @staticmethod
+    def _gather_group_tokens(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x, table, indices = inputs
+        # This rank's columns of every token of the group (a local slice of the gathered x).
+        x_columns = _gather_tokens(x, mesh).redistribute(mesh, [Shard(1)])
+        return x_columns, table, _gather_tokens(indices, mesh)
+
+    @staticmethod
+    def _dots_of_own_tokens(module: nn.Module, dots: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        # Each rank dotted its columns only (Partial): the sum over the group must come before
+        # the GELU.
+        return _own_tokens(dots, mesh)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module,
+            device_mesh,
+            input_fn=self._gather_group_tokens,
+            output_fn=self._dots_of_own_tokens,
+        )
+
+
 def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
     """Column-shard ``model.memory_values`` over ``mesh`` (a ``[replica, memory]`` mesh) and
-    apply the two styles. Call before FSDP, which must then ignore the table."""
+    apply the styles to every read of it. Call before FSDP, which must then ignore the table."""
     sharded = distribute_tensor(model.memory_values.data, mesh, [Replicate(), Shard(1)])
     model.memory_values = nn.Parameter(sharded)
     memory_mesh = mesh[MEMORY_DIM]
     plan = {"memory_table": ColumnShardedTable(compute_dtype)}
-    plan.update(
-        {
-            f"{name}.lookup": ColumnShardedLookup()
-            for name, module in model.named_modules()
-            if isinstance(module, ProductKeyMemory)
-        }
-    )
+    for name, module in model.named_modules():
+        if isinstance(module, ValueLookup):
+            plan[name] = ColumnShardedLookup()
+        elif isinstance(module, ExpertDot):
+            plan[name] = ColumnShardedDot()
     parallelize_module(model, memory_mesh, plan)
 
 
