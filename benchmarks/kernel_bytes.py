@@ -226,13 +226,13 @@ def lookup_backward(
 
 
 def row_sparse_step(hits: Hits, dim: int, sizes: Sizes, rule: str) -> list[KernelCost]:
-    """A ``RowSparseOptimizer`` step after the backward: the rows' squared norms (clipping and
-    row-wise AdaGrad read them) and the update, each summing hot rows in pieces first."""
+    """A ``RowSparseOptimizer`` step after the backward: the hot rows' pieces (summed once), then
+    the rows' squared norms (clipping and row-wise AdaGrad read them) and the update, both
+    reading the pieces."""
     use_mean_sq = rule == "rowwise_adagrad"  # weight decay 0: the norms give the mean square
     return [
         *_hot_pieces_launch(hits, dim, sizes),
         row_sq_norms(hits, dim, sizes),
-        *_hot_pieces_launch(hits, dim, sizes),
         update_rows(hits, dim, sizes, rule, use_mean_sq),
     ]
 

@@ -57,7 +57,7 @@ Reported per method:
                         written whole) + N*D*e (clip: read it)
                         + 7*N*D*e (AdamW: read table, grad, 2 moments; write table, 2 moments)
       SparseAdam        + U*(D*e + ei) (coalesced gradient) + U*D*e (clip) + 7*U*D*e (update)
-      row-sparse        + row_sq_norms + update_rows[rule] (each with hot_row_pieces)
+      row-sparse        + hot_row_pieces (once) + row_sq_norms + update_rows[rule]
 
   On CUDA, each ``ours_*`` step is also profiled (``torch.profiler``) and a second table gives
   each Triton kernel's time, fewest bytes, FLOPs, GB/s and fraction of copy bandwidth ("other":

@@ -74,9 +74,11 @@ from memcompile.memory import ValueLookup
 from memcompile.optim import MEMORY_VALUES
 from ops.row_sparse import (
     GradRecorder,
+    HotRowPieces,
     RowGroups,
     RowSparseGrad,
     group_by_row,
+    hot_row_pieces,
     row_sparse_grad,
     row_sq_norms,
     update_rows,
@@ -257,9 +259,9 @@ class RowSparseOptimizer(Optimizer):
             raise RuntimeError(f"RowSparseOptimizer: {error}") from None
 
     def _inputs(self, grad: RowSparseGrad) -> _StepInputs:
-        """The recorded gradient (gathered over replicas), its rows and their squared norms
-        (summed over column shards, unscaled), computed once per version of the gradient
-        (clipping and the step share them)."""
+        """The recorded gradient (gathered over replicas), its rows, their hot rows' pieces and
+        their squared norms (summed over column shards, unscaled), computed once per version of
+        the gradient (clipping and the step share them)."""
         cache = grad.cache
         if isinstance(cache, _StepInputs) and cache.trainable_rows is self._trainable_rows:
             return cache
@@ -273,10 +275,11 @@ class RowSparseOptimizer(Optimizer):
             rows = rows(indices)
             self._check_rows(rows)
         groups = group_by_row(indices, only_rows=rows)
-        norms = row_sq_norms(grad_out, weights, groups)
+        pieces = hot_row_pieces(grad_out, weights, groups)
+        norms = row_sq_norms(grad_out, weights, groups, pieces)
         for group in self.layout.column_groups:
             dist.all_reduce(norms, group=group)
-        inputs = _StepInputs(grad_out, weights, groups, norms, self._trainable_rows)
+        inputs = _StepInputs(grad_out, weights, groups, pieces, norms, self._trainable_rows)
         grad.cache = inputs
         return inputs
 
@@ -336,6 +339,7 @@ class RowSparseOptimizer(Optimizer):
             ),
             grad_scale=grad.scale,
             row_mean_sq=inputs.row_sq_norms / self.table.shape[1],
+            pieces=inputs.pieces,
         )
         grad.cache = None  # not kept alive until zero_grad
 
@@ -395,6 +399,7 @@ class _StepInputs(NamedTuple):
     grad_out: Tensor
     weights: Tensor
     groups: RowGroups
+    pieces: HotRowPieces  # the hot rows' partial sums, read by both the norms and the update
     row_sq_norms: Tensor
     trainable_rows: RowChoice | None  # the choice they were computed for
 

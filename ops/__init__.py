@@ -3,9 +3,9 @@
 Importing this package registers the ops: ``lookup`` (the weighted bag over a value table),
 ``lookup_quantized`` (the same over an int8 / fp8 table with per-row scales, for inference),
 ``product_key_topk`` (the product-key search), their backward ops, the row-sparse table update
-(``record_value_grads``, ``row_sq_norms``, ``update_rows``), and ``checked_indices`` (the
-index-range check of model inputs), with their CPU, CUDA (Triton) and fake kernels, autograd
-and DTensor sharding rules.
+(``record_value_grads``, ``hot_row_pieces``, ``row_sq_norms``, ``update_rows``), and
+``checked_indices`` (the index-range check of model inputs), with their CPU, CUDA (Triton) and
+fake kernels, autograd and DTensor sharding rules.
 """
 
 from ops.checks import checked_indices

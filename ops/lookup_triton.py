@@ -386,6 +386,11 @@ class HotRowPieces(NamedTuple):
     """[max pieces, D] fp32 (fp64): each piece's sum, in order within its row."""
 
 
+def max_hot_row_pieces(num_hits: int, hits_per_piece: int = _HITS_PER_PIECE) -> int:
+    """The rows of :func:`hot_row_pieces`'s partials (its grid) for ``num_hits`` hits."""
+    return 2 * num_hits // hits_per_piece
+
+
 def hot_row_pieces(
     grad_out: Tensor, weights: Tensor, hit_order: Tensor, row_starts: Tensor, hits_per_piece: int
 ) -> HotRowPieces:
@@ -404,7 +409,7 @@ def hot_row_pieces(
         run_lengths > hits_per_piece, (run_lengths + hits_per_piece - 1) // hits_per_piece, 0
     )
     starts = F.pad(pieces_per_row.cumsum(0), (1, 0))  # CSR over pieces, like row_starts
-    max_pieces = 2 * hit_order.numel() // hits_per_piece
+    max_pieces = max_hot_row_pieces(hit_order.numel(), hits_per_piece)
     piece_rows = torch.searchsorted(starts[1:], torch.arange(max_pieces, device=device), right=True)
     dim = grad_out.shape[1]
     partials = grad_out.new_empty((max_pieces, dim), dtype=accumulation_dtype(grad_out.dtype))

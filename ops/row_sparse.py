@@ -13,12 +13,14 @@ path never forms that gradient:
    else, or ``backward(inputs=...)`` without the table, leaves ``.grad`` alone). The weight
    gradient (to the scores and queries) flows as usual.
 2. **The step groups and updates.** :func:`group_by_row` lists the touched rows (sorted, unique)
-   with their recorded positions in a fixed order. ``memlayer::row_sq_norms`` gives each
-   touched row's squared gradient norm (their sum is the dense gradient's squared norm: the
-   other rows' gradients are zero), for clipping. ``memlayer::update_rows`` applies SGD,
-   row-wise AdaGrad or lazy Adam to those rows of the table and of its optimizer state, in
-   place, summing each row's gradient in a scratch row as it goes: the only ``[*, D]`` memory
-   touched is the touched rows'.
+   with their recorded positions in a fixed order. ``memlayer::hot_row_pieces`` sums the hits
+   of hot rows in parallel pieces (on CUDA; the CPU kernels split no row), once per step for
+   the two ops that read them. ``memlayer::row_sq_norms`` gives each touched row's squared
+   gradient norm (their sum is the dense gradient's squared norm: the other rows' gradients
+   are zero), for clipping. ``memlayer::update_rows`` applies SGD, row-wise AdaGrad or lazy
+   Adam to those rows of the table and of its optimizer state, in place, summing each row's
+   gradient in a scratch row as it goes: the only ``[*, D]`` memory touched is the touched
+   rows' (and the hot rows' pieces).
 
 A compiled backward cannot hold a Python object, so the op finds the table through a
 :class:`GradRecorder`, by its key: the recorder of a model's lookups is the model's own
@@ -55,6 +57,7 @@ from ops.checks import (
     refuse_other_devices,
 )
 from ops.lookup import lookup
+from ops.lookup_triton import HotRowPieces, max_hot_row_pieces
 from ops.table_rule import Rule, TableRule, check_packed
 
 _TAGS = (torch.Tag.pt2_compliant_tag,)
@@ -65,15 +68,22 @@ torch.library.define(
     tags=_TAGS,
 )
 torch.library.define(
+    "memlayer::hot_row_pieces",
+    "(Tensor grad_out, Tensor weights, Tensor row_starts, Tensor positions)"
+    " -> (Tensor piece_starts, Tensor partials)",
+    tags=_TAGS,
+)
+torch.library.define(
     "memlayer::row_sq_norms",
-    "(Tensor grad_out, Tensor weights, Tensor row_starts, Tensor positions) -> Tensor",
+    "(Tensor grad_out, Tensor weights, Tensor row_starts, Tensor positions,"
+    " Tensor? piece_starts=None, Tensor? partials=None) -> Tensor",
     tags=_TAGS,
 )
 torch.library.define(
     "memlayer::update_rows",
     "(Tensor(a!) table, Tensor(b!)[] state, Tensor grad_out, Tensor weights, Tensor rows,"
     " Tensor row_starts, Tensor positions, Tensor? row_mean_sq, int rule, float[] hyperparameters,"
-    " float grad_scale) -> ()",
+    " float grad_scale, Tensor? piece_starts=None, Tensor? partials=None) -> ()",
     tags=_TAGS,
 )
 
@@ -644,10 +654,26 @@ def _check_recorded(
 # --------------------------------------------------------------------------- the step ops
 
 
-def row_sq_norms(grad_out: Tensor, weights: Tensor, groups: RowGroups) -> Tensor:
+def hot_row_pieces(grad_out: Tensor, weights: Tensor, groups: RowGroups) -> HotRowPieces:
+    """The partial sums of the hot rows' gradients, for :func:`row_sq_norms` and
+    :func:`update_rows` to share (a step computes them once): on CUDA, a touched row of more than
+    ``ops.lookup_triton._HITS_PER_PIECE`` (1024) hits is summed in pieces of that many hits in
+    parallel, so that it does not serialize the kernels; on CPU no row is split (the C++
+    kernels sum each row serially) and there are no pieces."""
+    return HotRowPieces(
+        *torch.ops.memlayer.hot_row_pieces(grad_out, weights, groups.row_starts, groups.positions)
+    )
+
+
+def row_sq_norms(
+    grad_out: Tensor, weights: Tensor, groups: RowGroups, pieces: HotRowPieces | None = None
+) -> Tensor:
     """``||g_u||²`` (fp64 ``[U]``) of each touched row's gradient
-    ``g_u = sum over its positions p of weights[p] * grad_out[p // B]``."""
-    return torch.ops.memlayer.row_sq_norms(grad_out, weights, groups.row_starts, groups.positions)
+    ``g_u = sum over its positions p of weights[p] * grad_out[p // B]``; ``pieces`` are
+    :func:`hot_row_pieces` of the same arguments (computed by the op if not given)."""
+    return torch.ops.memlayer.row_sq_norms(
+        grad_out, weights, groups.row_starts, groups.positions, *_piece_args(pieces)
+    )
 
 
 def update_rows(
@@ -660,6 +686,7 @@ def update_rows(
     *,
     grad_scale: float = 1.0,
     row_mean_sq: Tensor | None = None,
+    pieces: HotRowPieces | None = None,
 ) -> None:
     """Apply ``rule`` (``ops/table_rule.py``: SGD, row-wise AdaGrad or lazy AdamW, and its
     hyperparameters) in place to the touched rows of ``table`` and its ``state`` (the tensors
@@ -669,13 +696,19 @@ def update_rows(
 
     ``row_mean_sq`` (fp64 ``[U]``, each row's mean squared unscaled ``g`` over its full width:
     a column-sharded table's ranks hold a slice of the row) replaces row-wise AdaGrad's local
-    ``mean(g²)`` when ``weight_decay`` is 0. Rows not touched are not read or written.
+    ``mean(g²)`` when ``weight_decay`` is 0. ``pieces`` are :func:`hot_row_pieces` of the same
+    gradient (computed by the op if not given). Rows not touched are not read or written.
     """
     code, hyperparameters = rule.packed()
     torch.ops.memlayer.update_rows(
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions,
-        row_mean_sq, code, hyperparameters, grad_scale,
+        row_mean_sq, code, hyperparameters, grad_scale, *_piece_args(pieces),
     )  # fmt: skip
+
+
+def _piece_args(pieces: HotRowPieces | None) -> tuple[Tensor | None, Tensor | None]:
+    """The ops' ``piece_starts, partials`` arguments."""
+    return (None, None) if pieces is None else (pieces.starts, pieces.partials)
 
 
 def _check_groups(
@@ -712,29 +745,106 @@ def _check_group_data(op: str, weights: Tensor, row_starts: Tensor, positions: T
         raise ValueError(f"{op}: row_starts must be non-decreasing")
 
 
-def _row_sq_norms_inputs(grad_out, weights, row_starts, positions) -> tuple[Tensor, ...]:
-    _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
-    _check_group_data("row_sq_norms", weights, row_starts, positions)
+def _check_pieces(
+    op: str, grad_out: Tensor, row_starts: Tensor, piece_starts: Tensor | None,
+    partials: Tensor | None,
+) -> None:  # fmt: skip
+    if (piece_starts is None) != (partials is None):
+        given, missing = ("piece_starts", "partials")
+        if piece_starts is None:
+            given, missing = missing, given
+        raise ValueError(
+            f"{op}: {given} was given without {missing}: pass both (hot_row_pieces returns "
+            "them together) or neither"
+        )
+    if piece_starts is None:
+        return
+    check_tensor(op, "piece_starts", piece_starts, "[U + 1]", (torch.int64,))
+    check_shape(op, "piece_starts", piece_starts, row_starts.shape, "the shape of row_starts")
+    check_tensor(op, "partials", partials, "[pieces, D]", (torch.float32,))
+    check_shape(op, "partials", partials, (partials.shape[0], grad_out.shape[1]), "D of grad_out")
+    check_same_device(op, grad_out=grad_out, piece_starts=piece_starts, partials=partials)
+
+
+def _check_piece_data(op: str, piece_starts: Tensor | None, partials: Tensor | None) -> None:
+    """Piece starts non-decreasing within ``[0, len(partials)]`` (real kernels only)."""
+    if piece_starts is None:
+        return
+    bound = partials.shape[0] + 1
+    check_indices_in_range(piece_starts, bound, f"{op}: piece_starts", "offsets into partials")
+    if index_checks_enabled(piece_starts.device) and bool((piece_starts.diff() < 0).any()):
+        raise ValueError(f"{op}: piece_starts must be non-decreasing")
+
+
+def _checked_pieces(
+    op: str, grad_out: Tensor, row_starts: Tensor, piece_starts: Tensor | None,
+    partials: Tensor | None,
+) -> HotRowPieces | None:  # fmt: skip
+    """The given pieces, checked and contiguous, or ``None``."""
+    _check_pieces(op, grad_out, row_starts, piece_starts, partials)
+    _check_piece_data(op, piece_starts, partials)
+    if piece_starts is None:
+        return None
+    return HotRowPieces(piece_starts.contiguous(), partials.contiguous())
+
+
+def _group_inputs(op: str, grad_out, weights, row_starts, positions) -> tuple[Tensor, ...]:
+    _check_groups(op, grad_out, weights, row_starts, positions)
+    _check_group_data(op, weights, row_starts, positions)
     return tuple(t.contiguous() for t in (grad_out, weights, row_starts, positions))
 
 
-@torch.library.impl("memlayer::row_sq_norms", "CPU")
-def _row_sq_norms_cpu(grad_out, weights, row_starts, positions):
-    return row_sparse_cpu.row_sq_norms(
-        *_row_sq_norms_inputs(grad_out, weights, row_starts, positions)
+def _no_pieces(grad_out: Tensor, row_starts: Tensor) -> tuple[Tensor, Tensor]:
+    """The CPU's pieces: none (the C++ kernels sum each row serially)."""
+    starts = torch.zeros(row_starts.shape[0], dtype=torch.int64, device=row_starts.device)
+    return starts, grad_out.new_empty((0, grad_out.shape[1]), dtype=torch.float32)
+
+
+@torch.library.impl("memlayer::hot_row_pieces", "CPU")
+def _hot_row_pieces_cpu(grad_out, weights, row_starts, positions):
+    _check_groups("hot_row_pieces", grad_out, weights, row_starts, positions)
+    _check_group_data("hot_row_pieces", weights, row_starts, positions)
+    return _no_pieces(grad_out, row_starts)
+
+
+@torch.library.impl("memlayer::hot_row_pieces", "CUDA")
+def _hot_row_pieces_cuda(grad_out, weights, row_starts, positions):
+    inputs = _group_inputs("hot_row_pieces", grad_out, weights, row_starts, positions)
+    return tuple(row_sparse_triton.hot_row_pieces(*inputs))
+
+
+@torch.library.register_fake("memlayer::hot_row_pieces")
+def _hot_row_pieces_fake(grad_out, weights, row_starts, positions):
+    _check_groups("hot_row_pieces", grad_out, weights, row_starts, positions)
+    if grad_out.device.type == "cpu":
+        return _no_pieces(grad_out, row_starts)
+    return (
+        row_starts.new_empty(row_starts.shape),
+        grad_out.new_empty((max_hot_row_pieces(positions.numel()), grad_out.shape[1])),
     )
+
+
+refuse_other_devices("memlayer::hot_row_pieces", _hot_row_pieces_fake)
+
+
+@torch.library.impl("memlayer::row_sq_norms", "CPU")
+def _row_sq_norms_cpu(grad_out, weights, row_starts, positions, piece_starts=None, partials=None):
+    inputs = _group_inputs("row_sq_norms", grad_out, weights, row_starts, positions)
+    _checked_pieces("row_sq_norms", grad_out, row_starts, piece_starts, partials)  # none on CPU
+    return row_sparse_cpu.row_sq_norms(*inputs)
 
 
 @torch.library.impl("memlayer::row_sq_norms", "CUDA")
-def _row_sq_norms_cuda(grad_out, weights, row_starts, positions):
-    return row_sparse_triton.row_sq_norms(
-        *_row_sq_norms_inputs(grad_out, weights, row_starts, positions)
-    )
+def _row_sq_norms_cuda(grad_out, weights, row_starts, positions, piece_starts=None, partials=None):
+    inputs = _group_inputs("row_sq_norms", grad_out, weights, row_starts, positions)
+    pieces = _checked_pieces("row_sq_norms", grad_out, row_starts, piece_starts, partials)
+    return row_sparse_triton.row_sq_norms(*inputs, pieces)
 
 
 @torch.library.register_fake("memlayer::row_sq_norms")
-def _row_sq_norms_fake(grad_out, weights, row_starts, positions):
+def _row_sq_norms_fake(grad_out, weights, row_starts, positions, piece_starts=None, partials=None):
     _check_groups("row_sq_norms", grad_out, weights, row_starts, positions)
+    _check_pieces("row_sq_norms", grad_out, row_starts, piece_starts, partials)
     return grad_out.new_empty((row_starts.shape[0] - 1,), dtype=torch.float64)
 
 
@@ -750,7 +860,7 @@ def _expected_state(rule: Rule, table: Tensor) -> list[tuple[tuple[int, ...], st
 
 def _check_update(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, hyperparameters, grad_scale,
+    rule, hyperparameters, grad_scale, piece_starts=None, partials=None,
 ):  # fmt: skip
     op = "update_rows"
     check_tensor(op, "table", table, "[N, D]", (torch.float32, torch.bfloat16, torch.float16))
@@ -784,6 +894,7 @@ def _check_update(
     if row_mean_sq is not None:
         others["row_mean_sq"] = row_mean_sq
     check_same_device(op, table=table, grad_out=grad_out, rows=rows, **others)
+    _check_pieces(op, grad_out, row_starts, piece_starts, partials)
 
 
 def _check_update_data(table: Tensor, state: list[Tensor], rows: Tensor) -> None:
@@ -810,25 +921,28 @@ def _check_update_data(table: Tensor, state: list[Tensor], rows: Tensor) -> None
 
 def _update_rows_inputs(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, hyperparameters, grad_scale,
+    rule, hyperparameters, grad_scale, piece_starts=None, partials=None,
 ):  # fmt: skip
-    """The checked arguments, contiguous; ``None`` if no row is to be updated."""
+    """The checked arguments of the kernels, contiguous, and the given pieces (or ``None``);
+    ``None`` if no row is to be updated."""
     _check_update(
         table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-        rule, hyperparameters, grad_scale,
+        rule, hyperparameters, grad_scale, piece_starts, partials,
     )  # fmt: skip
     _check_group_data("update_rows", weights, row_starts, positions)
     _check_update_data(table, state, rows)
+    pieces = _checked_pieces("update_rows", grad_out, row_starts, piece_starts, partials)
     if rows.numel() == 0 or table.shape[1] == 0:
         return None
     grad_out, weights, rows, row_starts, positions = (
         t.contiguous() for t in (grad_out, weights, rows, row_starts, positions)
     )
     row_mean_sq = None if row_mean_sq is None else row_mean_sq.contiguous()
-    return (
+    arguments = (
         table, list(state), grad_out, weights, rows, row_starts, positions, row_mean_sq,
         rule, hyperparameters, grad_scale,
     )  # fmt: skip
+    return arguments, pieces
 
 
 def _written_in_place(table: Tensor, state: list[Tensor]) -> None:
@@ -842,7 +956,8 @@ def _written_in_place(table: Tensor, state: list[Tensor]) -> None:
 def _update_rows_cpu(table, state, *args):
     inputs = _update_rows_inputs(table, state, *args)
     if inputs is not None:
-        row_sparse_cpu.update_rows(*inputs)
+        arguments, _ = inputs  # no pieces on CPU: the C++ kernel sums each row serially
+        row_sparse_cpu.update_rows(*arguments)
     _written_in_place(table, state)
 
 
@@ -850,7 +965,8 @@ def _update_rows_cpu(table, state, *args):
 def _update_rows_cuda(table, state, *args):
     inputs = _update_rows_inputs(table, state, *args)
     if inputs is not None:
-        row_sparse_triton.update_rows(*inputs)
+        arguments, pieces = inputs
+        row_sparse_triton.update_rows(*arguments, pieces)
     _written_in_place(table, state)
 
 

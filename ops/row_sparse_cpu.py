@@ -1,6 +1,8 @@
 """CPU kernels of the row-sparse table update (the CPU side of ``ops/row_sparse.py``):
 ``ops/csrc/row_sparse_cpu.cpp``, compiled on first use (``ops/_cpu_build.py``). These launchers
-take arguments that ``ops/row_sparse.py`` has already checked, rows in range included.
+take arguments that ``ops/row_sparse.py`` has already checked, rows in range included. A thread
+sums each of its rows serially, a hot row too: on the CPU ``memlayer::hot_row_pieces`` gives no
+pieces, and these kernels read none.
 """
 
 from __future__ import annotations

@@ -6,17 +6,18 @@ recorded positions in their fixed order (bitwise deterministic, no atomics: rows
 then updates the row and its optimizer state. A row outside ``[0, N)`` is masked, so a bad row
 is never written. A hot row (more than ``hits_per_piece`` hits) is first summed in pieces by
 parallel programs, as the lookup's value gradient does (``ops.lookup_triton.hot_row_pieces``),
-then in piece order: still deterministic. Warps grow with the row (8 elements of each row
-vector per thread, up to 32 warps at D = 8192): registers stay flat, nothing spills at any
-width, and occupancy stays at or above the lookup kernels' (``python -m
-benchmarks.kernels_static`` checks both).
+then in piece order: still deterministic. A step computes the pieces once (op
+``memlayer::hot_row_pieces``, :func:`hot_row_pieces` here) and both kernels read them. Warps
+grow with the row (8 elements of each row vector per thread, up to 32 warps at D = 8192):
+registers stay flat, nothing spills at any width, and occupancy stays at or above the lookup
+kernels' (``python -m benchmarks.kernels_static`` checks both).
 
-With gradient clipping, ``row_sq_norms`` and ``update_rows`` each sum a row's gradient, which
-is cheaper on a GPU than keeping the sums for the update: the global norm must be known before
-any row is updated, so keeping them means writing and reading a ``[U, D]`` fp32 buffer, 8 bytes
-per element, where summing again re-reads the row's hits, ``4 * hits / U`` bytes per element,
-and there are ~1.3 hits per touched row at the paper's sizes (412K of 1M rows touched by 524K
-hits) -- and the buffer would be 6.7 GB at D = 4096.
+``row_sq_norms`` and ``update_rows`` each sum a row's gradient (from its hits, or a hot row's
+from its pieces), which is cheaper on a GPU than keeping the sums for the update: the global
+norm must be known before any row is updated, so keeping them means writing and reading a
+``[U, D]`` fp32 buffer, 8 bytes per element, where summing again re-reads the row's hits,
+``4 * hits / U`` bytes per element, and there are ~1.3 hits per touched row at the paper's
+sizes (412K of 1M rows touched by 524K hits) -- and the buffer would be 6.7 GB at D = 4096.
 
 The launchers take plain tensors of any device Triton runs on: CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1`` (how the tests run them without a GPU).
@@ -27,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ops.lookup_triton import _HITS_PER_PIECE, Launch, _jit, hot_row_pieces, tl, triton
+from ops import lookup_triton
+from ops.lookup_triton import _HITS_PER_PIECE, HotRowPieces, Launch, _jit, tl, triton
 from ops.table_rule import Hyper, Rule
 
 
@@ -154,20 +156,33 @@ def update_rows_scalars(hyperparameters: list[float], grad_scale: float) -> tupl
     )  # fmt: skip
 
 
-def row_sq_norms(
+def hot_row_pieces(
     grad_out: Tensor,
     weights: Tensor,
     row_starts: Tensor,
     positions: Tensor,
     *,
     hits_per_piece: int = _HITS_PER_PIECE,
+) -> HotRowPieces:
+    """The partial sums of the touched rows with more than ``hits_per_piece`` hits, in pieces of
+    that many hits summed in parallel: what both kernels read instead of a hot row's hits."""
+    return lookup_triton.hot_row_pieces(grad_out, weights, positions, row_starts, hits_per_piece)
+
+
+def row_sq_norms(
+    grad_out: Tensor,
+    weights: Tensor,
+    row_starts: Tensor,
+    positions: Tensor,
+    pieces: HotRowPieces | None = None,
 ) -> Tensor:
-    """Each touched row's squared gradient norm, fp64 ``[U]``; a row with more than
-    ``hits_per_piece`` hits is summed in pieces in parallel first."""
+    """Each touched row's squared gradient norm, fp64 ``[U]``; a hot row is summed from its
+    ``pieces`` (:func:`hot_row_pieces`, computed here if not given)."""
     num_touched = row_starts.shape[0] - 1
     out = grad_out.new_empty(num_touched, dtype=torch.float64)
     if num_touched:
-        pieces = hot_row_pieces(grad_out, weights, positions, row_starts, hits_per_piece)
+        if pieces is None:
+            pieces = hot_row_pieces(grad_out, weights, row_starts, positions)
         row_sq_norms_launch(num_touched, grad_out.shape[1])(
             _row_sq_norms_kernel,
             grad_out, weights, row_starts, positions, pieces.starts, pieces.partials, out,
@@ -188,15 +203,15 @@ def update_rows(
     rule: int,
     hyperparameters: list[float],
     grad_scale: float,
-    *,
-    hits_per_piece: int = _HITS_PER_PIECE,
+    pieces: HotRowPieces | None = None,
 ) -> None:
     """The in-place update of the touched ``rows`` of ``table`` and ``state`` by the packed
-    rule (``ops/table_rule.py``: ``TableRule.packed``); a row with more than
-    ``hits_per_piece`` hits has its gradient summed in pieces in parallel first."""
+    rule (``ops/table_rule.py``: ``TableRule.packed``); a hot row's gradient is summed from its
+    ``pieces`` (:func:`hot_row_pieces`, computed here if not given)."""
     state0, state1 = (list(state) + [table, table])[:2]  # unused pointers for stateless rules
     use_mean_sq = row_mean_sq is not None and hyperparameters[Hyper.WEIGHT_DECAY] == 0.0
-    pieces = hot_row_pieces(grad_out, weights, positions, row_starts, hits_per_piece)
+    if pieces is None:
+        pieces = hot_row_pieces(grad_out, weights, row_starts, positions)
     update_rows_launch(rows.shape[0], table.shape[1], Rule(rule), use_mean_sq)(
         _update_rows_kernel,
         table, state0, state1, grad_out, weights, rows, row_starts, positions,

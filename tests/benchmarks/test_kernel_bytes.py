@@ -69,6 +69,12 @@ def test_hot_rows_are_summed_in_pieces():
     )
 
 
+def test_a_row_sparse_step_sums_the_hot_rows_pieces_once():
+    hits = Hits(tokens=512, bag_size=4, touched=3, hot_hits=2048, hot_pieces=2)
+    kernels = [cost.kernel for cost in kernel_bytes.row_sparse_step(hits, 4, FP32, "adam")]
+    assert kernels == ["_hot_row_pieces_kernel", "_row_sq_norms_kernel", "_update_rows_kernel"]
+
+
 def test_hits_of_indices():
     indices = torch.tensor([[7, 7], [7, 1], [1, 3]])
     # Row 7 has 3 hits > 2 per piece: 2 pieces; rows 1 and 3 are cold.

@@ -109,16 +109,24 @@ def _group_gradients(grad_out, weights, row_starts, positions):
     return torch.stack(sums) if sums else torch.zeros(0, dim, dtype=torch.float64)
 
 
-def _ref_row_sq_norms(grad_out, weights, row_starts, positions):
+def _ref_hot_row_pieces(grad_out, weights, row_starts, positions):
+    """The CPU kernels sum each row serially: no row is split, every row's pieces are none."""
+    no_pieces = torch.zeros(row_starts.shape[0], dtype=torch.int64)
+    return no_pieces, torch.zeros(0, grad_out.shape[1])
+
+
+def _ref_row_sq_norms(grad_out, weights, row_starts, positions, piece_starts=None, partials=None):
+    """(``piece_starts``, ``partials``: the CPU's pieces, none, which change no sum.)"""
     return _group_gradients(grad_out, weights, row_starts, positions).square().sum(1)
 
 
 def _ref_update_rows(
     table, state, grad_out, weights, rows, row_starts, positions, row_mean_sq,
-    rule, hyperparameters, grad_scale,
+    rule, hyperparameters, grad_scale, piece_starts=None, partials=None,
 ):  # fmt: skip
     """The packed rule (``ops/table_rule.py``) applied to the rows in order (a repeated row is
-    updated once per occurrence), in float64; returns the new table and state."""
+    updated once per occurrence), in float64; returns the new table and state. (The pieces are
+    the CPU's, none, as in ``_ref_row_sq_norms``.)"""
     h = hyperparameters
     lr, eps, beta1, beta2 = h[Hyper.LR], h[Hyper.EPS], h[Hyper.BETA1], h[Hyper.BETA2]
     weight_decay = h[Hyper.WEIGHT_DECAY]
@@ -320,7 +328,7 @@ def _groups_args(data, gen):
     return N, grad_out, weights, groups
 
 
-def _row_sq_norms_args(data, gen):
+def _hot_row_pieces_args(data, gen):
     _, grad_out, weights, groups = _groups_args(data, gen)
     return dict(
         grad_out=grad_out,
@@ -328,6 +336,21 @@ def _row_sq_norms_args(data, gen):
         row_starts=groups.row_starts,
         positions=groups.positions,
     )
+
+
+def _pieces_args(data, args: dict) -> dict:
+    """The hot rows' pieces of a call's groups (as a step passes them), or none (the op's
+    default)."""
+    if not data.draw(st.booleans(), label="pieces"):
+        return {}
+    groups = {name: args[name] for name in ("grad_out", "weights", "row_starts", "positions")}
+    piece_starts, partials = torch.ops.memlayer.hot_row_pieces(**groups)
+    return dict(piece_starts=piece_starts, partials=partials)
+
+
+def _row_sq_norms_args(data, gen):
+    args = _hot_row_pieces_args(data, gen)
+    return args | _pieces_args(data, args)
 
 
 def _update_rows_args(data, gen):
@@ -347,7 +370,7 @@ def _update_rows_args(data, gen):
         norms = _ref_row_sq_norms(grad_out, weights, groups.row_starts, groups.positions)
         mean_sq = 2 * norms / max(D, 1)
     beta1, beta2 = data.draw(st.sampled_from([(0.875, 0.9921875), (0.5, 0.75)]), label="betas")
-    return dict(
+    args = dict(
         table=_tensor(gen, (N, D), table_dtype),
         state=warm,
         grad_out=grad_out,
@@ -368,6 +391,7 @@ def _update_rows_args(data, gen):
         ),
         grad_scale=data.draw(st.sampled_from([1.0, 0.375, 3.0]), label="grad_scale"),
     )
+    return args | _pieces_args(data, args)
 
 
 def _packed_rule(rule: TableRule) -> dict:
@@ -389,7 +413,10 @@ def _update_magnitudes(args, expected):
 
 def _group_ranges(args):
     bags = args["weights"].numel()
-    return [("positions", bags), ("row_starts", bags + 1)]
+    ranges = [("positions", bags), ("row_starts", bags + 1)]
+    if args.get("partials") is not None:
+        ranges.append(("piece_starts", args["partials"].shape[0] + 1))
+    return ranges
 
 
 def _rows_of(name: str, size: Callable[[dict], int]):
@@ -428,6 +455,9 @@ SPECS: dict[str, OpSpec] = {
     "record_value_grads": OpSpec(
         _record_args, _ref_record_value_grads, None,
         _rows_of("indices", lambda a: _LIVE_RECORDER[0].table.shape[0]), written=_recorded,
+    ),
+    "hot_row_pieces": OpSpec(
+        _hot_row_pieces_args, _ref_hot_row_pieces, None, _group_ranges,
     ),
     "row_sq_norms": OpSpec(
         _row_sq_norms_args, _ref_row_sq_norms, ("grad_out", "weights"), _group_ranges,

@@ -1,6 +1,6 @@
 """The row-sparse table update on CPU (``ops/row_sparse.py``): ``memlayer::update_rows`` against
-the float64 ``reference_update_rows``, ``row_sq_norms``, ``record_value_grads`` and
-``lookup_recording_grads``, determinism, opcheck and bad input.
+the float64 ``reference_update_rows``, ``row_sq_norms``, ``hot_row_pieces``,
+``record_value_grads`` and ``lookup_recording_grads``, determinism, opcheck and bad input.
 
 The property tests draw dyadic gradients (small multiples of a power of two): every gradient
 sum is then exact in fp32 in any order, so what is compared is each rule's arithmetic, to a few
@@ -23,6 +23,7 @@ from ops.row_sparse import (
     GradRecorder,
     RowSparseGrad,
     group_by_row,
+    hot_row_pieces,
     lookup_recording_grads,
     reference_update_rows,
     row_sq_norms,
@@ -445,19 +446,44 @@ def test_opcheck_update_rows(rule, with_mean_sq):
     table, state, grad_out, indices, weights = small_problem(rule)
     groups = group_by_row(indices)
     mean_sq = row_sq_norms(grad_out, weights, groups) / 5 if with_mean_sq else None
+    pieces = hot_row_pieces(grad_out, weights, groups) if with_mean_sq else (None, None)
     args = (
         table, state, grad_out, weights, groups.rows, groups.row_starts, groups.positions, mean_sq,
         *TableRule(rule, lr=0.1, weight_decay=0.0 if with_mean_sq else 0.01, step=2).packed(),
-        1.0,
+        1.0, *pieces,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.memlayer.update_rows.default, args)
 
 
-def test_opcheck_row_sq_norms():
+@pytest.mark.parametrize("with_pieces", [False, True])
+def test_opcheck_row_sq_norms_and_hot_row_pieces(with_pieces):
     _, _, grad_out, indices, weights = small_problem()
     groups = group_by_row(indices)
     args = (grad_out, weights, groups.row_starts, groups.positions)
-    torch.library.opcheck(torch.ops.memlayer.row_sq_norms.default, args)
+    pieces = tuple(hot_row_pieces(grad_out, weights, groups)) if with_pieces else ()
+    torch.library.opcheck(torch.ops.memlayer.row_sq_norms.default, args + pieces)
+    torch.library.opcheck(torch.ops.memlayer.hot_row_pieces.default, args)
+
+
+def test_cpu_kernels_split_no_row_and_read_no_pieces():
+    """The C++ kernels sum each row serially: the CPU's hot_row_pieces are none (every row's
+    piece range empty), and the norms and the update given them are those computed without."""
+    table, state, grad_out, weights, groups = update_args("adam")
+    pieces = hot_row_pieces(grad_out, weights, groups)
+    assert torch.equal(pieces.starts, torch.zeros(groups.row_starts.shape, dtype=torch.int64))
+    assert pieces.partials.shape == (0, grad_out.shape[1])
+    assert pieces.partials.dtype == torch.float32
+    assert_bitwise_equal(
+        row_sq_norms(grad_out, weights, groups, pieces), row_sq_norms(grad_out, weights, groups)
+    )
+    results = []
+    for given_pieces in (pieces, None):
+        new_table, new_state = table.clone(), [s.clone() for s in state]
+        rule = TableRule("adam", lr=0.1)
+        update_rows(new_table, new_state, grad_out, weights, groups, rule, pieces=given_pieces)
+        results.append([new_table, *new_state])
+    for with_pieces, without in zip(*results):
+        assert_bitwise_equal(with_pieces, without)
 
 
 def test_opcheck_record_value_grads():
@@ -691,6 +717,44 @@ def test_bad_tensors_raise_an_error_naming_them():
             recorder.key,
         )  # fmt: skip
     assert table.grad is None  # the bad rows were refused when recorded, not at the step
+
+
+@pytest.mark.parametrize("op", ["row_sq_norms", "update_rows"])
+def test_bad_pieces_raise_an_error_naming_them(op):
+    table, state, grad_out, weights, groups = update_args("adam")
+    starts, partials = hot_row_pieces(grad_out, weights, groups)
+
+    def call(piece_starts, piece_partials):
+        pieces = (piece_starts, piece_partials)
+        if op == "row_sq_norms":
+            torch.ops.memlayer.row_sq_norms(grad_out, weights, *groups[1:], *pieces)
+        else:
+            rule = TableRule("adam", lr=0.1).packed()
+            torch.ops.memlayer.update_rows(
+                table, state, grad_out, weights, *groups, None, *rule, 1.0, *pieces
+            )
+
+    before = [t.clone() for t in (table, *state)]
+    with pytest.raises(ValueError, match=rf"^{op}: piece_starts was given without partials"):
+        call(starts, None)
+    with pytest.raises(ValueError, match=rf"^{op}: partials was given without piece_starts"):
+        call(None, partials)
+    with pytest.raises(TypeError, match=rf"^{op}: piece_starts must be int64"):
+        call(starts.int(), partials)
+    with pytest.raises(ValueError, match=rf"^{op}: piece_starts must have shape"):
+        call(starts[1:], partials)
+    with pytest.raises(TypeError, match=rf"^{op}: partials must be float32"):
+        call(starts, partials.double())
+    with pytest.raises(ValueError, match=rf"^{op}: partials must have shape \(0, 5\)"):
+        call(starts, torch.zeros(0, 4))
+    with pytest.raises(IndexError, match=rf"^{op}: piece_starts must lie in \[0, 1\)"):
+        call(starts + 1, partials)
+    decreasing = torch.zeros(starts.shape[0], dtype=torch.int64)
+    decreasing[0] = 2
+    with pytest.raises(ValueError, match=rf"^{op}: piece_starts must be non-decreasing"):
+        call(decreasing, torch.zeros(2, 5))
+    for tensor, old in zip((table, *state), before):
+        assert_bitwise_equal(tensor, old)
 
 
 @pytest.mark.parametrize("step", [0, -1])

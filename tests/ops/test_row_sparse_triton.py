@@ -2,9 +2,12 @@
 
 Property tests call the launchers of ``ops/row_sparse_triton.py`` directly on tiny shapes: on
 CPU tensors under ``TRITON_INTERPRET=1`` without a GPU (the custom op would dispatch CPU tensors
-to the CPU kernel), on the GPU where there is one. The CUDA tests at the bottom run
+to the CPU kernel), on the GPU where there is one. An optimizer step runs the ops' CUDA kernels
+(on CPU tensors, by routing the ops' CPU dispatch to them). The CUDA tests at the bottom run
 ``torch.ops.memlayer.update_rows`` end to end at realistic sizes.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -13,10 +16,12 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (Linux)")
 
-from ops import row_sparse_triton  # noqa: E402
+from memcompile.sparse_optim import RowSparseOptimizer  # noqa: E402
+from ops import lookup_triton, row_sparse_triton  # noqa: E402
 from ops.lookup import lookup_values_grad  # noqa: E402
 from ops.row_sparse import group_by_row, row_sq_norms, update_rows  # noqa: E402
 from ops.table_rule import RULES, TableRule  # noqa: E402
+from tests.memcompile.test_sparse_optim import reader, reader_batch, reader_loss  # noqa: E402
 from tests.ops.test_row_sparse import (  # noqa: E402
     assert_bitwise_equal,
     assert_close_to_reference,
@@ -185,16 +190,21 @@ def test_update_is_bitwise_reproducible(rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_hot_rows_summed_in_pieces_give_the_same_update_and_norms(rule):
     """With ``hits_per_piece=2`` every row hit 3+ times (the hot row: half of all reads) is
-    summed in parallel pieces, then in piece order. Dyadic inputs sum exactly in fp32, so the
-    update and the norms must equal the serial sums' bit for bit."""
+    summed in parallel pieces, computed once and read by both kernels, then in piece order.
+    Dyadic inputs sum exactly in fp32, so the update and the norms must equal the serial sums'
+    bit for bit."""
     gen = torch.Generator().manual_seed(9)
     indices = draw_indices(gen, 16, 8, 4, "hot", torch.int64)
     grad_out, weights = to_device(dyadic(gen, (8, 7), 4), dyadic(gen, (8, 4), 8))
     table0, state0 = torch.randn(16, 7, generator=gen), fresh_state(rule, 16, 7, gen)
     groups = group_by_row(indices.to(DEVICE))
     assert int(groups.row_starts.diff().max()) > 2 * 2  # a row of several pieces
+    pieces = row_sparse_triton.hot_row_pieces(
+        grad_out, weights, groups.row_starts, groups.positions, hits_per_piece=2
+    )
+    assert int(pieces.starts.diff().max()) > 2  # the hot row is summed from its pieces
     results = []
-    for options in ({}, {"hits_per_piece": 2}):
+    for options in ({}, {"pieces": pieces}):
         table, *state = to_device(table0, *state0)
         hyper = dict(rule=rule, lr=0.1, weight_decay=0.01, step=3)
         launch_update(table, state, grad_out, weights, groups, hyper, **options)
@@ -204,6 +214,49 @@ def test_hot_rows_summed_in_pieces_give_the_same_update_and_norms(rule):
         results.append([t.cpu() for t in (table, norms, *state)])
     for in_pieces, serial in zip(*results):
         assert_bitwise_equal(in_pieces, serial)
+
+
+@contextlib.contextmanager
+def step_ops_on_triton():
+    """The row-sparse step ops run their CUDA (Triton) kernels: on CUDA they do; on CPU their
+    CPU dispatch is routed to those kernels, which the interpreter runs on CPU tensors."""
+    if DEVICE == "cuda":
+        yield
+        return
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with torch.library._scoped_library("memlayer", "IMPL") as library:
+        for name in ("hot_row_pieces", "row_sq_norms", "update_rows"):
+            op = getattr(torch.ops.memlayer, name).default
+            library.impl(name, lambda *args, op=op: op.redispatch(cuda, *args), "CPU")
+        yield
+
+
+@pytest.mark.filterwarnings("ignore:Warning only once for all operators")
+def test_a_clipped_optimizer_step_sums_the_hot_row_pieces_once(monkeypatch):
+    """Clipping reads the rows' norms and the step updates the rows: both read the hot rows'
+    pieces, which one launch of the pieces kernel computes. The step through the Triton kernels
+    updates the table as the CPU kernels do."""
+    pieces_kernel, launches = lookup_triton._hot_row_pieces_kernel, []
+
+    class CountedLaunches:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return pieces_kernel[grid]
+
+    monkeypatch.setattr(lookup_triton, "_hot_row_pieces_kernel", CountedLaunches())
+    # 512 reads (the pieces kernel has programs to launch) of 8 rows (few interpreted programs)
+    batch = reader_batch(0, num_tokens=128, num_rows=8)
+    tables = []
+    for route in (step_ops_on_triton, contextlib.nullcontext):
+        model = reader().to(DEVICE)
+        optimizer = RowSparseOptimizer(model, "adam", lr=0.1)
+        reader_loss(model, *to_device(*batch)).backward()
+        with route():
+            optimizer.clip_grad_norm_(1e-3)
+            optimizer.step()
+        tables.append(model.memory_values.detach().cpu())
+    assert len(launches) == 1
+    torch.testing.assert_close(tables[0], tables[1], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- CUDA, realistic
@@ -287,3 +340,7 @@ def test_cuda_opcheck(rule):
     torch.library.opcheck(torch.ops.memlayer.update_rows.default, args)
     norms_args = (grad_out, weights, groups.row_starts, groups.positions)
     torch.library.opcheck(torch.ops.memlayer.row_sq_norms.default, norms_args)
+    torch.library.opcheck(torch.ops.memlayer.hot_row_pieces.default, norms_args)
+    pieces = tuple(torch.ops.memlayer.hot_row_pieces(*norms_args))
+    torch.library.opcheck(torch.ops.memlayer.update_rows.default, args + pieces)
+    torch.library.opcheck(torch.ops.memlayer.row_sq_norms.default, norms_args + pieces)
