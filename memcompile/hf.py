@@ -33,6 +33,7 @@ from transformers import Cache, DynamicCache, GenerationMixin, PretrainedConfig,
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from memcompile.engram import NgramHasher
 from memcompile.generate import RecentInputs
 from memcompile.memory import use_quantized_table
 from memcompile.model import Transformer
@@ -121,9 +122,12 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Loading fills every parameter; the RoPE tables are derived, never stored.
+        # Loading fills every parameter; the RoPE tables and the Engram hasher's multipliers
+        # and table offsets are derived from the config, never stored.
         if isinstance(module, Transformer) and not module.rope_cos.is_meta:
             module.init_rope_tables()
+        if isinstance(module, NgramHasher) and not module.multipliers.is_meta:
+            module.init_buffers()
 
     @staticmethod
     def create_masks_for_generate(attention_mask: Tensor | None, **_: Any) -> Tensor | None:

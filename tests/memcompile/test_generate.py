@@ -11,7 +11,8 @@ from memcompile.flavors import FLAVORS
 from memcompile.generate import KVCache, generate, generate_batched, generate_tokens, sample_next
 from memcompile.model import Transformer
 
-FLAVOR_NAMES = ("dense_debug", "mem_debug", "memplain_debug")
+#: Engram's cache keeps its last tokens and convolution inputs; PEER's read needs none.
+FLAVOR_NAMES = ("dense_debug", "mem_debug", "memplain_debug", "engram_debug", "peer_debug")
 
 
 def _model(name: str, seed: int = 0) -> Transformer:

@@ -80,6 +80,30 @@ def test_greedy_generation_is_the_same_on_every_path(saved):
     assert torch.equal(ours, reloaded)
 
 
+@pytest.mark.parametrize("flavor", ["engram_debug", "peer_debug"])
+def test_engram_and_peer_models_load_and_decode_through_a_transformers_cache(tmp_path, flavor):
+    """The other memory families through AutoModelForCausalLM: the same logits, and greedy
+    decoding through transformers' dynamic and static caches gives memcompile's tokens
+    (Engram's last tokens and convolution inputs ride along on the cache)."""
+    torch.manual_seed(0)
+    model = Transformer(get_flavor(flavor)).eval()
+    save_pretrained(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(hf(prompt).logits, model(prompt))
+        ours = generate(model, prompt, 10)
+        for static in (False, True):
+            theirs = hf.generate(
+                prompt,
+                max_new_tokens=10,
+                min_new_tokens=10,
+                do_sample=False,
+                cache_implementation="static" if static else None,
+            )
+            assert torch.equal(theirs[:, 7:], ours)
+
+
 def test_a_cache_continues_a_sequence_as_the_whole_sequence_does(saved):
     model, folder = saved
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()

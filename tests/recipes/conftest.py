@@ -12,13 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def seed_checkpoint(tmp_path_factory) -> Path:
-    """A real ``recipes.pretrain`` checkpoint (step 0 of a memory model)."""
-    dump = tmp_path_factory.mktemp("pretrain")
+def _create_seed_checkpoint(dump: Path, model: str) -> Path:
+    """Step 0 of ``model``, as ``recipes.pretrain --checkpoint.create_seed_checkpoint`` saves it."""
     args = [
         "--model",
-        "mem_debug",
+        model,
         "--dump_folder",
         str(dump),
         "--dataloader.cache_dir",
@@ -45,6 +43,19 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return dump / "checkpoint" / "step-0"
+
+
+@pytest.fixture(scope="session")
+def seed_checkpoint(tmp_path_factory) -> Path:
+    """A real ``recipes.pretrain`` checkpoint (step 0 of a memory model)."""
+    return _create_seed_checkpoint(tmp_path_factory.mktemp("pretrain"), "mem_debug")
+
+
+@pytest.fixture(scope="session", params=["engram_debug", "peer_debug"])
+def family_seed_checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    """``(flavor, checkpoint)``: step 0 of an Engram and of a PEER model (one each per session)."""
+    model = request.param
+    return model, _create_seed_checkpoint(tmp_path_factory.mktemp(model), model)
 
 
 @pytest.fixture

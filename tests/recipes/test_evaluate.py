@@ -64,6 +64,19 @@ def test_cli_evaluates_a_pretrain_checkpoint(
     )
 
 
+def test_cli_evaluates_engram_and_peer_checkpoints(
+    family_seed_checkpoint: tuple[str, Path], tmp_path: Path
+):
+    flavor, checkpoint = family_seed_checkpoint
+    output = tmp_path / "eval.json"
+    args = ["--checkpoint", str(checkpoint), "--model", flavor, "--output", str(output)]
+    main([*args, "--knowledge.num-people", "8", "--max-people", "1"])
+    results = json.loads(output.read_text())
+    assert results["model"] == flavor
+    assert results["recall_trained_questions"]["questions"] == len(ATTRIBUTES)
+    assert results["heldout_biographies"]["tokens"] > 0
+
+
 def test_load_checkpoint_builds_the_flavor_as_trained(seed_checkpoint: Path, tokenizer):
     loaded = load_checkpoint(seed_checkpoint, "mem_debug")
     assert loaded.config == get_flavor("mem_debug", vocab_size=tokenizer.get_vocab_size())

@@ -111,6 +111,31 @@ def test_export_never_removes_its_checkpoint_or_what_is_not_a_model_folder(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "notes.txt", "run"]
 
 
+def test_engram_and_peer_checkpoints_export_and_load_everywhere(
+    family_seed_checkpoint: tuple[str, Path], tmp_path: Path
+):
+    """An Engram and a PEER checkpoint export; memcompile.from_pretrained and transformers'
+    AutoModelForCausalLM give its logits; Engram's hash multipliers are derived from the config
+    (not exported), its token map is a weight (exported)."""
+    flavor, checkpoint = family_seed_checkpoint
+    out = tmp_path / "exported"
+    main(["--checkpoint", str(checkpoint), "--model", flavor, "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    family = flavor.split("_")[0]
+    assert config["memcompile"][family] is not None and config["memcompile"]["memory"] is None
+    original = load_checkpoint(checkpoint, flavor)
+    exported = memcompile.from_pretrained(out)
+    names = set(exported.state_dict())
+    assert ("hasher.token_map" in names) == (family == "engram")
+    assert "hasher.multipliers" not in names
+    tokens = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(exported(tokens), original(tokens))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, original(tokens))
+
+
 def test_generate_on_an_exported_folder_does_not_warn_about_max_length(
     seed_checkpoint: Path, tmp_path: Path
 ):
