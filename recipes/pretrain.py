@@ -148,6 +148,11 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
                 f"--parallelism.memory_parallel_degree {degree}: model {config.model!r} "
                 f"has no memory layers"
             )
+        if transformer.memory is None:
+            raise UsageError(
+                f"--parallelism.memory_parallel_degree {degree}: memory parallelism does not "
+                f"shard the table of Engram and PEER models ({config.model!r}) yet"
+            )
         if transformer.table_shape[1] % degree:
             raise UsageError(
                 f"--parallelism.memory_parallel_degree {degree} must divide the value "

@@ -87,6 +87,13 @@ def test_help_lists_every_section():
         assert flag in result.stdout, flag
 
 
+@pytest.mark.parametrize("model", ["engram_debug", "peer_debug"])
+def test_memory_parallelism_of_engram_and_peer_tables_is_refused_until_it_shards_them(model):
+    config = parse_args(["--model", model, "--parallelism.memory_parallel_degree", "2"])
+    with pytest.raises(ValueError, match="does not shard the table of Engram and PEER models"):
+        validate(config, world_size=2)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
