@@ -46,6 +46,13 @@ of ONE parameter ``[num_rows, row_dim]``; ``row_offsets`` say where each starts
 - a table per (layer, order, head): per-table widths and sizes, but K·(N−1)·layers parameters
   (16 or more), as many lookups, optimizer states and sharding plans per step.
 
+The model (:class:`memcompile.model.Transformer` with ``TransformerConfig.engram``, an
+:class:`EngramConfig` from :mod:`memcompile.config`, re-exported here) owns the hasher and the
+table and calls each Engram layer at the start of its block. Decoding with a KV cache, the
+cache keeps the last ``max_ngram − 1`` token ids and each layer's last ``(conv_kernel − 1) ·
+max_ngram`` convolution inputs (:class:`memcompile.generate.RecentInputs`), so a continuation
+computes what the whole sequence would.
+
 So the layers here, like :class:`memcompile.memory.ProductKeyMemory`, take the table as a
 ``forward`` argument and read it through :class:`memcompile.memory.ValueLookup` (one row per
 head, weights of one): the model owns it and shares one ``GradRecorder`` among its readers.
