@@ -10,10 +10,18 @@ with the same data order, steps and optimiser:
 * ``dense``: a small Llama-style model;
 * ``memory``: its middle block's feed-forward replaced by a plain product-key memory;
 * ``memory+``: the feed-forwards of ``memory_plus_layers`` blocks replaced by Memory+ layers,
-  all reading one shared value table (the paper's configuration, scaled down).
+  all reading one shared value table (the paper's configuration, scaled down);
+* ``engram``: Engram (hashed 2- and 3-grams, 4 hash heads each) at the start of block 1 and the
+  middle block, 16 tables of ``n_keys² / 2`` rows of width dim / 8: the memory twins' table
+  parameters (as ``memcompile.flavors``' ``engram_*``);
+* ``peer``: PEER on the ``n_keys²`` product-key grid (``memory_heads`` x ``memory_topk``
+  single-neuron experts per token) in place of the Memory+ blocks' feed-forwards (as
+  ``peer_*``; its table holds the down and up vectors: twice the values).
 
-The memory twins do at most the dense model's FLOPs per token (their feed-forward replacements
-are cheaper than the SwiGLU they replace; the exact ratios are in the results). At fixed points
+The Memory, Memory+ and PEER twins do at most the dense model's FLOPs per token (their
+feed-forward replacements are cheaper than the SwiGLU they replace); Engram keeps every
+feed-forward and adds its gate's projections, a few percent more (the exact ratios are in the
+results). At fixed points
 of training and at the end, each model is evaluated with :mod:`recipes.knowledge_eval`: fact recall
 (greedy, exact match) on the questions whose Q/A pairs training never showed (knowledge
 extracted from biographies) and on the trained ones, answer NLL on the held-out questions, and
@@ -51,7 +59,14 @@ from memcompile.cli import (
     check_finite,
     reported_errors,
 )
-from memcompile.config import MemoryConfig, MemoryKind, TransformerConfig, llama_ffn_hidden_dim
+from memcompile.config import (
+    EngramConfig,
+    MemoryConfig,
+    MemoryKind,
+    PEERConfig,
+    TransformerConfig,
+    llama_ffn_hidden_dim,
+)
 from memcompile.model import Transformer
 from memcompile.optim import torch_param_groups
 from memcompile.sparse_optim import RowSparseOptimizer
@@ -66,7 +81,8 @@ from recipes.data.loader import (
 )
 from recipes.knowledge_eval import evaluate_knowledge
 
-MODEL_NAMES = ("dense", "memory", "memory+")
+MODEL_NAMES = ("dense", "memory", "memory+", "engram", "peer")
+ModelName = Literal["dense", "memory", "memory+", "engram", "peer"]
 
 
 @dataclass
@@ -105,7 +121,7 @@ class KnowledgeBenchmarkConfig:
     row-sparse rule of memcompile.sparse_optim.RowSparseOptimizer (as recipes.pretrain's
     --optimizer.memory_optimizer)"""
 
-    models: tuple[Literal["dense", "memory", "memory+"], ...] = MODEL_NAMES
+    models: tuple[ModelName, ...] = MODEL_NAMES
     """Which twins to train"""
 
     warmup_steps: int = 50
@@ -128,7 +144,8 @@ class KnowledgeBenchmarkConfig:
 
 
 def twin_configs(config: KnowledgeBenchmarkConfig, vocab_size: int) -> dict[str, TransformerConfig]:
-    """The dense model and its two memory twins (one value table shape for both)."""
+    """The dense model and its memory twins: Memory and Memory+ read one value table shape,
+    Engram a table of as many parameters, PEER one of twice as many (down and up vectors)."""
     dense = TransformerConfig(
         vocab_size=vocab_size,
         dim=config.dim,
@@ -149,6 +166,26 @@ def twin_configs(config: KnowledgeBenchmarkConfig, vocab_size: int) -> dict[str,
             dense, memory=replace(memory, layers=(config.n_layers // 2,), kind=MemoryKind.MEMORY)
         ),
         "memory+": replace(dense, memory=memory),
+        "engram": replace(
+            dense,
+            engram=EngramConfig(
+                # Block 1 and the middle one (one block when they coincide).
+                layers=tuple(dict.fromkeys((min(1, config.n_layers - 1), config.n_layers // 2))),
+                max_ngram=3,
+                heads=4,
+                table_rows=config.n_keys**2 // 2,
+                row_dim=max(config.dim // 8, 1),
+            ),
+        ),
+        "peer": replace(
+            dense,
+            peer=PEERConfig(
+                num_experts=config.n_keys**2,
+                layers=config.memory_plus_layers,
+                heads=config.memory_heads,
+                topk=config.memory_topk,
+            ),
+        ),
     }
 
 

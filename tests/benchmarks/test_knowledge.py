@@ -1,5 +1,6 @@
-"""The knowledge benchmark at a tiny size: it trains the three twins on two seeds and writes its
-report, per seed and summarised over the seeds."""
+"""The knowledge benchmark at a tiny size: it trains the dense model and its four memory twins
+(Memory, Memory+, Engram, PEER) on two seeds and writes its report, per seed and summarised over
+the seeds."""
 
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def _check_seed(report: dict, seed: int) -> None:
         uniform = math.log(VOCAB_SIZE)  # the built-in tokenizer's
         assert abs(final["answer_nll"] - uniform) < 0.25 * uniform
         assert abs(final["biography_nll"] - uniform) < 0.25 * uniform
-        # The memory twins are FLOP-matched from below: they never cost more than dense.
-        assert result["train_flops_per_token"] <= dense_flops
+        # The twins are FLOP-matched: the feed-forward replacements from below, Engram (which
+        # keeps every feed-forward and adds its gate) within a few percent above.
+        limit = 1.1 if name == "engram" else 1.0
+        assert result["train_flops_per_token"] <= limit * dense_flops
         assert (result["params"]["memory"] > 0) == (name != "dense")
     # Each seed draws its own people.
     assert report["majority_baseline"] == majority_baseline(
