@@ -488,6 +488,7 @@ def plan(
             "memory_optimizer": config.optimizer.memory_optimizer,
             "local_batch_size": training.local_batch_size,
             "seq_len": training.seq_len,
+            "vocab_size": vocab,
             "gradient_accumulation_steps": accumulation,
             "activation_checkpoint": type(config.activation_checkpoint).__qualname__,
             "mixed_precision_param": training.mixed_precision_param,

@@ -28,6 +28,7 @@ def test_mem_1b_on_8_simulated_h100s_fits_with_its_shards(tmp_path, in_process_r
     stats = _params("mem_1b")
     sharded_fp32 = stats.total_params * 4 / 8
     assert result["fits"] and result["setting"]["activation_checkpoint"] == "SelectiveAC.Config"
+    assert result["setting"]["vocab_size"] == get_flavor("mem_1b").vocab_size == 32000
     assert result["optimizer_bytes"] == pytest.approx(2 * sharded_fp32, rel=0.01)
     assert result["params_bytes"] >= sharded_fp32  # plus the all-gathered bf16 units
     # Each step all-gathers every parameter in bf16 (forward, and backward's recompute) and
