@@ -4,18 +4,20 @@
     python -m benchmarks.models --bases 134m --batch-size 4 --seq-len 2048 --out models.json
 
 Times one training step (forward, cross-entropy loss, backward, AdamW step, gradients set to
-None) of the dense, Memory (one plain memory layer) and Memory+ twins of each base
-(``dense_<base>``, ``memplain_<base>``, ``mem_<base>`` in :mod:`memcompile.flavors`), eager and
+None) of the dense, Memory (one plain memory layer), Memory+, Engram and PEER twins of each base
+(``dense_<base>``, ``memplain_<base>``, ``mem_<base>``, ``engram_<base>``, ``peer_<base>`` in
+:mod:`memcompile.flavors`; a base without some family's flavor skips it), eager and
 with the forward + loss under ``torch.compile`` (the optimizer step stays eager), on random
 tokens. Reports the median step time, tokens/s, achieved TFLOP/s (the flavors' training FLOPs
 per token, :func:`memcompile.stats.model_stats`), and peak memory: CUDA allocator peak, or the
 process's peak RSS on a Linux CPU (which includes earlier variants' memory the allocator kept).
 
-``--memory-values`` overrides the table size of the memory flavors (e.g. 4194304 = 2048² for
-the 4M study); ``--precision bf16`` runs the step under bf16 autocast with fp32 parameters;
-``--table-optimizers adamw rowwise_adagrad`` times each memory flavor with its table trained
-densely and row-sparsely (:mod:`memcompile.sparse_optim`; column ``x adamw table``). For peak
-memory per variant on a CPU run one variant per process: RSS peaks only grow.
+``--memory-values`` overrides the table size of the product-key memory flavors (Memory and
+Memory+; e.g. 4194304 = 2048² for the 4M study); ``--precision bf16`` runs the step under bf16
+autocast with fp32 parameters; ``--table-optimizers adamw rowwise_adagrad`` times each memory
+flavor with its table trained densely and row-sparsely (:mod:`memcompile.sparse_optim`; column
+``x adamw table``). For peak memory per variant on a CPU run one variant per process: RSS peaks
+only grow.
 """
 
 from __future__ import annotations
@@ -46,35 +48,37 @@ from benchmarks.common import (
 )
 from memcompile.cli import check_at_least, check_finite, reported_errors
 from memcompile.config import TransformerConfig
-from memcompile.flavors import get_flavor
+from memcompile.flavors import FLAVORS, get_flavor
 from memcompile.model import Transformer
 from memcompile.optim import dense_trainable_parameters
 from memcompile.sparse_optim import RowSparseOptimizer
 from memcompile.stats import model_stats
 
-Architecture = Literal["dense", "memplain", "mem"]
+Architecture = Literal["dense", "memplain", "mem", "engram", "peer"]
 Mode = Literal["eager", "compiled"]
 
-ARCHITECTURES: tuple[Architecture, ...] = ("dense", "memplain", "mem")
+ARCHITECTURES: tuple[Architecture, ...] = ("dense", "memplain", "mem", "engram", "peer")
 TableOptimizer = Literal["adamw", "sgd", "rowwise_adagrad", "adam"]
 MODES: tuple[Mode, ...] = ("eager", "compiled")
 
 
 @dataclass
 class ModelBenchmark:
-    """Benchmark a training step of dense vs Memory vs Memory+ twins, eager vs compiled."""
+    """Benchmark a training step of dense vs Memory, Memory+, Engram and PEER twins, eager vs
+    compiled."""
 
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda[:index]"."""
     bases: tuple[str, ...] | None = None
     """Base models (default: tiny on CPU; 134m, 373m, 1b on CUDA)."""
     architectures: tuple[Architecture, ...] = ARCHITECTURES
-    """dense = the base, memplain = Memory (one plain layer), mem = Memory+ (3 layers)."""
+    """dense = the base, memplain = Memory (one plain layer), mem = Memory+ (3 layers),
+    engram = Engram (hashed n-grams, 2 blocks), peer = PEER (in Memory+'s blocks)."""
     modes: tuple[Mode, ...] = MODES
     compile_backend: str = "inductor"
     """torch.compile backend of the compiled mode ("aot_eager" traces without code generation)."""
     memory_values: int | None = None
-    """Rows of the memory table (a perfect square); default: the flavor's."""
+    """Rows of the Memory / Memory+ value table (a perfect square); default: the flavor's."""
     batch_size: int = 4
     """Sequences per step."""
     seq_len: int | None = None
@@ -160,7 +164,8 @@ def benchmark_flavor(
         "mode": mode,
         "table_optimizer": table_optimizer,
         "flavor": f"{architecture}_{base}",
-        "memory_values": None if model_config.memory is None else model_config.memory.num_values,
+        # Rows of the model's one table (values, Engram's hashed rows, PEER's down + up vectors).
+        "memory_values": None if model_config.table_shape is None else model_config.table_shape[0],
         "total_params": stats.total_params,
         "active_params": stats.active_params,
         "tokens_per_step": config.batch_size * config.seq_len,
@@ -255,7 +260,7 @@ _COLUMNS = [
     ("flavor", "flavor", "s"),
     ("mode", "mode", "s"),
     ("table_optimizer", "table", "s"),
-    ("memory_values", "values", "d"),
+    ("memory_values", "table rows", "d"),
     ("total_params", "params", ",d"),
     ("tokens_per_step", "tokens", "d"),
     ("time_ms", "step ms", ".1f"),
@@ -283,7 +288,7 @@ def plot_step_times(rows: Sequence[dict[str, Any]], path: Path) -> None:
         positions = [i + offset * width for i in range(len(flavors))]
         axis.bar(positions, [times.get(f, 0.0) for f in flavors], width, label=mode)
     axis.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(flavors))], flavors)
-    axis.set(ylabel="training step (ms)", title="dense vs Memory vs Memory+")
+    axis.set(ylabel="training step (ms)", title="dense vs Memory, Memory+, Engram, PEER")
     axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +326,7 @@ def run(config: ModelBenchmark, argv: Sequence[str]) -> dict[str, Any]:
         benchmark_flavor(base, architecture, mode, config, device, table)
         for base in config.bases
         for architecture in config.architectures
+        if f"{architecture}_{base}" in FLAVORS  # e.g. Engram and PEER have no 373m twin
         for mode in config.modes
         for table in (config.table_optimizers if architecture != "dense" else ("adamw",))
     ]

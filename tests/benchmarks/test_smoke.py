@@ -184,7 +184,8 @@ def test_models_writes_json(tmp_path):
             assert row["total_params"] == sum(p.numel() for p in Transformer(config).parameters())
         flops_per_token = model_stats(config, seq_len=9).train_flops_per_token
         assert row["tflops"] == pytest.approx(flops_per_token * row["tokens_per_s"] / 1e12)
-        assert row["memory_values"] == (None if config.memory is None else config.memory.num_values)
+        table_rows = None if config.table_shape is None else config.table_shape[0]
+        assert row["memory_values"] == table_rows
         assert row["peak_memory_mb"] > 0
         assert ("compile_speedup" in row) == (row["mode"] == "compiled")
         assert ("time_vs_dense" in row) == (row["architecture"] != "dense")
