@@ -1,10 +1,9 @@
-"""``recipes.plan`` against reality: the plan of a ``mem_tiny`` pretraining step (1 process, and
-2 gloo ranks with the table FSDP-sharded) next to the same step run by the
-real trainer, measured independently (``benchmarks.plan_check``: the CPU allocator's peak
-through the profiler, every process-group call counted by a dispatch mode). The peak must be
-within 15%, and the bytes sent per collective kind within 5% (both count the same calls; the
-plan's shapes are fake). The column-sharded table (G = 2) is not held to it yet: its real
-peak is ~15.5% over the plan (benchmarks/RESULTS.md).
+"""``recipes.plan`` against reality: the plan of a ``mem_tiny`` pretraining step on 1 process and
+on 2 gloo ranks (the table FSDP-sharded, G = 1, and column-sharded, G = 2) next to the same step
+run by the real trainer, measured independently (``benchmarks.plan_check``: the CPU allocator's
+peak, counted on every thread, through the profiler; every process-group call counted by a
+dispatch mode). The peak must be within 15%, and the bytes sent per collective kind within 5%
+(both count the same calls; the plan's shapes are fake).
 """
 
 from __future__ import annotations
@@ -20,40 +19,44 @@ from benchmarks.plan_check import PEAK_TOLERANCE, compare, measure_step, run_arg
 
 SHAPES = {"local_batch_size": 2, "seq_len": 32}
 COLLECTIVE_TOLERANCE = 0.05
+#: (ranks, memory parallel degree) checked.
+LAYOUTS = ((1, 1), (2, 1), (2, 2))
 
 
-def _measure_each(runs: dict[str, list[str]]) -> dict[str, dict]:
+def _measure_each(runs: dict[tuple[int, int], list[str]]) -> dict[tuple[int, int], dict]:
+    """Every run in turn on this rank (one spawn of the ranks for all layouts)."""
     results = {}
-    for name, argv in runs.items():
-        results[name] = measure_step(argv)
+    for layout, argv in runs.items():
+        results[layout] = measure_step(argv)
         dist.barrier()
     return results
 
 
-def _check(name: str, result: dict) -> None:
-    planned, measured = result["planned"], result["measured"]
-    assert abs(result["peak_error"]) <= PEAK_TOLERANCE, (name, planned, measured)
-    for kind, sent in measured["collective_bytes"].items():
-        assert planned["collective_bytes"][kind] == pytest.approx(
-            sent, rel=COLLECTIVE_TOLERANCE, abs=1024
-        ), (name, kind, planned["collective_bytes"], measured["collective_bytes"])
-
-
 def test_plan_of_mem_tiny_matches_real_steps(tmp_path, in_process_run):
-    one = run_args("mem_tiny", str(tmp_path / "one"), degree=1, **SHAPES)
-    two = {
-        f"two-ranks-G{degree}": run_args(
-            "mem_tiny", str(tmp_path / f"two-{degree}"), degree=degree, **SHAPES
+    runs = {
+        (ranks, degree): run_args(
+            "mem_tiny", str(tmp_path / f"{ranks}-{degree}"), degree=degree, **SHAPES
         )
-        for degree in (1,)
+        for ranks, degree in LAYOUTS
     }
-    measured = {"one-process": measure_step(one)}
-    assert measured["one-process"]["collective_bytes"] == {}  # a world of one sends nothing
-    measured |= on_gloo_ranks(2, _measure_each, two, timeout_s=600)[0]
+    measured = {(1, 1): measure_step(runs[1, 1])}
+    assert measured[1, 1]["collective_bytes"] == {}  # a world of one sends nothing
+    on_two = {layout: argv for layout, argv in runs.items() if layout[0] == 2}
+    both_ranks = on_gloo_ranks(2, _measure_each, on_two, timeout_s=600)
+    # The two ranks do the same work: the same peak within 2.3 MiB (a sum of the profiled
+    # thread's events differed by up to 15%: it missed the frees on gloo's threads).
+    for layout in on_two:
+        peaks = [both_ranks[rank][layout]["peak_bytes"] for rank in (0, 1)]
+        assert peaks[0] == pytest.approx(peaks[1], rel=0.03), layout
+    measured |= both_ranks[0]
     # FSDP all-gathers parameters and reduce-scatters gradients.
-    assert {"all_gather", "reduce_scatter"} <= set(measured["two-ranks-G1"]["collective_bytes"])
-    for name, argv, ranks in [
-        ("one-process", one, 1),
-        *[(name, argv, 2) for name, argv in two.items()],
-    ]:
-        _check(name, compare(argv, ranks, measured[name]))
+    assert {"all_gather", "reduce_scatter"} <= set(measured[2, 1]["collective_bytes"])
+    for (ranks, degree), argv in runs.items():
+        result = compare(argv, ranks, measured[ranks, degree])
+        planned, real = result["planned"], result["measured"]
+        layout = f"{ranks} rank(s), G={degree}"
+        assert abs(result["peak_error"]) <= PEAK_TOLERANCE, (layout, planned, real)
+        for kind, sent in real["collective_bytes"].items():
+            assert planned["collective_bytes"][kind] == pytest.approx(
+                sent, rel=COLLECTIVE_TOLERANCE, abs=1024
+            ), (layout, kind, planned["collective_bytes"], real["collective_bytes"])
