@@ -345,15 +345,17 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def summarize(seed_reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each model's final metrics over the seeds (mean and spread) and, for the twins, their
-    recall as a multiple of the dense model's on the same seed (same corpus and data order)."""
-    names = [
-        name for name in MODEL_NAMES if all(name in r["models"] for r in seed_reports.values())
-    ]
+    """Each model's final metrics over the seeds that trained it (mean and spread) and, for the
+    twins, their recall as a multiple of the dense model's on the same seed (same corpus and
+    data order)."""
     summary: dict[str, dict[str, Any]] = {}
-    for name in names:
-        runs = [report["models"][name] for report in seed_reports.values()]
+    for name in MODEL_NAMES:
+        seeds = [seed for seed, report in seed_reports.items() if name in report["models"]]
+        if not seeds:
+            continue
+        runs = [seed_reports[seed]["models"][name] for seed in seeds]
         summary[name] = {
+            "seeds": seeds,
             "train_flops_per_token": runs[0]["train_flops_per_token"],
             "params": runs[0]["params"],
             "train_loss": _spread([run["final_train_loss"] for run in runs]),
@@ -362,16 +364,18 @@ def summarize(seed_reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
                 for metric in SUMMARY_METRICS
             },
         }
-        if name != "dense" and "dense" in names:
-            for metric in ("recall_trained", "recall_heldout"):
-                # A seed where dense recalls nothing has no ratio.
-                ratios = [
-                    report["models"][name]["final"][metric] / dense_recall
-                    for report in seed_reports.values()
-                    if (dense_recall := report["models"]["dense"]["final"][metric]) > 0
-                ]
-                if ratios:
-                    summary[name][f"{metric}_vs_dense"] = _spread(ratios)
+        if name == "dense":
+            continue
+        for metric in ("recall_trained", "recall_heldout"):
+            # Only seeds that trained dense too; one where dense recalls nothing has no ratio.
+            ratios = [
+                seed_reports[seed]["models"][name]["final"][metric] / dense_recall
+                for seed in seeds
+                if "dense" in seed_reports[seed]["models"]
+                and (dense_recall := seed_reports[seed]["models"]["dense"]["final"][metric]) > 0
+            ]
+            if ratios:
+                summary[name][f"{metric}_vs_dense"] = _spread(ratios)
     return summary
 
 
@@ -403,8 +407,14 @@ def summary_table(report: dict[str, Any]) -> str:
     ]
     for name, result in summary.items():
         flops = result["train_flops_per_token"]
+        # A model trained on fewer seeds than the others (e.g. a partial run) says so.
+        label = (
+            name
+            if len(result["seeds"]) == len(report["seeds"])
+            else (f"{name} (seed{'s' * (len(result['seeds']) > 1)} {', '.join(result['seeds'])})")
+        )
         lines.append(
-            f"| {name} | {flops / 1e6:.2f}M{_vs_dense(flops, dense)} "
+            f"| {label} | {flops / 1e6:.2f}M{_vs_dense(flops, dense)} "
             f"| {_percent(result['recall_trained'])} "
             f"| {_ratio(result.get('recall_trained_vs_dense'))} "
             f"| {_percent(result['recall_heldout'])} "

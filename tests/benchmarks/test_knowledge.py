@@ -119,6 +119,19 @@ def test_the_summary_is_the_mean_and_spread_over_seeds_and_each_seeds_ratio_to_d
     # Seed 0's dense model recalls no held-out fact: that seed has no ratio.
     assert memory["recall_heldout_vs_dense"]["per_seed"] == pytest.approx([0.5, 0.25])
     assert "recall_trained_vs_dense" not in dense
+    assert memory["seeds"] == ["0", "1", "2"]
+
+
+def test_a_model_trained_on_some_seeds_only_is_summarised_over_those():
+    summary = summarize(
+        {
+            "0": _seed_report({"dense": (0.2, 0.1), "peer": (0.3, 0.1)}, loss=1.0),
+            "1": _seed_report({"dense": (0.4, 0.2)}, loss=2.0),
+        }
+    )
+    assert summary["dense"]["seeds"] == ["0", "1"] and summary["peer"]["seeds"] == ["0"]
+    assert summary["peer"]["recall_trained"]["per_seed"] == [0.3]
+    assert summary["peer"]["recall_trained_vs_dense"]["per_seed"] == pytest.approx([1.5])
 
 
 @pytest.mark.parametrize(
