@@ -170,10 +170,11 @@ PLAN_BOUND = (0.9, 1.35)
 @pytest.mark.parametrize(
     "model, world_size, degree, table",
     [
-        ("mem_tiny", 1, 1, "adamw"),
-        ("mem_debug_1m", 2, 1, "adamw"),  # a 1M-row table, FSDP-sharded
-        ("mem_debug_1m", 2, 2, "adamw"),  # column-sharded
-        ("mem_tiny", 4, 2, "rowwise_adagrad"),
+        # A densely trained 1M-row table, FSDP-sharded and column-sharded: without the table
+        # step's buffers (TABLE_GRAD_COPIES) the formula was 0.73 and 0.68 of the plan.
+        ("mem_debug_1m", 2, 1, "adamw"),
+        ("mem_debug_1m", 2, 2, "adamw"),
+        ("mem_debug_1m", 4, 2, "rowwise_adagrad"),  # row-sparse: no table gradient
     ],
 )
 def test_estimate_is_within_a_bound_of_the_plan(model, world_size, degree, table):
@@ -181,7 +182,7 @@ def test_estimate_is_within_a_bound_of_the_plan(model, world_size, degree, table
     config = pretrain.parse_args(
         [
             "--model", model,
-            "--training.local_batch_size", "2", "--training.seq_len", "256",
+            "--training.local_batch_size", "2", "--training.seq_len", "64",
             "--parallelism.memory_parallel_degree", str(degree),
             "--optimizer.memory_optimizer", table,
         ]
