@@ -153,12 +153,24 @@ def _model_card(config: ExportConfig, transformer) -> str:
     shape = f"dim {transformer.dim}, {transformer.n_layers} blocks, vocab {transformer.vocab_size}"
     memory = transformer.memory
     table_note = " (one scale per row; inference only)" if config.quantize_table else ""
-    layers = (
-        "none (dense)"
-        if memory is None
-        else f"{memory.kind.value} in blocks {list(memory.layers)}, {memory.num_values:,} values "
-        f"shared, {memory.heads} heads x top-{memory.topk}"
-    )
+    engram, peer = transformer.engram, transformer.peer
+    if memory is not None:
+        layers = (
+            f"{memory.kind.value} in blocks {list(memory.layers)}, {memory.num_values:,} values "
+            f"shared, {memory.heads} heads x top-{memory.topk}"
+        )
+    elif engram is not None:
+        layers = (
+            f"Engram in blocks {list(engram.layers)}, {engram.num_rows:,} hashed rows shared, "
+            f"2- to {engram.max_ngram}-grams x {engram.heads} hash heads"
+        )
+    elif peer is not None:
+        layers = (
+            f"PEER in blocks {list(peer.layers)}, {peer.num_experts:,} experts shared, "
+            f"{peer.heads} heads x top-{peer.topk}"
+        )
+    else:
+        layers = "none (dense)"
     return f"""# {config.out.name}
 
 A memcompile model (memory layers, "Memory Layers at Scale", Berges et al. 2024), exported from

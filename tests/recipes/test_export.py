@@ -123,6 +123,8 @@ def test_engram_and_peer_checkpoints_export_and_load_everywhere(
     config = json.loads((out / "config.json").read_text())
     family = flavor.split("_")[0]
     assert config["memcompile"][family] is not None and config["memcompile"]["memory"] is None
+    card = (out / "README.md").read_text()
+    assert {"engram": "Engram in blocks [1, 2]", "peer": "PEER in blocks [1, 3]"}[family] in card
     original = load_checkpoint(checkpoint, flavor)
     exported = memcompile.from_pretrained(out)
     names = set(exported.state_dict())
