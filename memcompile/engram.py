@@ -253,7 +253,10 @@ class NgramHasher(nn.Module):
         self.table_sizes.copy_(sizes)
         self.row_offsets.copy_(starts.view_as(sizes))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, padding: Tensor | None = None) -> Tensor:
+        """Rows for ``tokens [B, T]``; ``padding`` (``[B, T]``, nonzero at real tokens, 0 at
+        padding: Hugging Face's ``attention_mask``) makes padded positions read as "before the
+        start", so a left-padded row hashes the n-grams it would alone."""
         if tokens.dim() != 2:
             raise ValueError(
                 f"NgramHasher: tokens must be 2-D [batch, seq_len], got shape {tuple(tokens.shape)}"
@@ -262,6 +265,8 @@ class NgramHasher(nn.Module):
             raise TypeError(f"NgramHasher: tokens must be int64 or int32 ids, got {tokens.dtype}")
         tokens = ops.checked_indices(tokens, self.vocab_size, "NgramHasher: tokens", "vocab_size")
         ids = self.token_map[tokens]
+        if padding is not None:
+            ids = ids.masked_fill(padding == 0, self.vocab_size)
         return ngram_rows(
             ids, self.multipliers, self.table_sizes, self.row_offsets, self.vocab_size
         )
@@ -335,10 +340,13 @@ class Engram(nn.Module):
         table: Tensor,
         recent: RecentInputs | None = None,
         name: str = "engram",
+        padding: Tensor | None = None,
     ) -> Tensor:
         """With ``recent`` (a KV cache's :class:`memcompile.generate.RecentInputs`), ``h``
         continues a cached sequence: the convolution also reads the inputs that earlier calls
-        kept there under ``name`` (zeros before the sequence's start, as without a cache)."""
+        kept there under ``name`` (zeros before the sequence's start, as without a cache).
+        ``padding`` (``[B, T]``, 0 at padded positions) zeroes the convolution's inputs there,
+        as before a sequence's start."""
         self._check_inputs(h, rows, table)
         batch, seq_len, _ = h.shape
         flat_rows = rows.reshape(-1, 1)
@@ -351,6 +359,8 @@ class Engram(nn.Module):
         gated = gate * self.value(memory)  # [B, T, dim]
 
         conv_input = self.conv_norm(gated)
+        if padding is not None:
+            conv_input = conv_input * (padding != 0).unsqueeze(-1).to(conv_input.dtype)
         if recent is not None:
             conv_input = recent.extend(name, conv_input, self.conv_padding)
         left = self.conv_padding + seq_len - conv_input.shape[1]  # zeros before the start

@@ -235,12 +235,15 @@ class TransformerBlock(nn.Module):
         mask: Tensor | None = None,
         engram_rows: Tensor | None = None,
         recent: RecentInputs | None = None,
+        padding: Tensor | None = None,
     ) -> Tensor:
-        """``engram_rows`` (the hasher's rows for all Engram blocks) and ``recent`` (the KV
-        cache's, when decoding) are read by an Engram block only."""
+        """``engram_rows`` (the hasher's rows for all Engram blocks), ``recent`` (the KV
+        cache's, when decoding) and ``padding`` (``[B, S]``, 0 at this call's padded tokens)
+        are read by an Engram block only."""
         if self.engram is not None:
             rows = engram_rows[:, :, self.engram_index]
-            x = x + self.engram(x, rows, memory_values, recent, f"engram.{self.layer_id}")
+            name = f"engram.{self.layer_id}"
+            x = x + self.engram(x, rows, memory_values, recent, name, padding)
         h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, mask)
         normed = self.ffn_norm(h)
         if self.is_memory_block:
@@ -371,14 +374,18 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         values = None if self.memory_table is None else self.memory_table(self.memory_values)
         recent = None if kv_cache is None else kv_cache.recent
-        engram_rows = None if self.hasher is None else self._engram_rows(tokens, recent)
+        # This call's tokens' entries of the padding mask (it also covers the cached ones).
+        padding = None if attention_mask is None else attention_mask[:, cached:]
+        engram_rows = None
+        if self.hasher is not None:
+            engram_rows = self._engram_rows(tokens, recent, padding)
         for layer_id, block in self.layers.items():
             if hidden_states is not None:
                 hidden_states.append(h)
             layer_cache = None if kv_cache is None else kv_cache.layer(int(layer_id))
             # Only the blocks that read the table get it.
             table = values if block.reads_table else None
-            h = block(h, cos, sin, table, layer_cache, mask, engram_rows, recent)
+            h = block(h, cos, sin, table, layer_cache, mask, engram_rows, recent, padding)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         h = self.norm(h)
@@ -386,13 +393,19 @@ class Transformer(nn.Module):
             hidden_states.append(h)
         return self.output(h)
 
-    def _engram_rows(self, tokens: Tensor, recent: RecentInputs | None) -> Tensor:
-        """The Engram table rows of every token; a continuation's first n-grams reach back
-        into the tokens the cache kept."""
+    def _engram_rows(
+        self, tokens: Tensor, recent: RecentInputs | None, padding: Tensor | None
+    ) -> Tensor:
+        """The Engram table rows of every token (padded ones read as "before the start"); a
+        continuation's first n-grams reach back into the tokens the cache kept."""
         if recent is None:
-            return self.hasher(tokens)
-        context = recent.extend("tokens", tokens, self.config.engram.max_ngram - 1)
-        return self.hasher(context)[:, context.shape[1] - tokens.shape[1] :]
+            return self.hasher(tokens, padding)
+        keep = self.config.engram.max_ngram - 1
+        if padding is None:
+            padding = torch.ones_like(tokens)
+        context = recent.extend("tokens", tokens, keep)
+        context_padding = recent.extend("padding", padding.to(tokens.dtype), keep)
+        return self.hasher(context, context_padding)[:, context.shape[1] - tokens.shape[1] :]
 
     def _check_inputs(
         self,
