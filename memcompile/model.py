@@ -330,14 +330,16 @@ class Transformer(nn.Module):
         an offset continuation or the rows of a left-padded batch.
 
         ``kv_cache`` (:class:`memcompile.generate.KVCache`, or anything with its ``length``,
-        ``next_positions``, ``layer(i).update`` and ``advance``, as :mod:`memcompile.hf`'s view
-        of a transformers cache) makes ``tokens`` the continuation of the cached sequence; the
-        cache then holds them too. Training never passes one (see
+        ``next_positions``, ``layer(i).update``, ``advance`` and ``recent``, as
+        :mod:`memcompile.hf`'s view of a transformers cache) makes ``tokens`` the continuation
+        of the cached sequence; the cache then holds them too (and, for Engram, the last few
+        tokens and convolution inputs in ``recent``). Training never passes one (see
         :func:`memcompile.generate.generate`).
 
         ``attention_mask`` (``[B, cached + S]``, nonzero at real tokens, 0 at padding) hides
-        padded keys from every query (see :func:`causal_mask`); what the model computes at
-        padded positions is meaningless. Without it, and without a cache, attention is plain
+        padded keys from every query (see :func:`causal_mask`), and Engram reads padding as
+        the space before the sequence's start; what the model computes at padded positions is
+        meaningless. Without it, and without a cache, attention is plain
         causal attention with no mask tensor (the training path).
 
         ``hidden_states``, a list, receives the ``n_layers + 1`` hidden states ``[B, S, dim]``
