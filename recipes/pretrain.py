@@ -148,11 +148,6 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
                 f"--parallelism.memory_parallel_degree {degree}: model {config.model!r} "
                 f"has no memory layers"
             )
-        if transformer.memory is None:
-            raise UsageError(
-                f"--parallelism.memory_parallel_degree {degree}: memory parallelism does not "
-                f"shard the table of Engram and PEER models ({config.model!r}) yet"
-            )
         if transformer.table_shape[1] % degree:
             raise UsageError(
                 f"--parallelism.memory_parallel_degree {degree} must divide the value "
@@ -170,6 +165,12 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
                 f"--optimizer.memory_optimizer {table_optimizer} (row-sparse) on {world_size} "
                 "ranks needs the table out of FSDP, which shards its rows: add "
                 "--parallelism.memory_parallel_degree G (G > 1 divides the world size)"
+            )
+        if degree > 1 and transformer.peer is not None:
+            raise UsageError(
+                f"--optimizer.memory_optimizer {table_optimizer} (row-sparse) with memory "
+                f"parallelism: PEER's recording dot does not record a column-sharded table yet "
+                f"({config.model!r}); use --optimizer.memory_optimizer adamw"
             )
     config.float8.check_supported(
         compile_enabled=config.compile.enable and "model" in config.compile.components
