@@ -360,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(_row_line(rows[-1]), flush=True)
     print(_table(rows))
     if args.json is not None:
-        machine = environment(torch.device("cpu"), __name__, argv or [])
+        command = sys.argv[1:] if argv is None else list(argv)
+        machine = environment(torch.device("cpu"), "benchmarks.plan_check", command)
         write_json(args.json, {"environment": machine, "tolerance": PEAK_TOLERANCE, "rows": rows})
     return 0 if all(abs(row["peak_error"]) <= PEAK_TOLERANCE for row in rows) else 1
 
