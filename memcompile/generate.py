@@ -43,6 +43,11 @@ class RecentInputs:
         self._kept[name] = full[:, max(full.shape[1] - keep, 0) :]
         return full
 
+    def reorder(self, rows: Tensor) -> None:
+        """Keep row ``rows[i]`` of every kept input as row ``i`` (beam search's reordering)."""
+        for name, kept in self._kept.items():
+            self._kept[name] = kept.index_select(0, rows.to(kept.device))
+
 
 class LayerKVCache:
     """One attention layer's keys and values, ``[batch, max_seq_len, n_kv_heads, head_dim]``."""

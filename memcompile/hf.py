@@ -141,6 +141,15 @@ class MemcompileForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.output
 
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.Tensor) -> Cache:
+        """Beam search: move the cache's rows with their beams, Engram's recent inputs too
+        (transformers reorders only the keys and values it knows of)."""
+        cache.reorder_cache(beam_idx)
+        recent = getattr(cache, "memcompile_recent", None)
+        if recent is not None:
+            recent.reorder(beam_idx)
+        return cache
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

@@ -84,9 +84,14 @@ def test_greedy_generation_is_the_same_on_every_path(saved):
 def test_engram_and_peer_models_load_and_decode_through_a_transformers_cache(tmp_path, flavor):
     """The other memory families through AutoModelForCausalLM: the same logits, and greedy
     decoding through transformers' dynamic and static caches gives memcompile's tokens
-    (Engram's last tokens and convolution inputs ride along on the cache)."""
+    (Engram's last tokens and convolution inputs ride along on the cache, and beam search
+    reorders them with the beams)."""
     torch.manual_seed(0)
     model = Transformer(get_flavor(flavor)).eval()
+    with torch.no_grad():  # Engram's convolution starts at zero: make it read the past
+        for block in model.layers.values():
+            if block.engram is not None:
+                block.engram.conv.weight.normal_()
     save_pretrained(model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -102,6 +107,11 @@ def test_engram_and_peer_models_load_and_decode_through_a_transformers_cache(tmp
                 cache_implementation="static" if static else None,
             )
             assert torch.equal(theirs[:, 7:], ours)
+        beams = [
+            hf.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=cached)
+            for cached in (False, True)
+        ]
+        assert torch.equal(*beams)
 
 
 def test_a_cache_continues_a_sequence_as_the_whole_sequence_does(saved):
