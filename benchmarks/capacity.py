@@ -75,11 +75,8 @@ def load(path: Path) -> RankPlan:
 
 
 def table() -> str:
-    """The minimum-count table and the breakdown rows, from the JSON files."""
-    plans = sorted(
-        (load(path) for path in RESULTS.glob("*.json")),
-        key=lambda p: (*_group(p), p.setting["world_size"], p.setting["memory_parallel_degree"]),
-    )
+    """The minimum-count table, then the breakdown rows per micro-batch, from the JSON files."""
+    plans = sorted((load(path) for path in RESULTS.glob("*.json")), key=_order)
     rows = [
         "| flavor | vocabulary | params | table optimizer | micro-batch | minimum H100-80GB "
         "| did not fit |",
@@ -110,12 +107,26 @@ def table() -> str:
             f"| {model} | {vocab:,} | {params:.2f}B | {rule} | {micro_batch} x {SEQ_LEN} "
             f"| {found} | {misses or '-'} |"
         )
-    return "\n".join(rows) + "\n\n" + format_table(plans)
+    sections = ["\n".join(rows)]
+    for micro_batch in sorted({p.setting["local_batch_size"] for p in plans}, reverse=True):
+        steps = LOCAL_BATCH // micro_batch
+        sections.append(f"Micro-batch {micro_batch} x {SEQ_LEN} ({steps} per step):")
+        sections.append(format_table([p for p in plans if _group(p)[2] == micro_batch]))
+    return "\n\n".join(sections)
 
 
 def _group(p: RankPlan) -> tuple[str, str, int]:
     s = p.setting
     return s["model"], s["memory_optimizer"], s["local_batch_size"]
+
+
+def _order(p: RankPlan) -> tuple:
+    """Flavors as listed, then table optimizer, larger micro-batch first, world, degree."""
+    s = p.setting
+    return (
+        list(FLAVORS).index(s["model"]), s["memory_optimizer"], -s["local_batch_size"],
+        s["world_size"], s["memory_parallel_degree"],
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
