@@ -22,6 +22,7 @@ import math
 import sys
 from pathlib import Path
 
+from memcompile.cli import UsageError, reported_errors
 from memcompile.flavors import FLAVORS, get_flavor
 from memcompile.stats import model_stats
 from recipes.plan import RankPlan, format_table
@@ -129,22 +130,34 @@ def _order(p: RankPlan) -> tuple:
     )  # fmt: skip
 
 
+def _integer(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{flag} must be an integer, got {value!r}") from None
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["table"]:
         print(table())
         return 0
-    if argv[:1] == ["run"] and len(argv) >= 4:
-        options = {"--degree": None, "--micro-batch": LOCAL_BATCH}
+    if argv[:1] != ["run"] or len(argv) < 4:
+        print(__doc__)
+        return 2
+    with reported_errors():
+        options: dict[str, int | None] = {"--degree": None, "--micro-batch": LOCAL_BATCH}
         for flag in options:
             if flag in argv:
                 at = argv.index(flag)
-                options[flag] = int(argv[at + 1])
+                options[flag] = _integer(flag, argv[at + 1] if at + 1 < len(argv) else "")
                 argv = argv[:at] + argv[at + 2 :]
-        worlds = [int(w) for w in argv[3:]]
-        run(argv[1], argv[2], worlds, options["--degree"], options["--micro-batch"])
-        return 0
-    print(__doc__)
-    return 2
+        model, rule = argv[1], argv[2]
+        if model not in FLAVORS or FLAVORS[model].memory is None:
+            memory_flavors = ", ".join(name for name, c in FLAVORS.items() if c.memory)
+            raise UsageError(f"FLAVOR must be a memory flavor ({memory_flavors}), got {model!r}")
+        worlds = [_integer("N", w) for w in argv[3:]]
+    run(model, rule, worlds, options["--degree"], options["--micro-batch"])
+    return 0
 
 
 if __name__ == "__main__":
