@@ -464,9 +464,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in report["summary"]:
+    for name, summary in report["summary"].items():
         # Every seed evaluates at the same steps: average the curves point by point.
-        curves = [seed_report["models"][name]["curve"] for seed_report in report["seeds"].values()]
+        curves = [report["seeds"][seed]["models"][name]["curve"] for seed in summary["seeds"]]
         tokens = [point["tokens"] / 1e6 for point in curves[0]]
         for axis, key in zip(axes, ("recall_heldout", "recall_trained")):
             mean = [
