@@ -1,11 +1,12 @@
 """The knowledge benchmark: do memory layers store more facts per FLOP than a dense model?
 
-    python -m benchmarks.knowledge                      # default size, 3 seeds, CPU, ~35-45 minutes
+    python -m benchmarks.knowledge            # 5 models x 3 seeds, CPU: ~20 min per seed per core
+    python -m benchmarks.knowledge --seeds 0 --models dense memory   # one seed, two models
     python -m benchmarks.knowledge --seeds 0 --num-people 100 --steps 20   # a smoke run
 
 For each seed (``--seeds``; a seed draws the corpus's people, the initialisation and the data
-order), trains three twins on the same synthetic knowledge corpus (``recipes.data.knowledge``),
-with the same data order, steps and optimiser:
+order), trains the dense model and its four memory twins on the same synthetic knowledge corpus
+(``recipes.data.knowledge``), with the same data order, steps and optimiser:
 
 * ``dense``: a small Llama-style model;
 * ``memory``: its middle block's feed-forward replaced by a plain product-key memory;
