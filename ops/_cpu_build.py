@@ -2,9 +2,10 @@
 
 A build takes about 30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``) in a folder named by a hash of all the ``.so`` depends on: the
-source's bytes, the compiler flags, what ``-march=native`` resolves to on this CPU, and the torch
-and Python versions. So a home folder shared by machines with different CPUs, or by checkouts with
-different sources, holds one build for each, and a process can only find its own.
+bytes of the source and of the headers next to it (``ops/csrc/*.h``), the compiler flags, what
+``-march=native`` resolves to on this CPU, and the torch and Python versions. So a home folder
+shared by machines with different CPUs, or by checkouts with different sources, holds one build
+for each, and a process can only find its own.
 
 Why torch's ``load`` alone is not enough: it names the folder by the extension's name alone and
 keeps its version counter in the process, so a new process leaves "is the cached ``.so`` current?"
@@ -76,8 +77,17 @@ def build_folder(source: Path) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    key = build_key(source.read_bytes(), native_target())
+    key = build_key(source_bytes(source), native_target())
     return Path(root) / f"memcompile_{source.stem}_{key[:16]}"
+
+
+def source_bytes(source: Path) -> bytes:
+    """What a build of the C++ file ``source`` compiles: its bytes and those of every header in its
+    folder (the kernels include ``ops/csrc/*.h``), each header after its name."""
+    parts = [source.read_bytes()]
+    for header in sorted(source.parent.glob("*.h")):
+        parts += [header.name.encode(), header.read_bytes()]
+    return b"\0".join(parts)
 
 
 def build_key(source: bytes, target: str) -> str:

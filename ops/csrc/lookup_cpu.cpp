@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bag.h"
+
 #include <sys/mman.h>
 
 #ifdef __AVX__
@@ -23,29 +25,15 @@
 
 namespace {
 
-constexpr int64_t kPrefetchDistance = 8;
-constexpr int64_t kCacheLine = 64;
-
-// Gathered rows are random: ask for the whole row a few rows ahead, not just its first line.
-inline void prefetch_row(const void* row, int64_t row_bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t offset = 0; offset < row_bytes; offset += kCacheLine) {
-    __builtin_prefetch(p + offset, /*rw=*/0, /*locality=*/1);
-  }
-}
+using memlayer::kPrefetchDistance;
+using memlayer::prefetch_row;
+using memlayer::store_row;
 
 // acc += w * row, in the accumulation type.
 template <typename acc_t, typename scalar_t>
 inline void add_scaled_row(acc_t* acc, acc_t w, const scalar_t* row, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     acc[d] += w * acc_t(row[d]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store_row(scalar_t* out, const acc_t* acc, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) {
-    out[d] = scalar_t(acc[d]);
   }
 }
 
@@ -115,35 +103,8 @@ template <typename scalar_t, typename index_t>
 void forward_kernel(const scalar_t* values, const index_t* indices,
                     const at::opmath_type<scalar_t>* weights, scalar_t* out, int64_t T, int64_t B,
                     int64_t D) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(D);
-    for (int64_t t = begin; t < end; ++t) {
-      const index_t* row_ids = indices + t * B;
-      const acc_t* w = weights + t * B;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      int64_t b = 0;
-      // Four rows per pass: four independent streams of loads in flight, and a quarter of the
-      // accumulator traffic.
-      for (; b + 4 <= B; b += 4) {
-        for (int64_t ahead = b + kPrefetchDistance; ahead < std::min(b + kPrefetchDistance + 4, B); ++ahead) {
-          prefetch_row(values + int64_t(row_ids[ahead]) * D, D * sizeof(scalar_t));
-        }
-        const scalar_t* r0 = values + int64_t(row_ids[b]) * D;
-        const scalar_t* r1 = values + int64_t(row_ids[b + 1]) * D;
-        const scalar_t* r2 = values + int64_t(row_ids[b + 2]) * D;
-        const scalar_t* r3 = values + int64_t(row_ids[b + 3]) * D;
-        const acc_t w0 = w[b], w1 = w[b + 1], w2 = w[b + 2], w3 = w[b + 3];
-        for (int64_t d = 0; d < D; ++d) {
-          acc[d] += w0 * acc_t(r0[d]) + w1 * acc_t(r1[d]) + w2 * acc_t(r2[d]) + w3 * acc_t(r3[d]);
-        }
-      }
-      for (; b < B; ++b) {
-        add_scaled_row(acc.data(), w[b], values + int64_t(row_ids[b]) * D, D);
-      }
-      store_row(out + t * D, acc.data(), D);
-    }
-  });
+  const memlayer::RowReader<scalar_t, at::opmath_type<scalar_t>> reader{values, D};
+  memlayer::lookup_bags(reader, indices, weights, out, T, B);
 }
 
 at::Tensor lookup_forward(const at::Tensor& values, const at::Tensor& indices,

@@ -5,29 +5,19 @@
 // rows are int8 or fp8 e4m3 and are dequantized here, row by row, into the fp32 accumulator:
 // the table is never copied. Registered as torch.ops.memlayer_quantized_cpu.lookup_forward and
 // called only by ops/lookup_quantized_cpu.py, after ops/lookup_quantized.py has checked the
-// arguments (indices in range included).
+// arguments (indices in range included). The bag loop is ops/csrc/bag.h's, shared with the
+// full-precision kernel.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
 #include <cstdint>
-#include <vector>
+
+#include "bag.h"
 
 namespace {
-
-constexpr int64_t kPrefetchDistance = 8;
-constexpr int64_t kCacheLine = 64;
-
-inline void prefetch_row(const void* row, int64_t row_bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t offset = 0; offset < row_bytes; offset += kCacheLine) {
-    __builtin_prefetch(p + offset, /*rw=*/0, /*locality=*/1);
-  }
-}
 
 // fp8 e4m3 has 256 values: decoding through a table is one load, where the bit arithmetic of
 // c10's conversion is a dozen instructions per element.
@@ -51,48 +41,21 @@ inline float dequantize(const c10::Float8_e4m3fn* row, int64_t d) {
   return decode[reinterpret_cast<const uint8_t*>(row)[d]];
 }
 
+// Quantized rows for the shared bag loop: each element dequantized into fp32, and a row's scale
+// folded into its weight (one multiply per row, not per element).
+template <typename row_t, typename scale_t>
+struct ScaledRowReader : memlayer::RowReader<row_t, float> {
+  const scale_t* scale;  // [N]
+
+  float weight(int64_t i, float w) const { return w * float(scale[i]); }
+  static float value(const row_t* row, int64_t d) { return dequantize(row, d); }
+};
+
 template <typename row_t, typename scale_t, typename index_t, typename out_t>
 void forward_kernel(const row_t* rows, const scale_t* scale, const index_t* indices,
                     const float* weights, out_t* out, int64_t T, int64_t B, int64_t D) {
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    for (int64_t t = begin; t < end; ++t) {
-      const index_t* row_ids = indices + t * B;
-      const float* w = weights + t * B;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      // A row's scale folds into its weight: one multiply per row, not per element.
-      auto row_weight = [&](int64_t b) { return w[b] * float(scale[int64_t(row_ids[b])]); };
-      int64_t b = 0;
-      // Four rows per pass, as the full-precision kernel: four independent streams of loads in
-      // flight, and a quarter of the accumulator traffic.
-      for (; b + 4 <= B; b += 4) {
-        for (int64_t ahead = b + kPrefetchDistance; ahead < std::min(b + kPrefetchDistance + 4, B); ++ahead) {
-          prefetch_row(rows + int64_t(row_ids[ahead]) * D, D * sizeof(row_t));
-        }
-        const row_t* r0 = rows + int64_t(row_ids[b]) * D;
-        const row_t* r1 = rows + int64_t(row_ids[b + 1]) * D;
-        const row_t* r2 = rows + int64_t(row_ids[b + 2]) * D;
-        const row_t* r3 = rows + int64_t(row_ids[b + 3]) * D;
-        const float w0 = row_weight(b), w1 = row_weight(b + 1), w2 = row_weight(b + 2),
-                    w3 = row_weight(b + 3);
-        for (int64_t d = 0; d < D; ++d) {
-          acc[d] += w0 * dequantize(r0, d) + w1 * dequantize(r1, d) + w2 * dequantize(r2, d) +
-                    w3 * dequantize(r3, d);
-        }
-      }
-      for (; b < B; ++b) {
-        const row_t* r = rows + int64_t(row_ids[b]) * D;
-        const float wb = row_weight(b);
-        for (int64_t d = 0; d < D; ++d) {
-          acc[d] += wb * dequantize(r, d);
-        }
-      }
-      out_t* o = out + t * D;
-      for (int64_t d = 0; d < D; ++d) {
-        o[d] = out_t(acc[d]);
-      }
-    }
-  });
+  const ScaledRowReader<row_t, scale_t> reader{{rows, D}, scale};
+  memlayer::lookup_bags(reader, indices, weights, out, T, B);
 }
 
 template <typename row_t>

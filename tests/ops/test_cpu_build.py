@@ -93,6 +93,18 @@ def test_build_key_follows_the_source_and_the_cpu():
     assert build_key(source, "flags : fpu sse2") != build_key(source, "flags : fpu sse2 avx512f")
 
 
+def test_build_folder_follows_the_headers_next_to_the_source(tmp_path, monkeypatch):
+    # The kernels include ops/csrc/*.h (bag.h): editing a header must name a new build.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    source = tmp_path / "build_test.cpp"
+    source.write_text('#include "shared.h"\n' + _SOURCE.format(4))
+    header = tmp_path / "shared.h"
+    header.write_text("constexpr int kShared = 1;\n")
+    before = build_folder(source)
+    header.write_text("constexpr int kShared = 2;\n")
+    assert build_folder(source) != before
+
+
 def test_native_target_names_what_march_native_resolved_to():
     target = native_target()
     assert target and "-march=native" not in target
