@@ -19,7 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ops.lookup_triton import Launch, _accumulator_rows, _fold_rows, _jit, _tile_shape, tl, triton
+from ops.lookup_triton import (
+    Launch,
+    _bag_slots,
+    _fold_rows,
+    _jit,
+    _unit_stride_rows,
+    bag_launch,
+    tl,
+)
 
 
 @_jit
@@ -35,11 +43,9 @@ def _lookup_quantized_kernel(
     col_mask = cols < dim
     acc = tl.zeros([ACC_ROWS, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, bag_size, BLOCK_B):
-        slots = b0 + tl.arange(0, BLOCK_B)
-        slot_mask = slots < bag_size
-        rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
-        weights = tl.load(weights_ptr + token * bag_size + slots, mask=slot_mask, other=0)
-        valid = slot_mask & (rows >= 0) & (rows < num_rows)
+        rows, weights, valid = _bag_slots(
+            indices_ptr, weights_ptr, token, b0, num_rows, bag_size, BLOCK_B
+        )
         scales = tl.load(scale_ptr + rows, mask=valid, other=0)
         row_weights = weights.to(tl.float32) * scales.to(tl.float32)  # the scale, once per row
         row_offsets = rows.to(tl.int64) * rows_row_stride
@@ -55,13 +61,7 @@ def _lookup_quantized_kernel(
 
 def lookup_quantized_launch(num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
     """``_lookup_quantized_kernel``: one program per (token, D-block); ``dtype`` of the rows."""
-    block_b, block_d = _tile_shape(dim, bag_size)
-    constexprs = {
-        "ACC_ROWS": _accumulator_rows(dtype, block_b, block_d),
-        "BLOCK_B": block_b,
-        "BLOCK_D": block_d,
-    }
-    return Launch((num_tokens, triton.cdiv(dim, block_d)), constexprs)
+    return bag_launch(num_tokens, bag_size, dim, dtype)
 
 
 def lookup_forward(
@@ -72,7 +72,7 @@ def lookup_forward(
     out = torch.empty((num_tokens, dim), dtype=out_dtype, device=rows.device)
     if out.numel() == 0:
         return out
-    rows = rows if rows.stride(1) == 1 else rows.contiguous()
+    rows = _unit_stride_rows(rows)
     lookup_quantized_launch(num_tokens, bag_size, dim, rows.dtype)(
         _lookup_quantized_kernel,
         rows, scale.contiguous(), indices.contiguous(), weights.contiguous(), out,

@@ -75,6 +75,18 @@ def _fold_rows(terms, ACC_ROWS: tl.constexpr):
 
 
 @_jit
+def _bag_slots(indices_ptr, weights_ptr, token, b0, num_rows, bag_size, BLOCK_B: tl.constexpr):
+    """Slots ``b0 : b0 + BLOCK_B`` of a token's bag: their rows, their weights, and which are
+    valid (inside the bag, index in ``[0, N)``); an invalid slot's row is never to be read."""
+    slots = b0 + tl.arange(0, BLOCK_B)
+    slot_mask = slots < bag_size
+    rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+    weights = tl.load(weights_ptr + token * bag_size + slots, mask=slot_mask, other=0)
+    valid = slot_mask & (rows >= 0) & (rows < num_rows)
+    return rows, weights, valid
+
+
+@_jit
 def _lookup_forward_kernel(
     values_ptr, indices_ptr, weights_ptr, out_ptr,
     num_rows, bag_size, dim, values_row_stride,
@@ -86,11 +98,9 @@ def _lookup_forward_kernel(
     col_mask = cols < dim
     acc = tl.zeros([ACC_ROWS, BLOCK_D], dtype=ACC_DTYPE)
     for b0 in range(0, bag_size, BLOCK_B):
-        slots = b0 + tl.arange(0, BLOCK_B)
-        slot_mask = slots < bag_size
-        rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
-        weights = tl.load(weights_ptr + token * bag_size + slots, mask=slot_mask, other=0)
-        valid = slot_mask & (rows >= 0) & (rows < num_rows)
+        rows, weights, valid = _bag_slots(
+            indices_ptr, weights_ptr, token, b0, num_rows, bag_size, BLOCK_B
+        )
         row_offsets = rows.to(tl.int64) * values_row_stride
         tile = tl.load(
             values_ptr + row_offsets[:, None] + cols[None, :],
@@ -198,11 +208,9 @@ def _values_grad_atomic_kernel(
     acc_dtype = grad_values_ptr.dtype.element_ty
     grad = tl.load(grad_out_ptr + token * dim + cols, mask=col_mask, other=0).to(acc_dtype)
     for b0 in range(0, bag_size, BLOCK_B):
-        slots = b0 + tl.arange(0, BLOCK_B)
-        slot_mask = slots < bag_size
-        rows = tl.load(indices_ptr + token * bag_size + slots, mask=slot_mask, other=0)
-        weights = tl.load(weights_ptr + token * bag_size + slots, mask=slot_mask, other=0)
-        valid = slot_mask & (rows >= 0) & (rows < num_rows)
+        rows, weights, valid = _bag_slots(
+            indices_ptr, weights_ptr, token, b0, num_rows, bag_size, BLOCK_B
+        )
         tl.atomic_add(
             grad_values_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :],
             weights.to(acc_dtype)[:, None] * grad[None, :],
@@ -291,16 +299,24 @@ def _acc_dtype(dtype: torch.dtype):
     return _triton_dtype(accumulation_dtype(dtype))
 
 
-def forward_launch(num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
-    """``_lookup_forward_kernel``: one program per (token, D-block); ``dtype`` of the values."""
+def bag_launch(
+    num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype, **constexprs
+) -> Launch:
+    """A forward kernel summing bags (this module's, ``ops.lookup_quantized_triton``'s): one
+    program per (token, D-block) gathering BLOCK_B rows of ``dtype`` per step; ``constexprs`` are
+    the kernel's own."""
     block_b, block_d = _tile_shape(dim, bag_size)
-    constexprs = {
-        "ACC_DTYPE": _acc_dtype(dtype),
+    constexprs |= {
         "ACC_ROWS": _accumulator_rows(dtype, block_b, block_d),
         "BLOCK_B": block_b,
         "BLOCK_D": block_d,
     }
     return Launch((num_tokens, triton.cdiv(dim, block_d)), constexprs)
+
+
+def forward_launch(num_tokens: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
+    """``_lookup_forward_kernel``: one program per (token, D-block); ``dtype`` of the values."""
+    return bag_launch(num_tokens, bag_size, dim, dtype, ACC_DTYPE=_acc_dtype(dtype))
 
 
 def hits_launch(num_programs: int, bag_size: int, dim: int, dtype: torch.dtype) -> Launch:
