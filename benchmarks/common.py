@@ -304,3 +304,14 @@ def matplotlib_pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(figure, path: Path) -> None:
+    """Lays out ``figure`` (from :func:`matplotlib_pyplot`), writes it to ``path`` and closes it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")

@@ -58,6 +58,7 @@ from benchmarks.common import (
     report_error,
     reset_peak_memory,
     resolve_device,
+    save_figure,
     synchronize,
     write_json,
 )
@@ -436,11 +437,7 @@ def plot_table_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
         title="Memory+ decode cost against table size",
     )
     axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    print(f"wrote {path}")
+    save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------- command line

@@ -44,6 +44,7 @@ from benchmarks.common import (
     release_memory,
     report_error,
     resolve_device,
+    save_figure,
     write_json,
 )
 from memcompile.cli import check_at_least, check_finite, reported_errors
@@ -290,11 +291,7 @@ def plot_step_times(rows: Sequence[dict[str, Any]], path: Path) -> None:
     axis.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(flavors))], flavors)
     axis.set(ylabel="training step (ms)", title="dense vs Memory, Memory+, Engram, PEER")
     axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    print(f"wrote {path}")
+    save_figure(figure, path)
 
 
 def _validate(config: ModelBenchmark) -> None:
