@@ -46,7 +46,7 @@ from torch import Tensor, nn
 import ops  # noqa: F401  (registers torch.ops.memlayer.*)
 from memcompile.config import PEERConfig
 from memcompile.memory import ValueLookup
-from ops.row_sparse import GradRecorder
+from ops.row_sparse import GradRecorder, record_read_grads
 
 
 class ExpertDot(nn.Module):
@@ -58,7 +58,10 @@ class ExpertDot(nn.Module):
     records the rows' gradient instead of forming a dense one: row ``indices[t, b]`` gets
     ``grad[t, b] · x[t]``, which is a lookup's value gradient with ``x`` in place of the output
     gradient and ``grad`` in place of the weights, so it is recorded as one
-    (:func:`dot_recording_grads`) and stepped by the same kernels."""
+    (:func:`dot_recording_grads`, through the lookup's ``ops.row_sparse.record_read_grads``) and
+    stepped by the same kernels. On a column-sharded table (``recipes.memory_parallel``) ``x``
+    is this rank's columns of the group's tokens, so each rank records its columns of the rows,
+    as a lookup does."""
 
     def __init__(self, grad_recorder: GradRecorder | None = None) -> None:
         super().__init__()
@@ -89,7 +92,7 @@ class _RecordDotGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_dots):
         x, indices = ctx.saved_tensors
-        torch.ops.memlayer.record_value_grads(
+        record_read_grads(
             x.detach().to(grad_dots.dtype), indices, grad_dots, ctx.recorded_tokens, ctx.recorder
         )
         return grad_dots, None, None, None, None, None

@@ -38,13 +38,13 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement
 
 from ops import row_sparse_cpu, row_sparse_triton
 from ops.checks import (
@@ -553,16 +553,36 @@ class _RecordValueGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         indices, weights = ctx.saved_tensors
-        recorded = grad_out
-        if ctx.out_placements is not None:
-            # A column-sharded table (DTensor Shard(1) reads, replicated indices and weights):
-            # each rank records its own columns of every token's output gradient.
-            recorded = grad_out.redistribute(placements=ctx.out_placements).to_local()
-            indices, weights = indices.to_local(), weights.to_local()
-        torch.ops.memlayer.record_value_grads(
-            recorded, indices, weights.detach(), ctx.recorded_tokens, ctx.recorder
+        record_read_grads(
+            grad_out, indices, weights, ctx.recorded_tokens, ctx.recorder, ctx.out_placements
         )
         return grad_out, None, None, None, None, None
+
+
+def record_read_grads(
+    grad_out: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    recorded_tokens: Tensor,
+    recorder: int,
+    columns: Sequence[Placement] | None = None,
+) -> None:
+    """``memlayer::record_value_grads`` of one read of the table, in a recording backward (of a
+    lookup, or of PEER's ``memcompile.peer.ExpertDot``).
+
+    A read of a column-sharded table (memory parallelism) passes DTensors: ``grad_out`` of every
+    token of the group, placed as ``columns`` (the read's ``Shard(1)``; by default as it is),
+    and the indices and weights of every token. Each rank records its own columns of
+    ``grad_out`` with the full indices and weights: the op takes plain tensors, and its table
+    is this rank's shard."""
+    if isinstance(grad_out, DTensor):
+        grad_out = grad_out.redistribute(placements=columns or grad_out.placements).to_local()
+        indices, weights = (
+            t.full_tensor() if isinstance(t, DTensor) else t for t in (indices, weights)
+        )
+    torch.ops.memlayer.record_value_grads(
+        grad_out, indices, weights.detach(), recorded_tokens, recorder
+    )
 
 
 def lookup_recording_grads(

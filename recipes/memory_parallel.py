@@ -25,12 +25,13 @@ they wrap:
   those of its own tokens, whole, before PEER's GELU.
 
 Autograd runs the adjoints (all-to-all back, reduce-scatter of the weight gradients), and the
-table's gradient lands on the local columns. Replicas (``R > 1``) see different tokens: their
-gradients must be summed over the replica dimension once per optimizer step, after the last
-micro-batch's backward and before clipping (:func:`sum_table_grad_over_replicas`; the recipe's
-trainer calls it there, as DDP and FSDP sync only then); a row-sparse table's optimizer gathers
-what the replicas recorded instead. The loss is normalised by the global token count, so a sum
-is the right reduction.
+table's gradient lands on the local columns; a table trained row-sparsely records it there instead,
+from both kinds of read (each rank its columns of the rows the group read). Replicas (``R > 1``) see
+different tokens: their gradients must be summed over the replica dimension once per optimizer step,
+after the last micro-batch's backward and before clipping (:func:`sum_table_grad_over_replicas`; the
+recipe's trainer calls it there, as DDP and FSDP sync only then); a row-sparse table's optimizer
+gathers what the replicas recorded instead. The loss is normalised by the global token count, so a
+sum is the right reduction.
 """
 
 from __future__ import annotations

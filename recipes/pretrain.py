@@ -166,12 +166,6 @@ def validate(config: PretrainTrainer.Config, world_size: int) -> None:
                 "ranks needs the table out of FSDP, which shards its rows: add "
                 "--parallelism.memory_parallel_degree G (G > 1 divides the world size)"
             )
-        if degree > 1 and transformer.peer is not None:
-            raise UsageError(
-                f"--optimizer.memory_optimizer {table_optimizer} (row-sparse) with memory "
-                f"parallelism: PEER's recording dot does not record a column-sharded table yet "
-                f"({config.model!r}); use --optimizer.memory_optimizer adamw"
-            )
     config.float8.check_supported(
         compile_enabled=config.compile.enable and "model" in config.compile.components
     )
