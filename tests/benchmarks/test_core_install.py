@@ -63,5 +63,11 @@ def test_lookup_and_models_benchmarks_run_without_the_recipes_extra(tmp_path: Pa
         ("product_key_topk", "ours"),
     }
     model_rows = json.loads(models_json.read_text())["results"]
-    assert [row["flavor"] for row in model_rows] == ["dense_debug", "memplain_debug", "mem_debug"]
+    assert [row["flavor"] for row in model_rows] == [
+        "dense_debug",
+        "memplain_debug",
+        "mem_debug",
+        "engram_debug",
+        "peer_debug",
+    ]
     assert all("error" not in row for row in lookup_rows + model_rows)
