@@ -518,15 +518,15 @@ def search(
     transformer = config.model_spec.model.transformer
     if vocab_size is not None:
         transformer = fit_to_run(transformer, vocab_size=vocab_size)
-    memory = transformer.memory
+    table = transformer.table_shape  # every family's one table: (rows, width)
     found: dict[str, RankPlan | None] = {}
     for rule in rules:
-        if memory is None and rule != "adamw":
+        if table is None and rule != "adamw":
             continue
         found[rule] = None
         world = 1
         while world <= max_ranks and found[rule] is None:
-            widest = math.gcd(world, memory.value_dim) if memory is not None else 1
+            widest = math.gcd(world, table[1]) if table is not None else 1
             degrees = [1, widest] if rule == "adamw" else [widest]
             for degree in dict.fromkeys(degrees):
                 if rule != "adamw" and world > 1 and degree == 1:

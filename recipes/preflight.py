@@ -214,14 +214,14 @@ def check_memory(config: Any, world_size: int, available: int | None = None) -> 
         name
         for name, flavor in fitted.items()
         if name.split("_")[0] == family
-        and (flavor.memory is None or flavor.memory.value_dim % degree == 0)
+        and (flavor.table_shape is None or flavor.table_shape[1] % degree == 0)
         and fits(transformer=flavor)
     ]
     if smaller:
         best = max(smaller, key=lambda name: model_stats(fitted[name]).total_params)
         suggestions.append(f"--model {best}")
-    memory = fitted[config.model].memory
-    value_dim = 0 if memory is None else memory.value_dim
+    table = fitted[config.model].table_shape
+    value_dim = 0 if table is None else table[1]
     for ranks in range(world_size, MAX_SUGGESTED_RANKS + 1):
         group = math.gcd(ranks, value_dim) if value_dim else 1
         if fits(world_size=ranks, dp_replicate_degree=1, memory_parallel_degree=group):
