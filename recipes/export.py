@@ -76,12 +76,14 @@ def run(config: ExportConfig) -> Path:
         choices = " or ".join(QUANTIZED_DTYPES)
         raise UsageError(f"--quantize-table must be {choices}, got {config.quantize_table!r}")
     _check_out(config)
+    flavor = get_flavor(config.model)
+    if config.quantize_table is not None and flavor.memory is None:
+        what = "no memory table" if flavor.table_shape is None else "no product-key value table"
+        raise UsageError(f"--quantize-table: {config.model} has {what} to quantize")
     tokenizer = load_tokenizer(config.hf_assets_path)
     transformer = get_flavor(
         config.model, vocab_size=tokenizer.get_vocab_size(), seq_len=config.seq_len
     )
-    if config.quantize_table is not None and transformer.memory is None:
-        raise UsageError(f"--quantize-table: {config.model} has no memory table to quantize")
     check_checkpoint(config.checkpoint, config.model, transformer)
     missing = [f for f in TOKENIZER_FILES if not (config.hf_assets_path / f).is_file()]
     if missing:
